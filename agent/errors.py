@@ -1,0 +1,71 @@
+"""The agent's exception tree: every error the agent raises on purpose derives from EdgecvError.
+
+Messages start with a capital letter, say what was wrong and what to do. Command-line entry points
+print them as one line and exit non-zero; tracebacks only with --debug.
+"""
+
+from __future__ import annotations
+
+
+class EdgecvError(Exception):
+    """Base of every deliberate edgecv error (agent and tools)."""
+
+    exit_code = 1
+
+
+class ConfigError(EdgecvError):
+    """The agent configuration is invalid; the message names the key path."""
+
+    exit_code = 2
+
+
+class BundleError(EdgecvError):
+    """A model bundle is malformed, incomplete or unsafe."""
+
+
+class BundleFormatError(BundleError):
+    """The manifest or archive layout does not follow the bundle schema."""
+
+
+class IntegrityError(BundleError):
+    """An artifact's bytes do not match the sha256 the manifest binds."""
+
+
+class SignatureError(BundleError):
+    """The bundle is unsigned where a signature is required, or the signature does not verify."""
+
+
+class UnsafeArchiveError(BundleError):
+    """An archive entry would escape the bundle (absolute path, '..', link, device) or is oversized."""
+
+
+class IncompatibleBundleError(BundleError):
+    """The bundle needs a newer agent, a runtime that is not installed, or has an unusable input spec."""
+
+
+class SelfTestError(BundleError):
+    """The bundle loaded but its self-test vectors did not give the expected results."""
+
+
+class KeyFileError(EdgecvError):
+    """A signing or verification key is missing or unreadable."""
+
+
+class RuntimeUnavailableError(EdgecvError):
+    """No installed inference runtime can run any artifact of the bundle."""
+
+
+class InferenceError(EdgecvError):
+    """The runtime failed while running a model."""
+
+
+class CameraError(EdgecvError):
+    """A camera source could not be opened or stopped delivering frames."""
+
+
+class MqttError(EdgecvError):
+    """The broker refused the connection or could not be reached."""
+
+
+class StoreError(EdgecvError):
+    """The on-device model store is unusable (no valid model, disk full, bad layout)."""

@@ -1,0 +1,25 @@
+"""The workstation's exception tree. Shares the base class with the agent so one handler serves both CLIs."""
+
+from __future__ import annotations
+
+from agent.errors import EdgecvError
+
+
+class ToolsError(EdgecvError):
+    """Base of errors raised by the workstation tools."""
+
+
+class DatasetError(ToolsError):
+    """The input images or dataset cannot be used (wrong path, too few classes, nothing readable)."""
+
+
+class TrainingError(ToolsError):
+    """Training, pruning or fine-tuning could not proceed (bad hyper-parameters, shape mismatch)."""
+
+
+class ExportError(ToolsError):
+    """Exporting or quantizing a model failed, or the result did not verify in its runtime."""
+
+
+class FleetError(ToolsError):
+    """Talking to devices over MQTT failed (broker unreachable, timeouts, devices reporting failure)."""
