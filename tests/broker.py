@@ -38,7 +38,7 @@ class Broker:
                     return self
             except OSError:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"mosquitto exited with {self.proc.returncode}")
+                    raise RuntimeError(f"mosquitto exited with {self.proc.returncode}") from None
                 time.sleep(0.05)
         raise RuntimeError("mosquitto did not start listening within 10 s")
 
