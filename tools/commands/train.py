@@ -1,0 +1,100 @@
+"""`edgecv train`: train the small CNN on Fashion-MNIST or an image folder and write a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _channels(text: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 32,64,128, got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected positive channel widths, got {text!r}")
+    return vals
+
+
+def add_data_arguments(p: argparse.ArgumentParser, required: bool) -> None:
+    """The data options `train` and `prune` share."""
+    p.add_argument("--data", required=required, metavar="fashion-mnist|DIR",
+                   help="'fashion-mnist' (Debian package dataset-fashion-mnist) or a folder <DIR>/<class>/<images>"
+                        + ("" if required else " (default: the data the checkpoint was trained on)"))
+    p.add_argument("--size", metavar="HxW", help="resize images to HxW (default: the most common size in the "
+                                                 "folder; 28x28 for Fashion-MNIST)")
+    p.add_argument("--color", choices=("rgb", "gray"), help="colour mode (default: rgb for folders, gray for "
+                                                            "Fashion-MNIST)")
+    p.add_argument("--limit", type=int, metavar="N", help="use at most N images (a class-balanced subset)")
+    p.add_argument("--seed", type=int, help="seed for splits, initialisation and shuffling (default 0)")
+    p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--batch-size", type=int, default=128, metavar="N", help="mini-batch size (default 128)")
+    p.add_argument("--no-progress", action="store_true", help="hide the per-epoch progress bar")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="train a small CNN and write a checkpoint",
+                              description="Train the small CNN sized from the input on Fashion-MNIST or an image "
+                                          "folder; prints an epoch table and the final test accuracy.")
+    add_data_arguments(p, required=True)
+    p.add_argument("--epochs", type=int, default=5, metavar="N",
+                   help="maximum epochs (default 5: 0.925 test accuracy on Fashion-MNIST)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule (3e-3)")
+    p.add_argument("--patience", type=int, default=3, metavar="N",
+                   help="stop after N epochs without better validation accuracy; 0 = never (default 3)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="validation share (default 0.1)")
+    p.add_argument("--test-fraction", type=float, default=0.1,
+                   help="test share for folders (Fashion-MNIST uses its official test set) (default 0.1)")
+    p.add_argument("--channels", type=_channels, metavar="C1,C2,..", help="conv widths (default: sized from input)")
+    p.add_argument("--dense", type=int, metavar="N", help="hidden dense units (default 128; 0 = none)")
+    p.add_argument("--dropout", type=float, metavar="P", help="dropout before the output layer (default 0.3)")
+    p.add_argument("--out", required=True, type=Path, metavar="CKPT", help="checkpoint file to write")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from agent import __version__
+    from tools.checkpoint import save_checkpoint
+    from tools.datasets import default_input_spec, load_splits, parse_size
+    from tools.model import build_model, count_flops, count_params, describe_arch
+    from tools.train import TrainConfig, evaluate_model, format_epoch_header, format_epoch_row, train
+
+    seed = 0 if args.seed is None else args.seed
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
+                      seed=seed, threads=args.threads, progress=not args.no_progress)
+    cfg.validate()
+    size = parse_size(args.size)
+    splits = load_splits(args.data, size=size, color=args.color, val_fraction=args.val_fraction,
+                         test_fraction=args.test_fraction, seed=seed, limit=args.limit)
+    print(splits.describe())
+    skipped = len(splits.train.skipped)
+    if skipped:
+        print(f"skipped {skipped} unreadable file(s)")
+    spec = default_input_spec(splits.train)
+    model = build_model(spec, len(splits.classes), channels=args.channels, dense=args.dense, dropout=args.dropout,
+                        seed=seed)
+    print(f"model: {describe_arch(model.arch)}, {count_params(model):,} params, "
+          f"{count_flops(model.arch):,} MACs")
+    print(format_epoch_header())
+    result = train(model, splits, spec, cfg, on_epoch=lambda row: print(format_epoch_row(row), flush=True))
+    if result.stopped_early:
+        print(f"early stop: best val acc {result.best_val_acc:.4f} in epoch {result.best_epoch}")
+    test_acc = evaluate_model(model, splits.test, spec)
+    val_acc = evaluate_model(model, splits.val, spec)
+    meta = {"data": splits.source, "size": [spec.height, spec.width], "color": "gray" if spec.channels == 1 else "rgb",
+            "seed": seed, "limit": args.limit, "val_fraction": args.val_fraction,
+            "test_fraction": args.test_fraction, "test_accuracy": test_acc, "val_accuracy": val_acc,
+            "params": count_params(model), "flops": count_flops(model.arch), "skipped_files": skipped,
+            "train_config": asdict(cfg), "train_seconds": result.seconds, "edgecv_version": __version__,
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+    meta = {k: (None if isinstance(v, float) and v != v else v) for k, v in meta.items()}
+    save_checkpoint(args.out, model, spec, splits.classes, model.arch, result.history, meta)
+    shown = "n/a (empty test split)" if test_acc != test_acc else f"{test_acc:.4f}"
+    print(f"test accuracy: {shown} ({len(splits.test)} images)")
+    print(f"wrote {args.out}")
+    return 0
