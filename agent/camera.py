@@ -1,0 +1,381 @@
+"""Camera sources through OpenCV, and a grabber thread that always holds only the newest frame.
+
+Sources (CameraConfig.source):
+    "0", "/dev/video0"         V4L2 device (cv2.CAP_V4L2)
+    "rtsp://…", "http://…"     network stream (cv2.CAP_FFMPEG, with open/read timeouts)
+    "gst:<pipeline>"           GStreamer pipeline ending in appsink (needs an OpenCV built with GStreamer)
+    "synthetic:…"              generated frames, see agent.synthetic
+    anything else              a video file (looped when loop = true)
+
+The grabber reads continuously so a live camera's driver buffer never goes stale: frames the consumer did
+not take in time are replaced by newer ones and counted as skipped. Live sources are drained at their own
+rate and decoded at most `fps` times per second; files and synthetic sources are paced at `fps` (0 = as
+fast as possible). Failures (open error, read error or timeout, end of file without loop, vanished file)
+close the source and reopen it after an exponential backoff with full jitter.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+
+from agent.config import CameraConfig
+from agent.errors import CameraError
+from agent.synthetic import PREFIX as SYNTHETIC_PREFIX
+from agent.synthetic import SourceSpecError, SyntheticSource
+
+log = logging.getLogger(__name__)
+
+STATE_OPEN, STATE_REOPENING, STATE_FAILED = "open", "reopening", "failed"
+WARN_INTERVAL_S = 30.0
+_FPS_WINDOW = 30
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One captured frame: uint8 HxWx3 BGR (or HxWx1 gray), capture time (epoch s), per-camera sequence
+    number (monotonic across reopens), the true class when the source knows it (synthetic), camera name."""
+
+    image: np.ndarray
+    ts: float
+    seq: int
+    truth: int | None = None
+    camera: str = field(default="")
+
+
+class FrameSource(Protocol):
+    """What the grabber reads. `grab()` advances (False on failure or end, reason in `.error`);
+    `retrieve()` decodes the grabbed frame. `live` sources are drained continuously, others are paced."""
+
+    live: bool
+    error: str | None
+
+    def grab(self) -> bool: ...
+
+    def retrieve(self) -> tuple[np.ndarray, int | None]: ...
+
+    def close(self) -> None: ...
+
+
+def has_gstreamer() -> bool:
+    info = cv2.getBuildInformation()
+    match = re.search(r"GStreamer:\s*(\S+)", info)
+    return bool(match) and match.group(1).upper() != "NO"  # type: ignore[union-attr]
+
+
+def redact(source: str) -> str:
+    """Hide credentials in stream URLs (rtsp://user:pass@host → rtsp://***@host) for logs and status."""
+    return re.sub(r"(://)[^/@\s]+@", r"\1***@", source)
+
+
+class CaptureSource:
+    """A cv2.VideoCapture (V4L2, FFmpeg stream, GStreamer or file)."""
+
+    def __init__(self, cfg: CameraConfig) -> None:
+        self.cfg = cfg
+        self.error: str | None = None
+        src = cfg.source
+        self.path: Path | None = None
+        self._inode: tuple[int, int] | None = None
+        self._checked = 0.0
+        if src.isdigit() or src.startswith("/dev/video"):
+            self.live, self.kind = True, "v4l2"
+            self._cap = cv2.VideoCapture(int(src) if src.isdigit() else src, cv2.CAP_V4L2)
+        elif src.startswith("gst:"):
+            if not has_gstreamer():
+                raise SourceSpecError(
+                    "This OpenCV build has no GStreamer support (cv2.getBuildInformation() says 'GStreamer: "
+                    "NO'), so 'gst:' sources cannot work; install an OpenCV built with GStreamer (e.g. Debian's "
+                    "python3-opencv) or use a V4L2 / RTSP / file source")
+            self.live, self.kind = True, "gstreamer"
+            self._cap = cv2.VideoCapture(src[4:], cv2.CAP_GSTREAMER)
+        elif "://" in src:
+            self.live, self.kind = True, "stream"
+            params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(cfg.open_timeout_s * 1000),
+                      cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(cfg.read_timeout_s * 1000)]
+            self._cap = cv2.VideoCapture(src, cv2.CAP_FFMPEG, params)
+        else:
+            self.live, self.kind = False, "file"
+            self.path = Path(src)
+            self._cap = self._open_file()
+        if not self._cap.isOpened():
+            self._cap.release()
+            raise CameraError(f"Cannot open {self.kind} source {redact(src)}; check that it exists and is reachable")
+        if self.live:
+            self._cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
+            if cfg.width:
+                self._cap.set(cv2.CAP_PROP_FRAME_WIDTH, cfg.width)
+            if cfg.height:
+                self._cap.set(cv2.CAP_PROP_FRAME_HEIGHT, cfg.height)
+
+    def _open_file(self) -> cv2.VideoCapture:
+        assert self.path is not None
+        try:
+            st = self.path.stat()
+        except OSError as exc:
+            raise CameraError(f"Video file {self.path} does not exist or is unreadable ({exc.strerror}); "
+                              "check camera.source") from exc
+        self._inode = (st.st_dev, st.st_ino)
+        self._checked = time.monotonic()
+        return cv2.VideoCapture(str(self.path), cv2.CAP_FFMPEG)
+
+    def _file_vanished(self) -> bool:
+        assert self.path is not None
+        try:
+            st = self.path.stat()
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino) != self._inode
+
+    def grab(self) -> bool:
+        if self.path is not None and time.monotonic() - self._checked > 1.0:
+            self._checked = time.monotonic()
+            if self._file_vanished():
+                self.error = f"Video file {self.path} vanished or was replaced"
+                return False
+        if self._cap.grab():
+            return True
+        if self.path is not None and self.cfg.loop:
+            # Rewind by reopening the path: also notices a file that was deleted or replaced.
+            self._cap.release()
+            if self._file_vanished():
+                self.error = f"Video file {self.path} vanished or was replaced"
+                return False
+            self._cap = self._open_file()
+            if self._cap.grab():
+                return True
+        self.error = ("End of video file (loop = false)" if self.path is not None and not self.cfg.loop
+                      else f"Read from {self.kind} source failed or timed out")
+        return False
+
+    def retrieve(self) -> tuple[np.ndarray, int | None]:
+        ok, image = self._cap.retrieve()
+        if not ok or image is None:
+            raise CameraError(f"Decoding a frame from {self.kind} source failed")
+        if image.ndim == 2:
+            image = image[:, :, None]
+        return image, None
+
+    def close(self) -> None:
+        self._cap.release()
+
+
+def open_source(cfg: CameraConfig) -> FrameSource:
+    """Open the source a camera config names. Raises CameraError (SourceSpecError when retrying is futile)."""
+    if cfg.source.startswith(SYNTHETIC_PREFIX):
+        return SyntheticSource(cfg.source, loop=cfg.loop, width=cfg.width, height=cfg.height)
+    return CaptureSource(cfg)
+
+
+class Camera:
+    """One camera: a grabber thread, the newest frame, and a status for health reports."""
+
+    def __init__(self, cfg: CameraConfig, *, backoff_min_s: float = 0.5, backoff_max_s: float = 30.0,
+                 opener: Any = None) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.backoff_min_s = backoff_min_s
+        self.backoff_max_s = backoff_max_s
+        self._opener = opener or open_source
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._frame: Frame | None = None
+        self._returned_seq = -1
+        self._seq = 0
+        self._state = STATE_REOPENING
+        self._error: str | None = None
+        self._last_error: str | None = None
+        self._reopens = 0
+        self._frames = 0
+        self._skipped = 0
+        self._times: deque[float] = deque(maxlen=_FPS_WINDOW)
+        self._last_warn = -WARN_INTERVAL_S
+        self._suppressed = 0
+        self._size: tuple[int, int] | None = None
+
+    # -- consumer side ----------------------------------------------------------------------------------
+
+    def start(self) -> Camera:
+        """Start the grabber thread (the first open happens on it; status() says 'reopening' until then)."""
+        if self._thread is not None:
+            return self
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=f"camera-{self.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def latest(self, timeout: float = 1.0) -> Frame | None:
+        """The newest frame not returned before, waiting up to `timeout` seconds; None if none arrived."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._frame is None or self._frame.seq <= self._returned_seq:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._stop.is_set():
+                    return None
+                self._cond.wait(remaining)
+            self._returned_seq = self._frame.seq
+            return self._frame
+
+    def status(self) -> dict[str, Any]:
+        """{name, source, state, error, last_error, fps, reopens, frames, skipped, width, height, last_frame_ts}.
+
+        `error` is the current problem (None while open); `last_error` keeps the most recent one for diagnosis.
+        """
+        with self._cond:
+            times = list(self._times)
+            fps = 0.0
+            if len(times) >= 2 and time.monotonic() - times[-1] < 5.0 and times[-1] > times[0]:
+                fps = (len(times) - 1) / (times[-1] - times[0])
+            return {
+                "name": self.name,
+                "source": redact(self.cfg.source),
+                "state": self._state,
+                "error": self._error,
+                "last_error": self._last_error,
+                "fps": round(fps, 2),
+                "reopens": self._reopens,
+                "frames": self._frames,
+                "skipped": self._skipped,
+                "width": self._size[0] if self._size else None,
+                "height": self._size[1] if self._size else None,
+                "last_frame_ts": self._frame.ts if self._frame else None,
+            }
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the grabber and release the source (waits up to `timeout` for a blocked read)."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("Camera %s: grabber did not stop within %.1f s (blocked read)", self.name, timeout)
+            self._thread = None
+
+    def __enter__(self) -> Camera:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- grabber thread ---------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        attempt = 0
+        source: FrameSource | None = None
+        while not self._stop.is_set():
+            if source is None:
+                try:
+                    source = self._opener(self.cfg)
+                except SourceSpecError as exc:
+                    self._set_state(STATE_FAILED, str(exc))
+                    log.error("Camera %s: %s", self.name, exc)
+                    return
+                except Exception as exc:  # OpenCV and OS errors alike: retry later
+                    attempt = self._backoff(attempt, str(exc))
+                    continue
+                log.info("Camera %s: opened %s", self.name, redact(self.cfg.source))
+            try:
+                ok = self._read_one(source)
+                error = source.error
+            except Exception as exc:
+                ok, error = False, f"{type(exc).__name__}: {exc}"
+            if ok:
+                if self._state != STATE_OPEN:
+                    self._set_state(STATE_OPEN, None)
+                attempt = 0
+                continue
+            try:
+                source.close()
+            except Exception:
+                pass
+            source = None
+            if self._stop.is_set():
+                break
+            attempt = self._backoff(attempt, error or "Read failed")
+        if source is not None:
+            source.close()
+
+    def _read_one(self, source: FrameSource) -> bool:
+        interval = 1.0 / self.cfg.fps if self.cfg.fps > 0 else 0.0
+        last = self._times[-1] if self._times else 0.0
+        if source.live:
+            # Drain the driver's queue continuously; decode only when the fps limit allows.
+            while True:
+                if not source.grab():
+                    return False
+                if self._stop.is_set() or time.monotonic() - last >= interval:
+                    break
+        else:
+            wait = last + interval - time.monotonic()
+            if wait > 0 and self._stop.wait(wait):
+                return True
+            if not source.grab():
+                return False
+        image, truth = source.retrieve()
+        now = time.monotonic()
+        with self._cond:
+            if self._frame is not None and self._frame.seq > self._returned_seq:
+                self._skipped += 1
+            self._frame = Frame(image=image, ts=time.time(), seq=self._seq, truth=truth, camera=self.name)
+            self._seq += 1
+            self._frames += 1
+            self._times.append(now)
+            self._size = (int(image.shape[1]), int(image.shape[0]))
+            self._cond.notify_all()
+        return True
+
+    def _set_state(self, state: str, error: str | None) -> None:
+        with self._cond:
+            self._state = state
+            if error is not None or state == STATE_OPEN:
+                self._error = error
+            if error is not None:
+                self._last_error = error
+
+    def _backoff(self, attempt: int, error: str) -> int:
+        """Record the failure, sleep with exponential backoff and full jitter, return the next attempt number."""
+        with self._cond:
+            self._reopens += 1
+        self._set_state(STATE_REOPENING, error)
+        self._warn("Camera %s: %s; reopening (attempt %d)", self.name, error, attempt + 1)
+        ceiling = min(self.backoff_max_s, self.backoff_min_s * (2 ** min(attempt, 30)))
+        self._stop.wait(random.uniform(0.0, ceiling))
+        return attempt + 1
+
+    def _warn(self, msg: str, *args: object) -> None:
+        """At most one warning per WARN_INTERVAL_S per camera; the rest are counted and summarised."""
+        now = time.monotonic()
+        if now - self._last_warn >= WARN_INTERVAL_S:
+            if self._suppressed:
+                msg += f" ({self._suppressed} similar warnings suppressed)"
+                self._suppressed = 0
+            log.warning(msg, *args)
+            self._last_warn = now
+        else:
+            self._suppressed += 1
+
+
+def camera_source_exists(source: str) -> bool:
+    """For check-config: whether a file/device source exists right now (streams and synthetic: True)."""
+    if source.startswith((SYNTHETIC_PREFIX, "gst:")) or "://" in source:
+        return True
+    if source.isdigit():
+        return os.path.exists(f"/dev/video{source}")
+    return os.path.exists(source)

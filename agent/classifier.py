@@ -1,0 +1,163 @@
+"""A bundle made runnable: preprocessing + engine + top-k in one object, and the on-device self-test.
+
+`Classifier.load` opens the best artifact for this device, checks that the model's output matches the
+bundle's labels with one warm-up inference, and `classify` returns scored labels with the time spent in
+each stage. `run_selftest` replays the bundle's self-test frames through that same full path and compares
+top-1 with what the workstation recorded; the updater refuses a model that fails it.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.contract.bundle import Bundle, load_bundle
+from agent.errors import IncompatibleBundleError, InferenceError, SelfTestError
+from agent.postprocess import top_k as rank
+from agent.preprocess import Preprocessor
+from agent.runtimes import Engine, load_engine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Result:
+    """One classified frame: `top` as [{"label", "index", "score"}], raw logits (classes,), and
+    `latency_ms` with keys pre, infer, post, total."""
+
+    top: list[dict[str, Any]]
+    logits: np.ndarray
+    latency_ms: dict[str, float]
+
+
+class Classifier:
+    """Thread-compatible: one classify() at a time per instance (the service loop owns it)."""
+
+    def __init__(self, bundle: Bundle, engine: Engine, top_k: int = 3, min_score: float = 0.0) -> None:
+        self.bundle = bundle
+        self.engine = engine
+        self.labels: tuple[str, ...] = bundle.manifest.labels
+        self.preprocessor = Preprocessor(bundle.manifest.input)
+        self.top_k = top_k
+        self.min_score = min_score
+
+    @classmethod
+    def load(cls, bundle: Bundle | Path | str, runtime: str = "auto", threads: int = 1, top_k: int = 3,
+             min_score: float = 0.0) -> Classifier:
+        """Open the bundle's best artifact for `runtime` and verify its output has one logit per label.
+
+        Raises RuntimeUnavailableError (no runtime fits), IncompatibleBundleError (model unusable or its
+        output does not match the labels).
+        """
+        if not isinstance(bundle, Bundle):
+            bundle = load_bundle(Path(bundle))
+        engine = load_engine(bundle, runtime=runtime, threads=threads)
+        spec = bundle.manifest.input
+        try:
+            out = engine.run(np.zeros(spec.shape(1), dtype=np.float32))
+        except InferenceError as exc:
+            raise IncompatibleBundleError(
+                f"Model of bundle {bundle.manifest.name} {bundle.manifest.version} does not run on input shape "
+                f"{spec.shape(1)} from its manifest: {exc}; rebuild the bundle") from exc
+        if out.shape != (1, len(bundle.manifest.labels)):
+            raise IncompatibleBundleError(
+                f"Model of bundle {bundle.manifest.name} {bundle.manifest.version} outputs shape {out.shape} but "
+                f"the manifest has {len(bundle.manifest.labels)} labels; rebuild the bundle")
+        log.info("Loaded %s %s with %s (%s)", bundle.manifest.name, bundle.manifest.version, engine.name,
+                 engine.describe().get("path"))
+        return cls(bundle, engine, top_k=top_k, min_score=min_score)
+
+    @property
+    def name(self) -> str:
+        return self.bundle.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.bundle.manifest.version
+
+    def classify(self, image: np.ndarray, top_k: int | None = None) -> Result:
+        """uint8 frame (HxWx3 BGR or HxWx1 gray) → Result. Raises InferenceError if the runtime fails."""
+        t0 = time.perf_counter()
+        x = self.preprocessor(image)
+        t1 = time.perf_counter()
+        logits = self.engine.run(x)[0]
+        t2 = time.perf_counter()
+        top = rank(logits, self.labels, self.top_k if top_k is None else top_k, self.min_score)
+        t3 = time.perf_counter()
+        return Result(top=top, logits=logits, latency_ms={
+            "pre": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3, "post": (t3 - t2) * 1e3, "total": (t3 - t0) * 1e3})
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "sha256": self.bundle.manifest_sha256,
+                "engine": self.engine.describe()}
+
+
+@dataclass(frozen=True)
+class SelfTestReport:
+    passed: bool
+    agreement: float
+    median_infer_ms: float
+    detail: str
+    frames: int = 0
+    mismatches: tuple[int, ...] = field(default=())  # indices of frames whose top-1 differed
+
+    def raise_for_failure(self) -> None:
+        if not self.passed:
+            raise SelfTestError(self.detail)
+
+
+def run_selftest(classifier: Classifier) -> SelfTestReport:
+    """Replay the bundle's self-test frames through preprocess + engine and compare top-1 indices.
+
+    Never raises for a mismatch or unreadable vectors: returns passed=False with a detail sentence fit for a
+    SelfTestError (see `SelfTestReport.raise_for_failure`).
+    """
+    manifest = classifier.bundle.manifest
+    st = manifest.selftest
+    if st is None:
+        return SelfTestReport(True, 1.0, float("nan"), "Bundle has no self-test vectors; nothing was compared")
+    try:
+        with np.load(classifier.bundle.path_of(st.path), allow_pickle=False) as npz:
+            frames = np.asarray(npz["frames"])
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        return SelfTestReport(False, 0.0, float("nan"),
+                              f"Self-test vectors {st.path} are unreadable ({exc}); rebuild the bundle")
+    expected = st.expected_top1
+    if frames.ndim not in (3, 4) or len(frames) != len(expected) or len(frames) == 0:
+        return SelfTestReport(False, 0.0, float("nan"),
+                              f"Self-test vectors {st.path} hold {len(frames)} frames of shape {frames.shape[1:]} "
+                              f"but the manifest expects {len(expected)} results; rebuild the bundle")
+    got: list[int] = []
+    infer_ms: list[float] = []
+    try:
+        for frame in frames:
+            x = classifier.preprocessor(frame)
+            t0 = time.perf_counter()
+            logits = classifier.engine.run(x)
+            infer_ms.append((time.perf_counter() - t0) * 1e3)
+            got.append(int(np.argmax(logits[0])))
+    except (InferenceError, ValueError) as exc:
+        return SelfTestReport(False, 0.0, float("nan"), f"Self-test could not run the model: {exc}",
+                              frames=len(frames))
+    mismatches = tuple(i for i, (g, e) in enumerate(zip(got, expected, strict=True)) if g != e)
+    agreement = 1.0 - len(mismatches) / len(expected)
+    median = statistics.median(infer_ms)
+    engine = classifier.engine.name
+    if agreement + 1e-9 >= st.min_agreement:
+        detail = (f"Self-test passed: {len(expected) - len(mismatches)}/{len(expected)} frames agree "
+                  f"(required {st.min_agreement:.2f}) on {engine}, median inference {median:.2f} ms")
+        return SelfTestReport(True, agreement, median, detail, len(expected), mismatches)
+    labels = classifier.labels
+    examples = ", ".join(f"frame {i} gave {labels[got[i]]!r} ({got[i]}), expected {labels[expected[i]]!r} "
+                         f"({expected[i]})" for i in mismatches[:3])
+    detail = (f"Self-test failed on {engine}: {len(mismatches)} of {len(expected)} frames disagree "
+              f"(agreement {agreement:.2f} < required {st.min_agreement:.2f}); e.g. {examples}. The model or its "
+              "preprocessing on this device differs from what was bundled: rebuild or re-export the bundle")
+    return SelfTestReport(False, agreement, median, detail, len(expected), mismatches)

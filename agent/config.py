@@ -1,0 +1,376 @@
+"""The agent configuration: one TOML file parsed into typed, frozen dataclasses, strictly.
+
+Unknown keys, wrong types and out-of-range values raise ConfigError naming the full key path, what was
+expected and what was found (`camera[0].fps: expected a number >= 0, got 'fast'`). Every key has a default
+except `device_id`. Relative paths are resolved against the directory of the config file. The broker
+password never sits in the file: it comes from an environment variable, a file, or a systemd credential
+(`$CREDENTIALS_DIRECTORY/<credential>`), see `BrokerConfig.resolve_password`.
+`systemd/agent.example.toml` documents every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.contract.topics import DEFAULT_PREFIX, check_level
+from agent.errors import ConfigError
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+PROTOCOLS = ("5", "3.1.1")
+RUNTIME_CHOICES = ("auto", "onnxruntime", "litert")
+PUBLISH_MODES = ("every", "on_change", "rate")
+
+_Check = tuple[Callable[[Any], bool], str]
+
+
+_REQUIRED = object()
+
+
+def _opt(default: Any, *, check: _Check | None = None, choices: tuple[Any, ...] | None = None,
+         path: bool = False, key: str | None = None, level: bool = False, camera_source: bool = False) -> Any:
+    """A config field: default plus how to validate it (kept next to the field it validates)."""
+    meta = {"check": check, "choices": choices, "path": path, "key": key, "level": level,
+            "camera_source": camera_source}
+    if default is _REQUIRED:
+        return field(metadata=meta)
+    if isinstance(default, list | dict) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_SECTION = {"check": None, "choices": None, "path": False, "key": None, "level": False, "camera_source": False}
+_POSITIVE = (lambda v: v > 0, "a number > 0")
+_NON_NEGATIVE = (lambda v: v >= 0, "a number >= 0")
+_POS_INT = (lambda v: v >= 1, "an integer >= 1")
+_NON_NEG_INT = (lambda v: v >= 0, "an integer >= 0")
+_FRACTION = (lambda v: 0.0 <= v <= 1.0, "a number between 0 and 1")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    enabled: bool = _opt(False)
+    ca_file: str = _opt("", path=True)
+    cert_file: str = _opt("", path=True)
+    key_file: str = _opt("", path=True)
+    insecure: bool = _opt(False)  # skip hostname verification (testing only)
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    host: str = _opt("127.0.0.1", check=(lambda v: bool(v.strip()), "a non-empty host name"))
+    port: int = _opt(1883, check=(lambda v: 1 <= v <= 65535, "an integer between 1 and 65535"))
+    protocol: str = _opt("5", choices=PROTOCOLS)
+    client_id: str = _opt("")  # "" = derived from device_id by the MQTT link
+    keepalive: int = _opt(30, check=(lambda v: v >= 5, "an integer >= 5 (seconds)"))
+    username: str = _opt("")
+    password_env: str = _opt("")
+    password_file: str = _opt("", path=True)
+    credential: str = _opt("", check=(lambda v: "/" not in v and v not in (".", ".."), "a credential name "
+                                       "without '/'"))
+    reconnect_min_s: float = _opt(0.5, check=_POSITIVE)
+    reconnect_max_s: float = _opt(30.0, check=_POSITIVE)
+    tls: TlsConfig = field(default_factory=TlsConfig, metadata=_SECTION)
+
+    def resolve_password(self) -> str | None:
+        """The broker password from `password_env`, `password_file` or systemd's credentials directory.
+
+        Returns None when no password source is configured; raises ConfigError when the configured source
+        is missing (unset variable, unreadable file, no $CREDENTIALS_DIRECTORY).
+        """
+        if self.password_env:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise ConfigError(f"broker.password_env: environment variable {self.password_env} is not set; "
+                                  "export it in the agent's environment (e.g. an EnvironmentFile=)")
+            return value
+        if self.password_file:
+            return _read_secret(Path(self.password_file), "broker.password_file")
+        if self.credential:
+            directory = os.environ.get("CREDENTIALS_DIRECTORY")
+            if not directory:
+                raise ConfigError(
+                    f"broker.credential: $CREDENTIALS_DIRECTORY is not set, so credential {self.credential!r} "
+                    "cannot be read; run the agent under systemd with LoadCredential= or SetCredential=")
+            return _read_secret(Path(directory) / self.credential, "broker.credential")
+        return None
+
+
+@dataclass(frozen=True)
+class CameraConfig:
+    name: str = _opt("cam0", level=True)
+    source: str = _opt("synthetic:fashion-mnist", check=(lambda v: bool(v.strip()), "a non-empty source"),
+                       camera_source=True)
+    loop: bool = _opt(True)
+    fps: float = _opt(10.0, check=_NON_NEGATIVE)  # 0 = as fast as the source delivers
+    open_timeout_s: float = _opt(10.0, check=_POSITIVE)
+    read_timeout_s: float = _opt(5.0, check=_POSITIVE)
+    width: int = _opt(0, check=_NON_NEG_INT)  # capture size hints, 0 = source default
+    height: int = _opt(0, check=_NON_NEG_INT)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    store: str = _opt("/var/lib/edgecv/models", path=True)
+    bundle: str = _opt("", path=True)  # seed bundle (dir or .edgecv) used when the store is empty
+    runtime: str = _opt("auto", choices=RUNTIME_CHOICES)
+    threads: int = _opt(1, check=_POS_INT)
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    qos: int = _opt(1, choices=(0, 1, 2))
+    mode: str = _opt("every", choices=PUBLISH_MODES)
+    max_rate: float = _opt(0.0, check=_NON_NEGATIVE)  # messages per second per camera in mode "rate"
+    min_score: float = _opt(0.0, check=_FRACTION)
+    top_k: int = _opt(3, check=_POS_INT)
+    expiry_s: int = _opt(0, check=_NON_NEG_INT)  # MQTT 5 message expiry, 0 = none
+    buffer: int = _opt(10000, check=_POS_INT)
+    spool_dir: str = _opt("", path=True)
+
+
+@dataclass(frozen=True)
+class MotionConfig:
+    enabled: bool = _opt(False)
+    threshold: float = _opt(0.02, check=_FRACTION)
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    interval_s: float = _opt(10.0, check=_POSITIVE)
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    keyring: str = _opt("", path=True)
+    allow_unsigned: bool = _opt(False)
+
+
+@dataclass(frozen=True)
+class UpdateConfig:
+    staging: str = _opt("", path=True)
+    max_bundle_bytes: int = _opt(64 * 1024 * 1024, check=_POS_INT)
+    keep_versions: int = _opt(3, check=_POS_INT)
+    probation_s: float = _opt(60.0, check=_NON_NEGATIVE)
+    chunk_timeout_s: float = _opt(30.0, check=_POSITIVE)
+
+
+@dataclass(frozen=True)
+class HomeAssistantConfig:
+    enabled: bool = _opt(True)
+    discovery_prefix: str = _opt("homeassistant", check=(lambda v: _levels_ok(v), "MQTT topic levels "
+                                                          "(letters, digits, '_', '.', '-', separated by '/')"))
+
+
+@dataclass(frozen=True)
+class SystemdConfig:
+    watchdog_stall_s: float = _opt(0.0, check=_NON_NEGATIVE)  # 0 = derive from WATCHDOG_USEC
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    device_id: str = _opt(_REQUIRED, level=True)
+    prefix: str = _opt(DEFAULT_PREFIX, check=(lambda v: _levels_ok(v), "MQTT topic levels (letters, digits, "
+                                              "'_', '.', '-', separated by '/')"))
+    groups: tuple[str, ...] = _opt((), level=True)
+    log_level: str = _opt("info", choices=LOG_LEVELS)
+    broker: BrokerConfig = field(default_factory=BrokerConfig, metadata=_SECTION)
+    cameras: tuple[CameraConfig, ...] = field(default_factory=lambda: (CameraConfig(),),
+                                                     metadata={**_SECTION, "key": "camera"})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata=_SECTION)
+    publish: PublishConfig = field(default_factory=PublishConfig, metadata=_SECTION)
+    motion: MotionConfig = field(default_factory=MotionConfig, metadata=_SECTION)
+    health: HealthConfig = field(default_factory=HealthConfig, metadata=_SECTION)
+    security: SecurityConfig = field(default_factory=SecurityConfig, metadata=_SECTION)
+    update: UpdateConfig = field(default_factory=UpdateConfig, metadata=_SECTION)
+    homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig, metadata=_SECTION)
+    systemd: SystemdConfig = field(default_factory=SystemdConfig, metadata=_SECTION)
+    source: str = field(default="<dict>", compare=False)  # where it was loaded from (not a TOML key)
+
+    def camera(self, name: str) -> CameraConfig:
+        for cam in self.cameras:
+            if cam.name == name:
+                return cam
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The effective configuration as TOML-shaped data (no secrets: passwords are never stored here)."""
+        return _to_doc(self)
+
+
+def load_config(path: Path | str) -> AgentConfig:
+    """Read and validate a TOML config file. Relative paths inside it resolve against its directory."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"Cannot read config file {path}: {exc.strerror or exc}; check the path") from exc
+    try:
+        doc = tomllib.loads(data.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}; fix the syntax") from exc
+    return parse_config(doc, source=str(path), base_dir=path.resolve().parent)
+
+
+def parse_config(doc: Mapping[str, Any], source: str = "<dict>", base_dir: Path | None = None) -> AgentConfig:
+    """Validate a TOML-shaped mapping. `base_dir` (default: the current directory) anchors relative paths."""
+    if not isinstance(doc, Mapping):
+        raise ConfigError(f"<root>: expected a table, got {type(doc).__name__}")
+    if "device_id" not in doc:
+        raise ConfigError("device_id: required key is missing; set it to this device's name, e.g. "
+                          'device_id = "pi-kitchen"')
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    cfg = _build(AgentConfig, doc, "", base)
+    if not cfg.cameras:
+        raise ConfigError("camera: expected at least one [[camera]] table, got none")
+    seen: set[str] = set()
+    for i, cam in enumerate(cfg.cameras):
+        if cam.name in seen:
+            raise ConfigError(f"camera[{i}].name: expected a unique camera name, got duplicate {cam.name!r}")
+        seen.add(cam.name)
+    broker = cfg.broker
+    sources = [k for k in ("password_env", "password_file", "credential") if getattr(broker, k)]
+    if len(sources) > 1:
+        raise ConfigError(f"broker.{sources[1]}: expected at most one password source, got "
+                          f"{' and '.join('broker.' + s for s in sources)}; keep one")
+    if broker.reconnect_max_s < broker.reconnect_min_s:
+        raise ConfigError(f"broker.reconnect_max_s: expected a number >= broker.reconnect_min_s "
+                          f"({broker.reconnect_min_s}), got {broker.reconnect_max_s}")
+    tls = broker.tls
+    if bool(tls.cert_file) != bool(tls.key_file):
+        raise ConfigError("broker.tls.key_file: expected cert_file and key_file together (client certificate), "
+                          f"got cert_file={tls.cert_file!r} key_file={tls.key_file!r}")
+    if cfg.publish.mode == "rate" and cfg.publish.max_rate <= 0:
+        raise ConfigError(f"publish.max_rate: expected a number > 0 when publish.mode is 'rate', "
+                          f"got {cfg.publish.max_rate}")
+    return dataclasses.replace(cfg, source=source)
+
+
+def resolve_camera_source(source: str, base: Path) -> str:
+    """File sources given as relative paths are anchored at the config directory; others are unchanged."""
+    if (source.isdigit() or source.startswith(("/", "synthetic:", "gst:")) or "://" in source
+            or source.startswith("~")):
+        return os.path.expanduser(source)
+    return str(base / source)
+
+
+# --- generic dataclass builder -------------------------------------------------------------------------
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _build(cls: type, doc: Any, prefix: str, base: Path) -> Any:
+    where = prefix.rstrip(".") or "<root>"
+    if not isinstance(doc, Mapping):
+        raise ConfigError(f"{where}: expected a table, got {_show(doc)}")
+    fields = [f for f in dataclasses.fields(cls) if f.metadata]
+    keys = {(f.metadata.get("key") or f.name): f for f in fields}
+    unknown = sorted(set(doc) - set(keys))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; known keys: {', '.join(sorted(keys))}")
+    hints = _hints(cls)
+    values: dict[str, Any] = {}
+    for key, f in keys.items():
+        if key not in doc:
+            continue
+        values[f.name] = _value(hints[f.name], doc[key], f, f"{prefix}{key}", base)
+    return cls(**values)
+
+
+def _value(typ: Any, raw: Any, f: dataclasses.Field[Any], path: str, base: Path) -> Any:
+    origin = typing.get_origin(typ)
+    if origin is tuple:
+        item = typing.get_args(typ)[0]
+        if not isinstance(raw, list):
+            raise ConfigError(f"{path}: expected a list, got {_show(raw)}")
+        if dataclasses.is_dataclass(item):
+            return tuple(_build(typing.cast(type, item), entry, f"{path}[{i}].", base) for i, entry in enumerate(raw))
+        return tuple(_scalar(item, entry, f, f"{path}[{i}]", base) for i, entry in enumerate(raw))
+    if dataclasses.is_dataclass(typ):
+        return _build(typing.cast(type, typ), raw, f"{path}.", base)
+    return _scalar(typ, raw, f, path, base)
+
+
+def _scalar(typ: Any, raw: Any, f: dataclasses.Field[Any], path: str, base: Path) -> Any:
+    choices = f.metadata.get("choices")
+    check = f.metadata.get("check")
+    if choices is not None and (raw not in choices or isinstance(raw, bool)):
+        shown = " or ".join(repr(c) for c in choices)
+        raise ConfigError(f"{path}: expected one of {shown}, got {_show(raw)}")
+    if typ is bool:
+        if not isinstance(raw, bool):
+            raise ConfigError(f"{path}: expected true or false, got {_show(raw)}")
+        value: Any = raw
+    elif typ is int:
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise ConfigError(f"{path}: expected {check[1] if check else 'an integer'}, got {_show(raw)}")
+        value = raw
+    elif typ is float:
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            raise ConfigError(f"{path}: expected {check[1] if check else 'a number'}, got {_show(raw)}")
+        value = float(raw)
+    else:
+        if not isinstance(raw, str):
+            raise ConfigError(f"{path}: expected a string, got {_show(raw)}")
+        value = raw
+    if check is not None and not check[0](value):
+        raise ConfigError(f"{path}: expected {check[1]}, got {_show(raw)}")
+    if f.metadata.get("level"):
+        try:
+            check_level(value, "value")
+        except ValueError:
+            raise ConfigError(f"{path}: expected an MQTT topic level (letters, digits, '_', '.' or '-'), "
+                              f"got {_show(raw)}") from None
+    if f.metadata.get("path") and value:
+        value = str(base / os.path.expanduser(value))
+    if f.metadata.get("camera_source"):
+        value = resolve_camera_source(value, base)
+    return value
+
+
+def _levels_ok(value: str) -> bool:
+    return all(re.match(r"^[A-Za-z0-9_.\-]+$", level) for level in value.split("/"))
+
+
+def _read_secret(path: Path, key: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}; create it (mode 0600) or fix the "
+                          "path") from exc
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+def _to_doc(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {}
+        for f in dataclasses.fields(obj):
+            if not f.metadata:
+                continue
+            out[f.metadata.get("key") or f.name] = _to_doc(getattr(obj, f.name))
+        return out
+    if isinstance(obj, tuple):
+        return [_to_doc(x) for x in obj]
+    return obj

@@ -1,0 +1,136 @@
+"""Inference runtimes behind one small interface, and the choice of which artifact of a bundle to run.
+
+Each adapter (`onnx.py` for onnxruntime, `litert.py` for LiteRT / tflite-runtime) imports its runtime
+lazily, so a device needs only the runtime it uses. Every engine takes the float32 preprocessed batch
+(`InputSpec.shape(n)`) and returns float32 logits (n, classes); int8 input/output tensors are
+(de)quantized inside the adapter with the tensor's own scale and zero point.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from agent.errors import IncompatibleBundleError, RuntimeUnavailableError
+
+if TYPE_CHECKING:
+    from agent.contract.bundle import Artifact, Bundle
+
+log = logging.getLogger(__name__)
+
+ONNXRUNTIME = "onnxruntime"
+LITERT = "litert"
+RUNTIMES = (ONNXRUNTIME, LITERT)
+RUNTIME_FOR_FORMAT = {"onnx": ONNXRUNTIME, "tflite": LITERT}
+INSTALL_HINT = {
+    ONNXRUNTIME: "pip install onnxruntime",
+    LITERT: "pip install 'edgecv[litert]' (ai-edge-litert)",
+}
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A loaded model: float32 preprocessed batch in, float32 logits (batch, classes) out."""
+
+    name: str
+
+    def run(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+def available_runtimes() -> list[str]:
+    """Runtimes importable in this environment, in preference order (LiteRT first: fastest for int8)."""
+    found = []
+    if _has_module("ai_edge_litert") or _has_module("tflite_runtime"):
+        found.append(LITERT)
+    if _has_module("onnxruntime"):
+        found.append(ONNXRUNTIME)
+    return found
+
+
+def open_engine(path: Path, fmt: str, threads: int = 1, runtime: str | None = None, *,
+                precision: str | None = None) -> Engine:
+    """Open one model file with the runtime for its format ('onnx' → onnxruntime, 'tflite' → LiteRT).
+
+    `runtime` may name the runtime explicitly; it must match the format. Raises RuntimeUnavailableError
+    when that runtime is not installed, IncompatibleBundleError when the file cannot be loaded.
+    """
+    if fmt not in RUNTIME_FOR_FORMAT:
+        raise IncompatibleBundleError(f"Model format {fmt!r} is not supported; use one of "
+                                      f"{sorted(RUNTIME_FOR_FORMAT)}")
+    wanted = RUNTIME_FOR_FORMAT[fmt]
+    if runtime is not None and runtime != wanted:
+        raise RuntimeUnavailableError(f"Runtime {runtime!r} cannot run {fmt} models; {fmt} runs on {wanted!r}")
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    path = Path(path)
+    if not path.is_file():
+        raise IncompatibleBundleError(f"Model file {path} does not exist")
+    if wanted == ONNXRUNTIME:
+        from agent.runtimes.onnx import OnnxEngine
+
+        return OnnxEngine(path, threads=threads, precision=precision)
+    from agent.runtimes.litert import LiteRtEngine
+
+    return LiteRtEngine(path, threads=threads, precision=precision)
+
+
+def candidates(bundle: Bundle, runtime: str = "auto") -> list[tuple[Artifact, str]]:
+    """The (artifact, runtime) pairs `load_engine` would try, best first, restricted to installed runtimes."""
+    if runtime not in ("auto", *RUNTIMES):
+        raise RuntimeUnavailableError(f"Unknown runtime {runtime!r}; use 'auto', 'onnxruntime' or 'litert'")
+    installed = available_runtimes()
+    if runtime == "auto":
+        order = [("tflite", "int8"), ("onnx", "int8"), ("tflite", "fp32"), ("onnx", "fp32")]
+    elif runtime == LITERT:
+        order = [("tflite", "int8"), ("tflite", "fp32")]
+    else:
+        order = [("onnx", "int8"), ("onnx", "fp32")]
+    out = []
+    for fmt, precision in order:
+        art = bundle.manifest.artifact(fmt, precision)
+        if art is not None and RUNTIME_FOR_FORMAT[fmt] in installed:
+            out.append((art, RUNTIME_FOR_FORMAT[fmt]))
+    return out
+
+
+def load_engine(bundle: Bundle, runtime: str = "auto", threads: int = 1) -> Engine:
+    """Open the best artifact of a bundle for this device.
+
+    'auto' prefers int8 TFLite on LiteRT (fastest int8 path measured), then int8 ONNX on onnxruntime, then
+    fp32. An explicit runtime restricts the choice to its format. When a candidate fails to open, the next
+    one is tried (logged); if none works, the last error is raised.
+    """
+    pairs = candidates(bundle, runtime)
+    if not pairs:
+        formats = sorted({f"{a.format}/{a.precision}" for a in bundle.manifest.artifacts})
+        installed = available_runtimes()
+        needed = sorted({RUNTIME_FOR_FORMAT[a.format] for a in bundle.manifest.artifacts} - set(installed))
+        if runtime != "auto":
+            needed = [runtime] if runtime not in installed else needed
+        hint = "; ".join(f"install {r}: {INSTALL_HINT[r]}" for r in needed) or "add a matching artifact"
+        raise RuntimeUnavailableError(
+            f"No installed runtime can run this bundle (artifacts: {', '.join(formats)}; runtime={runtime!r}; "
+            f"installed: {', '.join(installed) or 'none'}); {hint}")
+    last: Exception | None = None
+    for art, rt in pairs:
+        try:
+            return open_engine(bundle.path_of(art.path), art.format, threads=threads, runtime=rt,
+                               precision=art.precision)
+        except (RuntimeUnavailableError, IncompatibleBundleError) as exc:
+            log.warning("Cannot open %s with %s (%s); trying the next artifact", art.path, rt, exc)
+            last = exc
+    assert last is not None
+    raise last
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
