@@ -1,0 +1,200 @@
+"""Home Assistant MQTT discovery: announce a device's predictions and health as Home Assistant sensors.
+
+What this relies on, from Home Assistant's MQTT documentation (https://www.home-assistant.io/integrations/mqtt/
+"Discovery topic", "Using availability topics", "Adding information about the origin", and
+https://www.home-assistant.io/integrations/sensor.mqtt/ "Configuration variables"):
+
+- config topic `<discovery_prefix>/<component>/[<node_id>/]<object_id>/config`; node_id and object_id only
+  `[a-zA-Z0-9_-]`; payload a JSON object, published retained so Home Assistant finds it after a restart;
+- a sensor needs `state_topic`; `unique_id` makes it an entity Home Assistant keeps (and is needed for the
+  `device` mapping to register a device); `device` needs `identifiers` (or `connections`) and may carry
+  `name`, `model`, `sw_version`, `manufacturer`; `origin` names the software that sent the discovery message;
+- `availability` is a list of `{topic, payload_available, payload_not_available, value_template}`;
+- Home Assistant publishes `online` on `<discovery_prefix>/status` (its birth message) when it (re)starts:
+  devices re-send their discovery payloads then.
+
+Our status topic carries JSON (`{"state": "online"|"offline"|"stopped", ...}`, see agent/contract/topics.py), so
+the availability template maps `online` to available and anything else (`offline` Last Will, `stopped`) to
+unavailable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from agent import __version__
+from agent.contract.topics import STATUS_ONLINE, DeviceTopics
+
+if TYPE_CHECKING:
+    from agent.config import AgentConfig
+
+log = logging.getLogger(__name__)
+
+MANUFACTURER = "edgecv"
+AVAILABILITY_TEMPLATE = ("{{ 'online' if (value_json.state if value_json is defined else value) == 'online' "
+                         "else 'offline' }}")
+# health.latency_ms.infer_p50 (agent/health.py) is null before the first inference: render "None", which Home
+# Assistant's MQTT sensor turns into an unknown state instead of a non-numeric error.
+_LATENCY_TEMPLATE = ("{% set l = value_json.latency_ms.infer_p50 %}"
+                     "{{ (l | round(2)) if l is number else none }}")
+
+
+@dataclass(frozen=True)
+class Sensor:
+    key: str  # object_id and unique_id suffix
+    name: str
+    kind: str  # which device topic: predictions | health | model_state
+    value_template: str
+    unit: str | None = None
+    state_class: str | None = None
+    device_class: str | None = None
+    icon: str | None = None
+    diagnostic: bool = False
+
+
+SENSORS: tuple[Sensor, ...] = (
+    Sensor("top_label", "Top label", "predictions",
+           "{{ value_json.top[0].label if value_json.top else 'none' }}", icon="mdi:label-outline"),
+    Sensor("top_score", "Top score", "predictions",
+           "{{ ((value_json.top[0].score * 100) | round(1)) if value_json.top else 0 }}",
+           unit="%", state_class="measurement", icon="mdi:percent-outline"),
+    Sensor("fps", "Frames per second", "health",
+           "{{ (value_json.fps | round(1)) if value_json.fps is number else none }}",
+           unit="fps", state_class="measurement", icon="mdi:camera-timer", diagnostic=True),
+    Sensor("inference_latency", "Inference latency", "health", _LATENCY_TEMPLATE,
+           unit="ms", state_class="measurement", device_class="duration", icon="mdi:timer-outline",
+           diagnostic=True),
+    Sensor("model_version", "Model version", "model_state",
+           "{{ value_json.name ~ ' ' ~ value_json.version if value_json.version else 'none' }}",
+           icon="mdi:brain", diagnostic=True),
+)
+
+_NODE_BAD = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def node_id(device: str) -> str:
+    """Home Assistant allows only [a-zA-Z0-9_-] in discovery topic ids; device ids may also contain '.'."""
+    return _NODE_BAD.sub("_", device)
+
+
+def model_identity(model: Any) -> tuple[str, str] | None:
+    """(name, version) of a Bundle, Manifest, Classifier or {"name", "version"} mapping; None when unknown."""
+    if model is None:
+        return None
+    if isinstance(model, Mapping):
+        name, version = model.get("name"), model.get("version")
+        return (str(name), str(version)) if name else None
+    for attr in ("bundle", "manifest"):  # Classifier -> Bundle -> Manifest
+        inner = getattr(model, attr, None)
+        if inner is not None:
+            return model_identity(inner)
+    name, version = getattr(model, "name", None), getattr(model, "version", None)
+    return (str(name), str(version)) if isinstance(name, str) and name else None
+
+
+def discovery_messages(config: AgentConfig, topics: DeviceTopics, model: Any) -> list[tuple[str, bytes]]:
+    """Every discovery config message for this device: (topic, payload), to publish retained at QoS 1."""
+    prefix = config.homeassistant.discovery_prefix
+    node = node_id(topics.device)
+    ident = model_identity(model)
+    uid_base = f"{topics.prefix.replace('/', '_')}_{topics.device}"
+    device = {
+        "identifiers": [uid_base],
+        "name": topics.device,
+        "manufacturer": MANUFACTURER,
+        "model": f"edgecv agent ({ident[0]})" if ident else "edgecv agent",
+        "sw_version": __version__,
+    }
+    origin = {"name": "edgecv", "sw_version": __version__}
+    availability = [{
+        "topic": topics.status,
+        "value_template": AVAILABILITY_TEMPLATE,
+        "payload_available": STATUS_ONLINE,
+        "payload_not_available": "offline",
+    }]
+    state_topics = {"predictions": topics.predictions, "health": topics.health, "model_state": topics.model_state}
+    messages = []
+    for sensor in SENSORS:
+        payload: dict[str, Any] = {
+            "name": sensor.name,
+            "unique_id": f"{uid_base}_{sensor.key}",
+            "state_topic": state_topics[sensor.kind],
+            "value_template": sensor.value_template,
+            "availability": availability,
+            "availability_mode": "latest",
+            "device": device,
+            "origin": origin,
+        }
+        if sensor.unit:
+            payload["unit_of_measurement"] = sensor.unit
+        if sensor.state_class:
+            payload["state_class"] = sensor.state_class
+        if sensor.device_class:
+            payload["device_class"] = sensor.device_class
+        if sensor.icon:
+            payload["icon"] = sensor.icon
+        if sensor.diagnostic:
+            payload["entity_category"] = "diagnostic"
+        topic = f"{prefix}/sensor/{node}/{sensor.key}/config"
+        messages.append((topic, json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()))
+    return messages
+
+
+class HomeAssistantDiscovery:
+    """Publishes the discovery messages on every (re)connect, on Home Assistant's birth message and after a
+    model change; does nothing when `homeassistant.enabled = false`."""
+
+    def __init__(self, agent: Any) -> None:
+        self.agent = agent
+        self.config: AgentConfig = agent.config
+        self.enabled = bool(self.config.homeassistant.enabled)
+        self.birth_topic = f"{self.config.homeassistant.discovery_prefix}/status"
+        self.publications = 0  # how many times the whole set was published
+        self._lock = threading.Lock()
+        self._last_model: tuple[str, str] | None = None
+
+    def start(self) -> HomeAssistantDiscovery:
+        if not self.enabled:
+            log.info("Home Assistant discovery is disabled (homeassistant.enabled = false)")
+            return self
+        link = self.agent.link
+        link.subscribe(self.birth_topic, self._on_birth)
+        link.subscribe(self.agent.topics.model_state, self._on_model_state)
+        link.add_on_connect(self.publish)
+        if link.connected.is_set():
+            self.publish()
+        return self
+
+    def _current_model(self) -> Any:
+        return getattr(self.agent, "classifier", None)
+
+    def publish(self) -> int:
+        """Queue every discovery message (retained, QoS 1); returns how many."""
+        if not self.enabled:
+            return 0
+        model = self._current_model()
+        messages = discovery_messages(self.config, self.agent.topics, model)
+        with self._lock:
+            for topic, payload in messages:
+                self.agent.link.publish(topic, payload, qos=1, retain=True)
+            self._last_model = model_identity(model)
+            self.publications += 1
+        log.info("Published %d Home Assistant discovery messages under %s/sensor/%s/", len(messages),
+                 self.config.homeassistant.discovery_prefix, node_id(self.agent.topics.device))
+        return len(messages)
+
+    def _on_birth(self, topic: str, payload: bytes) -> None:
+        if payload.strip().lower() == STATUS_ONLINE.encode():
+            log.info("Home Assistant came online (%s); re-publishing discovery", topic)
+            self.publish()
+
+    def _on_model_state(self, topic: str, payload: bytes) -> None:
+        # The device model shown in Home Assistant names the active model: refresh it after a swap.
+        if model_identity(self._current_model()) != self._last_model:
+            self.publish()

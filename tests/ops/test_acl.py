@@ -1,0 +1,116 @@
+"""The shipped Mosquitto example (edgecv.conf + edgecv.acl) enforced by a real mosquitto, over TLS with passwords:
+devices stay in their own subtree, only the workstation pushes and commands, group pushes reach members only."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.ops.fleet_broker import PASSWORD, FleetBroker
+from tests.ops.probe import Probe
+
+USERS = ("workstation", "homeassistant", "pi-kitchen", "pi-hall", "pi-garage")
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetBroker]:
+    b = FleetBroker(tmp_path_factory.mktemp("fleet-broker"), USERS)
+    b.start()
+    yield b
+    b.stop()
+
+
+def login(fleet: FleetBroker, user: str) -> Probe:
+    return Probe(fleet.tls_port, username=user, password=PASSWORD.format(user), ca_file=str(fleet.ca_file))
+
+
+@pytest.fixture
+def ws(fleet: FleetBroker) -> Iterator[Probe]:
+    p = login(fleet, "workstation")
+    yield p
+    p.close()
+
+
+def test_anonymous_and_wrong_passwords_are_refused(fleet: FleetBroker, tmp_path: Path) -> None:
+    with pytest.raises(PermissionError):
+        Probe(fleet.port)  # local listener, no credentials
+    with pytest.raises(PermissionError):
+        Probe(fleet.tls_port, username="pi-kitchen", password="wrong", ca_file=str(fleet.ca_file))
+    login(fleet, "pi-kitchen").close()  # TLS verified against the CA, password accepted
+
+
+def test_device_publishes_only_under_its_own_subtree(fleet: FleetBroker, ws: Probe) -> None:
+    assert ws.subscribe("edgecv/#")
+    dev = login(fleet, "pi-kitchen")
+    try:
+        for topic in ("edgecv/pi-kitchen/predictions", "edgecv/pi-kitchen/status", "edgecv/pi-kitchen/health",
+                      "edgecv/pi-kitchen/model/state", "edgecv/pi-kitchen/model/push/t1/ack",
+                      "edgecv/pi-kitchen/cmd/ping/result"):
+            assert dev.publish(topic), topic
+        assert len({m.topic for m in ws.collect(3, n=6)}) == 6
+        denied = ("edgecv/pi-hall/predictions", "edgecv/pi-hall/status", "edgecv/pi-kitchen/cmd/reload",
+                  "edgecv/pi-kitchen/model/push/t1/0", "edgecv/groups/kitchen/model/push/t1/0",
+                  "homeassistant/sensor/pi-hall/fps/config", "homeassistant/status", "edgecv/pi-kitchen/other")
+        for topic in denied:
+            assert not dev.publish(topic), f"{topic} should be refused"
+        assert ws.collect(0.5) == []  # and none of them reached anyone
+    finally:
+        dev.close()
+
+
+def test_only_the_workstation_sends_commands_and_pushes(fleet: FleetBroker, ws: Probe) -> None:
+    kitchen, hall = login(fleet, "pi-kitchen"), login(fleet, "pi-hall")
+    try:
+        assert kitchen.subscribe("edgecv/pi-kitchen/cmd/+") and kitchen.subscribe("edgecv/pi-kitchen/model/push/#")
+        # Mosquitto grants any SUBACK; the ACL filters at delivery: even these filters must receive nothing.
+        hall.subscribe("edgecv/pi-kitchen/cmd/+")
+        hall.subscribe("edgecv/#")
+        assert ws.publish("edgecv/pi-kitchen/cmd/ping", b'{"id":"1"}')
+        assert ws.publish("edgecv/pi-kitchen/model/push/t9/0", b"chunk")
+        got = kitchen.collect(3, n=2)
+        assert [m.topic for m in got] == ["edgecv/pi-kitchen/cmd/ping", "edgecv/pi-kitchen/model/push/t9/0"]
+        assert not hall.publish("edgecv/pi-kitchen/cmd/reload")  # a device cannot command another
+        assert kitchen.collect(0.5) == []
+        assert [m.topic for m in hall.collect(0.5)] == []
+    finally:
+        kitchen.close()
+        hall.close()
+
+
+def test_group_pushes_reach_members_only(fleet: FleetBroker, ws: Probe) -> None:
+    kitchen, hall, garage = (login(fleet, u) for u in ("pi-kitchen", "pi-hall", "pi-garage"))
+    try:
+        assert kitchen.subscribe("edgecv/groups/kitchen/model/push/#")
+        assert kitchen.subscribe("edgecv/groups/ground-floor/model/push/#")
+        assert hall.subscribe("edgecv/groups/ground-floor/model/push/#")
+        hall.subscribe("edgecv/groups/kitchen/model/push/#")  # granted, but the ACL filters delivery
+        garage.subscribe("edgecv/groups/ground-floor/model/push/#")
+        garage.subscribe("edgecv/groups/#")
+        assert ws.publish("edgecv/groups/kitchen/model/push/t2/0", b"k")
+        assert ws.publish("edgecv/groups/ground-floor/model/push/t3/0", b"g")
+        assert sorted(m.payload for m in kitchen.collect(3, n=2)) == [b"g", b"k"]
+        assert [m.payload for m in hall.collect(3, n=1)] == [b"g"]
+        assert hall.collect(0.3) == [] and garage.collect(0.3) == []
+    finally:
+        for p in (kitchen, hall, garage):
+            p.close()
+
+
+def test_home_assistant_reads_the_fleet_and_cannot_command(fleet: FleetBroker) -> None:
+    ha, dev = login(fleet, "homeassistant"), login(fleet, "pi-garage")
+    try:
+        assert ha.subscribe("edgecv/+/predictions") and ha.subscribe("homeassistant/sensor/#")
+        assert dev.subscribe("homeassistant/status")
+        assert dev.publish("edgecv/pi-garage/predictions", b"p")
+        assert dev.publish("homeassistant/sensor/pi-garage/top_label/config", b"{}", retain=True)
+        assert sorted(m.topic for m in ha.collect(3, n=2)) == ["edgecv/pi-garage/predictions",
+                                                              "homeassistant/sensor/pi-garage/top_label/config"]
+        assert ha.publish("homeassistant/status", b"online")  # the birth message reaches devices
+        assert [m.payload for m in dev.collect(3, n=1)] == [b"online"]
+        assert not ha.publish("edgecv/pi-garage/cmd/reload")
+        assert not ha.publish("edgecv/groups/kitchen/model/push/t/0")
+    finally:
+        ha.close()
+        dev.close()
