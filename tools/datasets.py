@@ -215,7 +215,7 @@ def scan_image_folder(root: Path | str) -> tuple[list[str], list[list[Path]]]:
     return classes, files
 
 
-def _read_image(path: Path, gray: bool) -> np.ndarray | None:
+def read_image(path: Path, gray: bool) -> np.ndarray | None:
     """Decode one file with OpenCV as H×W×3 RGB or H×W×1 gray uint8; None when it is not a readable image."""
     import cv2
 
@@ -238,7 +238,7 @@ def _read_image(path: Path, gray: bool) -> np.ndarray | None:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def _resize(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def resize_image(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     import cv2
 
     h, w = size
@@ -266,7 +266,7 @@ def load_image_folder(root: Path | str, size: tuple[int, int] | str | None = Non
     labels: list[int] = []
     bad: list[str] = []
     for path, ci in files:
-        img = _read_image(path, gray)
+        img = read_image(path, gray)
         if img is None:
             bad.append(os.path.relpath(path, root))
             continue
@@ -285,7 +285,7 @@ def load_image_folder(root: Path | str, size: tuple[int, int] | str | None = Non
         if len(counts) > 1:
             log.info("Images have %d different sizes; resizing all to the most common, %dx%d (use --size to choose)",
                      len(counts), target[0], target[1])
-    stacked = np.stack([_resize(img, target) for img in images])
+    stacked = np.stack([resize_image(img, target) for img in images])
     return Dataset(stacked, np.asarray(labels, dtype=np.int64), classes, tuple(bad))
 
 
@@ -345,7 +345,7 @@ def _to_color(ds: Dataset, color: str | None) -> Dataset:
 def _to_size(ds: Dataset, size: tuple[int, int] | None) -> Dataset:
     if size is None or ds.size == size:
         return ds
-    return Dataset(np.stack([_resize(img, size) for img in ds.images]), ds.labels, ds.classes, ds.skipped)
+    return Dataset(np.stack([resize_image(img, size) for img in ds.images]), ds.labels, ds.classes, ds.skipped)
 
 
 def load_splits(source: str | Path, size: tuple[int, int] | str | None = None, color: str | None = None,

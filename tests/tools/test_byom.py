@@ -1,0 +1,151 @@
+"""Bring your own model: `edgecv quantize --onnx` on user-made ONNX classifiers, and its clear refusals."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from agent.classifier import Classifier, run_selftest
+from agent.contract.bundle import load_bundle, verify_bundle
+from tests.tools.conftest import ImageFolder
+from tools.byom import TFLITE_SKIPPED, input_spec_for, inspect_onnx
+from tools.checkpoint import Checkpoint, load_checkpoint
+from tools.cli import main
+from tools.errors import ExportError
+from tools.export_onnx import export_onnx
+
+
+@pytest.fixture(scope="module")
+def ckpt(shapes_checkpoint: Path) -> Checkpoint:
+    return load_checkpoint(shapes_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def user_onnx(ckpt: Checkpoint, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 'foreign' fp32 ONNX: exported by edgecv here, but used only as a file (32x32 RGB, dynamic batch)."""
+    return export_onnx(ckpt.model, ckpt.spec, tmp_path_factory.mktemp("user") / "shapes.onnx")
+
+
+@pytest.fixture(scope="module")
+def labels_file(ckpt: Checkpoint, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("labels") / "labels.txt"
+    path.write_text("\n".join(ckpt.labels) + "\n")
+    return path
+
+
+def _norm_args(ckpt: Checkpoint) -> list[str]:
+    return ["--mean", ",".join(map(str, ckpt.spec.mean)), "--std", ",".join(map(str, ckpt.spec.std))]
+
+
+def test_byom_class_folders_give_a_bundle_that_passes_its_selftest_on_the_device_side(
+        user_onnx: Path, image_folder: ImageFolder, labels_file: Path, ckpt: Checkpoint, tmp_path: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "bundle"
+    code = main(["quantize", "--onnx", str(user_onnx), "--calib-images", str(image_folder.root), "--labels",
+                 str(labels_file), "--calib", "16", "--latency-runs", "5", "--out", str(out), *_norm_args(ckpt)])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert TFLITE_SKIPPED in captured.out and "TensorFlow" in captured.out
+    bundle = load_bundle(out)
+    verify_bundle(bundle, None, allow_unsigned=True)
+    m = bundle.manifest
+    assert [(a.path, a.format, a.precision) for a in m.artifacts] == [("model.int8.onnx", "onnx", "int8")]
+    assert list(m.labels) == ckpt.labels
+    assert (m.input.width, m.input.height, m.input.channels, m.input.color, m.input.layout) == (32, 32, 3, "RGB",
+                                                                                                "NCHW")
+    assert m.input.mean == ckpt.spec.mean and m.input.std == ckpt.spec.std
+    metrics = m.metrics
+    assert metrics["int8_onnx"]["bytes"] < metrics["fp32_onnx"]["bytes"]
+    assert "accuracy" in metrics["int8_onnx"]  # class folders named like the labels → accuracy, not only agreement
+    assert metrics["int8_fp32_agreement"] >= 0.8
+    model = onnx.load(str(out / "model.int8.onnx"))
+    assert "QuantizeLinear" in {n.op_type for n in model.graph.node}
+    report = run_selftest(Classifier.load(out, runtime="onnxruntime"))
+    assert report.passed, report.detail
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter, used on purpose
+def test_byom_flat_folder_fixed_batch_nhwc_model(ckpt: Checkpoint, image_folder: ImageFolder, labels_file: Path,
+                                                  tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    class Nhwc(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x.permute(0, 3, 1, 2))
+
+    path = tmp_path / "nhwc.onnx"
+    torch.onnx.export(Nhwc(ckpt.model).eval(), (torch.zeros(1, 32, 32, 3),), str(path), dynamo=False,
+                      input_names=["image"], output_names=["scores"])  # static batch 1, NHWC
+    info = inspect_onnx(path)
+    assert info.dims == (1, 32, 32, 3) and info.num_classes == len(ckpt.labels)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    images = sorted(p for p in image_folder.root.rglob("*") if p.suffix in (".png", ".bmp", ".ppm"))
+    for i, img in enumerate(images):
+        shutil.copy(img, flat / f"{i}{img.suffix}")
+    out = tmp_path / "bundle"
+    code = main(["quantize", "--onnx", str(path), "--calib-images", str(flat), "--labels", str(labels_file),
+                 "--calib", "8", "--latency-runs", "0", "--out", str(out), *_norm_args(ckpt)])
+    assert code == 0, capsys.readouterr().err
+    m = load_bundle(out).manifest
+    assert m.input.layout == "NHWC" and (m.input.height, m.input.width) == (32, 32)
+    assert "accuracy" not in m.metrics["int8_onnx"]  # no class folders: agreement only
+    assert run_selftest(Classifier.load(out, runtime="onnxruntime")).passed
+
+
+def test_byom_label_count_mismatch_is_refused(user_onnx: Path, image_folder: ImageFolder, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\ndog\n")
+    code = main(["quantize", "--onnx", str(user_onnx), "--calib-images", str(image_folder.root), "--labels",
+                 str(labels), "--out", str(tmp_path / "b")])
+    assert code != 0
+    err = capsys.readouterr().err
+    assert "has 2 labels but shapes.onnx outputs 3 classes" in err and "Traceback" not in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_byom_missing_calibration_folder_is_refused(user_onnx: Path, labels_file: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    code = main(["quantize", "--onnx", str(user_onnx), "--calib-images", str(tmp_path / "nope"), "--labels",
+                 str(labels_file), "--out", str(tmp_path / "b")])
+    assert code != 0
+    assert "Calibration folder" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_byom_non_image_model_is_refused(labels_file: Path, image_folder: ImageFolder, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "tabular.onnx"
+    torch.onnx.export(nn.Linear(8, 3).eval(), (torch.zeros(1, 8),), str(path), dynamo=False,
+                      input_names=["features"], output_names=["scores"])
+    code = main(["quantize", "--onnx", str(path), "--calib-images", str(image_folder.root), "--labels",
+                 str(labels_file), "--out", str(tmp_path / "b")])
+    assert code != 0
+    err = capsys.readouterr().err
+    assert "rank 4" in err and "(1, 8)" in err
+
+
+def test_input_spec_rules() -> None:
+    from tools.byom import OnnxInputInfo
+
+    dyn = OnnxInputInfo("x", "float", (None, 3, None, None), "y", 5)
+    with pytest.raises(ExportError, match="--size"):
+        input_spec_for(dyn)
+    spec = input_spec_for(dyn, size=(64, 48), color="bgr")
+    assert (spec.height, spec.width, spec.color, spec.layout) == (64, 48, "BGR", "NCHW")
+    gray = OnnxInputInfo("x", "float", (1, 28, 28, 1), "y", 10)
+    assert input_spec_for(gray).layout == "NHWC" and input_spec_for(gray).color == "GRAY"
+    with pytest.raises(ExportError, match="contradicts"):
+        input_spec_for(gray, size=(32, 32))
+    with pytest.raises(ExportError, match="does not fit"):
+        input_spec_for(gray, color="rgb")
+    assert np.isclose(input_spec_for(gray, scale=1.0).scale, 1.0)

@@ -1,0 +1,301 @@
+"""`edgecv quantize`: export a checkpoint to fp32 ONNX, int8 ONNX and int8 TFLite, each verified in its runtime;
+or, with --onnx, quantize a user's own fp32 ONNX classifier into a bundle (bring your own model).
+
+`build_artifacts` is the library form of the checkpoint path (the pipeline reuses it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from agent.contract.bundle import InputSpec
+    from tools.evaluate import ArtifactEval
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "tflite", "tflite-fp32")
+METHODS = ("minmax", "entropy", "percentile")
+# Third-party loggers that narrate every pass at INFO; the command keeps them at WARNING.
+NOISY_LOGGERS = ("onnx_ir", "onnxscript", "onnxruntime", "torch.onnx", "jax", "absl", "torchao")
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "quantize", help="export and int8-quantize a checkpoint (or your own ONNX model)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Export an edgecv checkpoint to fp32 ONNX, int8 ONNX (onnxruntime static QDQ) and int8 "
+                    "TFLite (litert-torch PT2E), run each in its real runtime on the test set and print "
+                    "accuracy, agreement with fp32, size and latency.\n\n"
+                    "Bring your own model: --onnx MODEL.onnx --calib-images DIR --labels labels.txt quantizes an "
+                    "existing fp32 ONNX classifier and writes a bundle to --out.",
+        epilog="examples:\n"
+               "  edgecv quantize runs/fmnist.pt --data fashion-mnist --calib 200 --out runs/fmnist-int8\n"
+               "  edgecv quantize runs/fmnist.pt --data fashion-mnist --max-drop 0.005 --out runs/q\n"
+               "  edgecv quantize --onnx mobilenet.onnx --calib-images photos/ --labels labels.txt \\\n"
+               "      --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --out bundles/mobilenet")
+    parser.add_argument("checkpoint", nargs="?", type=Path, help="edgecv checkpoint (.pt) from 'edgecv train'")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output folder (artifacts + metrics.json; with --onnx: the bundle directory)")
+    parser.add_argument("--data", default="fashion-mnist",
+                        help="'fashion-mnist' or an image folder <root>/<class>/*: calibration and test images "
+                             "(default: fashion-mnist)")
+    parser.add_argument("--calib", type=int, default=200, help="number of calibration images (default 200)")
+    parser.add_argument("--method", choices=METHODS, default="minmax",
+                        help="activation range calibration (default minmax)")
+    parser.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel weights")
+    parser.add_argument("--max-drop", type=float, default=None,
+                        help="accuracy-aware: keep the most sensitive layers in float until the int8 ONNX loses "
+                             "at most this much accuracy vs fp32 on the validation split (e.g. 0.005)")
+    parser.add_argument("--formats", default="onnx,tflite",
+                        help=f"comma list of {', '.join(FORMATS)} (default onnx,tflite; fp32 ONNX always)")
+    parser.add_argument("--limit", type=int, default=None, help="cap the images loaded per split (quick runs)")
+    parser.add_argument("--threads", type=int, default=1, help="runtime threads for evaluation (default 1)")
+    parser.add_argument("--latency-runs", type=int, default=500,
+                        help="batch-1 inferences timed per artifact (default 500; 0 skips latency)")
+    byom = parser.add_argument_group("bring your own model (with --onnx)")
+    byom.add_argument("--onnx", type=Path, help="your fp32 ONNX image classifier (outputs class scores)")
+    byom.add_argument("--calib-images", type=Path, help="folder of images like the camera's (flat or per class)")
+    byom.add_argument("--labels", type=Path, help="labels file: one class name per line, in output order")
+    byom.add_argument("--size", help="HxW input size when the model's is dynamic (e.g. 224x224)")
+    byom.add_argument("--color", choices=("rgb", "bgr", "gray"), help="channel order the model expects")
+    byom.add_argument("--layout", choices=("NCHW", "NHWC"), help="tensor layout (default: read from the model)")
+    byom.add_argument("--mean", default="0", help="per-channel mean after scaling, e.g. 0.485,0.456,0.406")
+    byom.add_argument("--std", default="1", help="per-channel std, e.g. 0.229,0.224,0.225")
+    byom.add_argument("--scale", type=float, default=1.0 / 255.0, help="pixel multiplier before mean/std "
+                      "(default 1/255)")
+    byom.add_argument("--name", help="bundle name (default: the ONNX file name)")
+    byom.add_argument("--version", dest="bundle_version", default="1", help="bundle version (default 1)")
+    byom.add_argument("--key", type=Path, help="private key to sign the bundle (from 'edgecv keys generate')")
+    byom.add_argument("--include-fp32", action="store_true", help="also ship the fp32 ONNX in the bundle")
+    parser.set_defaults(handler=run)
+
+
+@dataclass
+class QuantizeReport:
+    """Artifacts written by `build_artifacts` and how each measured in its runtime on the test set."""
+
+    paths: dict[str, Path]
+    evals: dict[str, ArtifactEval]
+    agreement: dict[str, float]
+    seconds: dict[str, float]
+    kept_float: list[str] = field(default_factory=list)
+    accuracy_aware: dict[str, Any] | None = None
+
+    def metrics(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {}
+        for name, ev in self.evals.items():
+            doc[name] = {**ev.as_dict(), "agreement_with_fp32": self.agreement.get(name, 1.0),
+                         "seconds_to_build": round(self.seconds.get(name, 0.0), 3), "file": self.paths[name].name}
+        if self.accuracy_aware is not None:
+            doc["accuracy_aware"] = self.accuracy_aware
+        return doc
+
+
+def build_artifacts(model: torch.nn.Module, spec: InputSpec, calib_x: np.ndarray, test_x: np.ndarray,
+                    test_y: np.ndarray, out_dir: Path, *, formats: Sequence[str] = ("onnx", "tflite"),
+                    method: str = "minmax", per_channel: bool = True, max_drop: float | None = None,
+                    val_x: np.ndarray | None = None, val_y: np.ndarray | None = None, threads: int = 1,
+                    latency_runs: int = 500, progress: Callable[[str], None] | None = None) -> QuantizeReport:
+    """fp32 ONNX (always) + int8 ONNX + int8 TFLite (+ fp32 TFLite) in `out_dir`, each run on the test set.
+
+    Names: model.fp32.onnx, model.int8.onnx, model.int8.tflite, model.fp32.tflite. With `max_drop`, the
+    int8 ONNX is accuracy-aware on (val_x, val_y) (the test set stays untouched for reporting).
+    """
+    import numpy as np
+
+    from tools.evaluate import agreement, evaluate_artifact
+    from tools.export_onnx import export_onnx
+    from tools.quantize_onnx import accuracy_aware_quantize, quantize_onnx_int8, torch_module_names
+    from tools.quantize_tflite import export_tflite_fp32, export_tflite_int8
+
+    say = progress or (lambda msg: log.info("%s", msg))
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        from tools.errors import ExportError
+
+        raise ExportError(f"Unknown format(s) {', '.join(unknown)}; use a comma list of {', '.join(FORMATS)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    seconds: dict[str, float] = {}
+    report = QuantizeReport(paths, {}, {}, seconds)
+
+    def timed(name: str, fn: Callable[[], Path]) -> None:
+        say(f"building {name}")
+        start = time.perf_counter()
+        paths[name] = fn()
+        seconds[name] = time.perf_counter() - start
+
+    timed("fp32 onnx", lambda: export_onnx(model, spec, out_dir / "model.fp32.onnx"))
+    if "onnx" in formats:
+        if max_drop is not None:
+            ex = val_x if val_x is not None else test_x
+            ey = val_y if val_y is not None else test_y
+
+            def aaq() -> Path:
+                res = accuracy_aware_quantize(paths["fp32 onnx"], calib_x, ex, ey, max_drop,
+                                              out_dir / "model.int8.onnx", method=method, per_channel=per_channel,
+                                              progress=say)
+                report.kept_float = list(res.kept_float)
+                report.accuracy_aware = {"max_drop": max_drop, "bound_met": res.bound_met,
+                                         "kept_float": list(res.kept_float),
+                                         "torch_modules": torch_module_names(paths["fp32 onnx"]),
+                                         "eval_fp32_accuracy": res.fp32_accuracy,
+                                         "eval_int8_accuracy": res.int8_accuracy, "attempts": res.attempts,
+                                         "sensitivity": res.sensitivity}
+                return res.path
+
+            timed("int8 onnx", aaq)
+        else:
+            timed("int8 onnx", lambda: quantize_onnx_int8(paths["fp32 onnx"], calib_x, out_dir / "model.int8.onnx",
+                                                          method=method, per_channel=per_channel))
+    if "tflite" in formats:
+        timed("int8 tflite", lambda: export_tflite_int8(model, spec, calib_x, out_dir / "model.int8.tflite",
+                                                        per_channel=per_channel))
+    if "tflite-fp32" in formats:
+        timed("fp32 tflite", lambda: export_tflite_fp32(model, spec, out_dir / "model.fp32.tflite"))
+
+    y = np.asarray(test_y)
+    for name, path in paths.items():
+        say(f"evaluating {name} on {len(test_x)} images")
+        fmt = "onnx" if path.suffix == ".onnx" else "tflite"
+        report.evals[name] = evaluate_artifact(path, fmt, test_x, y, threads=threads, latency_runs=latency_runs)
+    ref = report.evals["fp32 onnx"].top1
+    report.agreement = {name: agreement(ref, ev.top1) for name, ev in report.evals.items()}
+    return report
+
+
+def format_table(report: QuantizeReport) -> str:
+    """The table `edgecv quantize` prints: one row per artifact, latency ratio vs fp32 ONNX."""
+    ref = report.evals["fp32 onnx"]
+    rows = [("artifact", "accuracy", "agree fp32", "bytes", "gzip", "ms/img", "vs fp32", "build s")]
+    for name, ev in report.evals.items():
+        ratio = ev.latency_ms_median / ref.latency_ms_median if ref.latency_ms_median > 0 else float("nan")
+        rows.append((name, f"{ev.accuracy:.4f}", f"{report.agreement[name]:.4f}", f"{ev.bytes:,}",
+                     f"{ev.gzip_bytes:,}", f"{ev.latency_ms_median:.4f}", f"{ratio:.2f}x",
+                     f"{report.seconds.get(name, 0.0):.1f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+             for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tools.errors import ExportError
+
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
+    if args.calib < 1:
+        raise ExportError(f"--calib {args.calib} must be at least 1 (a few hundred images is typical)")
+    if args.onnx is not None:
+        return _run_byom(args)
+    if args.checkpoint is None:
+        raise ExportError("Pass a checkpoint to quantize (edgecv quantize CKPT ...) or your own model with --onnx")
+    return _run_checkpoint(args)
+
+
+def _run_checkpoint(args: argparse.Namespace) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from tools.checkpoint import load_checkpoint
+    from tools.datasets import load_splits, spec_color, stratified_order, to_model_input
+
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    ckpt = load_checkpoint(args.checkpoint)
+    spec = ckpt.spec
+    splits = load_splits(args.data, size=(spec.height, spec.width), color=spec_color(spec), limit=args.limit)
+    if len(splits.classes) != len(ckpt.labels):
+        log.warning("The data has %d classes but the checkpoint %d; accuracy compares indices as they are",
+                    len(splits.classes), len(ckpt.labels))
+    train = splits.train
+    calib_idx = np.sort(stratified_order(train.labels, 0)[:args.calib])
+    calib_x = to_model_input(train.images[calib_idx], spec)
+    test_x, test_y = to_model_input(splits.test.images, spec), splits.test.labels
+    val_x = to_model_input(splits.val.images, spec) if len(splits.val) else None
+    steps = 2 * (1 + len(formats))  # one "building" and one "evaluating" message per artifact
+    bar = tqdm(total=steps, desc="quantize", unit="step", file=sys.stderr, disable=args.quiet)
+    started = [0]
+
+    def progress(msg: str) -> None:
+        if msg.startswith(("building", "evaluating")):
+            if started[0]:
+                bar.update(1)
+            started[0] += 1
+            bar.set_postfix_str(msg[:60])
+        else:
+            bar.write(msg, file=sys.stderr)
+
+    try:
+        report = build_artifacts(ckpt.model, spec, calib_x, test_x, test_y, args.out, formats=formats,
+                                 method=args.method, per_channel=not args.per_tensor, max_drop=args.max_drop,
+                                 val_x=val_x, val_y=splits.val.labels if val_x is not None else None,
+                                 threads=args.threads, latency_runs=args.latency_runs, progress=progress)
+        bar.update(bar.total - bar.n)
+    finally:
+        bar.close()
+    metrics = {"checkpoint": str(args.checkpoint), "data": splits.describe(), "calibration_images": len(calib_x),
+               "method": args.method, "per_channel": not args.per_tensor, "test_images": len(test_x),
+               "artifacts": report.metrics()}
+    (Path(args.out) / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=float) + "\n")
+    print(f"{splits.describe()}; calibration {len(calib_x)} images ({args.method}); test {len(test_x)} images")
+    print(format_table(report))
+    if args.max_drop is not None and report.accuracy_aware is not None:
+        aa = report.accuracy_aware
+        modules = aa["torch_modules"]
+        kept = ", ".join(f"{n} ({modules[n]})" if n in modules else n for n in report.kept_float) or "none"
+        state = "met" if aa["bound_met"] else "NOT met"
+        print(f"accuracy-aware (max drop {args.max_drop} on validation): bound {state}; layers kept in float: {kept}")
+    print(f"wrote {', '.join(p.name for p in report.paths.values())} and metrics.json to {args.out}")
+    return 0
+
+
+def _run_byom(args: argparse.Namespace) -> int:
+    from tools.byom import TFLITE_SKIPPED, quantize_byom
+    from tools.datasets import parse_size
+    from tools.errors import ExportError
+
+    missing = [opt for opt, val in (("--calib-images", args.calib_images), ("--labels", args.labels)) if val is None]
+    if missing:
+        raise ExportError(f"With --onnx also pass {' and '.join(missing)}")
+    if args.checkpoint is not None:
+        raise ExportError("Pass either a checkpoint or --onnx, not both")
+    if args.max_drop is not None:
+        log.warning("--max-drop applies to checkpoints; for --onnx the int8 model is reported against fp32")
+    result = quantize_byom(args.onnx, args.calib_images, args.labels, args.out, size=parse_size(args.size),
+                           color=args.color, layout=args.layout, mean=_floats(args.mean, "--mean"),
+                           std=_floats(args.std, "--std"), scale=args.scale, calib=args.calib, method=args.method,
+                           per_channel=not args.per_tensor, name=args.name, version=args.bundle_version,
+                           private_key=args.key, include_fp32=args.include_fp32,
+                           latency_runs=args.latency_runs, progress=lambda m: print(m, file=sys.stderr))
+    m = result.metrics
+    fp32, int8 = m["fp32_onnx"], m["int8_onnx"]
+    print(f"int8 ONNX {int8['bytes']:,} bytes (gzip {int8['gzip_bytes']:,}) vs fp32 {fp32['bytes']:,}; agreement "
+          f"{m['int8_fp32_agreement']:.4f} on {m['eval_images']} images"
+          + (f"; accuracy {int8['accuracy']:.4f} vs {fp32['accuracy']:.4f}" if "accuracy" in int8 else ""))
+    print(TFLITE_SKIPPED)
+    signed = " (signed)" if args.key else " (unsigned: sign it with 'edgecv bundle sign --key ...')"
+    print(f"wrote bundle {result.bundle.manifest.name} {result.bundle.manifest.version} to {args.out}{signed}")
+    return 0
+
+
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    from tools.errors import ExportError
+
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ExportError(f"{option} {text!r} is not a comma list of numbers, e.g. 0.485,0.456,0.406") from None

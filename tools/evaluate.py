@@ -1,0 +1,112 @@
+"""Run exported artifacts in their real runtimes (onnxruntime, LiteRT) to measure accuracy, agreement,
+latency and size.
+
+Models are opened through the device's own adapters (`agent.runtimes.open_engine`), so what is measured
+here is what a device runs: same int8 input/output handling, same thread settings.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from agent.errors import InferenceError
+from agent.runtimes import Engine, open_engine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ArtifactEval:
+    """One artifact measured in its runtime: accuracy on (x, y), per-image top-1, sizes, batch-1 latency."""
+
+    accuracy: float
+    top1: np.ndarray
+    bytes: int
+    gzip_bytes: int
+    latency_ms_median: float
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"accuracy": self.accuracy, "bytes": self.bytes, "gzip_bytes": self.gzip_bytes,
+                "latency_ms_median": self.latency_ms_median}
+
+
+def run_logits(engine: Engine, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    """Logits of `engine` for every row of `x`, fed in chunks of `batch` (one by one if the model is batch-1)."""
+    x = np.asarray(x, dtype=np.float32)
+    outs = []
+    for i in range(0, len(x), batch):
+        chunk = x[i:i + batch]
+        try:
+            outs.append(engine.run(chunk))
+        except InferenceError:
+            if len(chunk) == 1:
+                raise
+            # Models with a fixed batch of 1 (LiteRT int8 exports) take one image at a time.
+            log.debug("%s rejected a batch of %d; running images one by one", engine.name, len(chunk))
+            outs.append(np.concatenate([engine.run(chunk[j:j + 1]) for j in range(len(chunk))], axis=0))
+    if not outs:
+        raise InferenceError("No images to evaluate; pass a non-empty evaluation set")
+    return np.concatenate(outs, axis=0)
+
+
+def predict_top1(path: Path, fmt: str, x: np.ndarray, threads: int = 1, batch: int = 256) -> np.ndarray:
+    """Top-1 class index of every row of `x` from the model file at `path` ('onnx' or 'tflite')."""
+    engine = open_engine(Path(path), fmt, threads=threads)
+    return np.argmax(run_logits(engine, x, batch), axis=1)
+
+
+def evaluate_artifact(path: Path, fmt: str, x: np.ndarray, y: np.ndarray, threads: int = 1, batch: int = 256,
+                      latency_runs: int = 500) -> ArtifactEval:
+    """Accuracy, top-1, raw/gzip size and median single-image latency of one artifact in its real runtime."""
+    path = Path(path)
+    engine = open_engine(path, fmt, threads=threads)
+    top1 = np.argmax(run_logits(engine, x, batch), axis=1)
+    accuracy = float(np.mean(top1 == np.asarray(y))) if len(top1) else 0.0
+    latency = _latency(engine, np.asarray(x[:1], dtype=np.float32), runs=latency_runs,
+                       warmup=min(50, latency_runs)) if latency_runs > 0 else float("nan")
+    result = ArtifactEval(accuracy=accuracy, top1=top1, bytes=path.stat().st_size, gzip_bytes=gzip_size(path),
+                          latency_ms_median=latency)
+    log.debug("%s (%s): accuracy %.4f, %d bytes (gzip %d), %.3f ms median", path.name, engine.name, accuracy,
+             result.bytes, result.gzip_bytes, latency)
+    return result
+
+
+def measure_latency(path: Path, fmt: str, sample: np.ndarray, runs: int = 500, threads: int = 1,
+                    warmup: int = 50) -> float:
+    """Median wall time in ms of one inference on `sample` (batch 1 if `sample` is one image)."""
+    engine = open_engine(Path(path), fmt, threads=threads)
+    sample = np.asarray(sample, dtype=np.float32)
+    return _latency(engine, sample, runs=runs, warmup=warmup)
+
+
+def agreement(a_top1: np.ndarray, b_top1: np.ndarray) -> float:
+    """Fraction of images on which two models give the same top-1 class."""
+    a, b = np.asarray(a_top1), np.asarray(b_top1)
+    if a.shape != b.shape:
+        raise ValueError(f"Cannot compare predictions of different lengths: {a.shape} vs {b.shape}")
+    return float(np.mean(a == b)) if len(a) else 0.0
+
+
+def gzip_size(path: Path) -> int:
+    """Bytes of the file after gzip -9: what a sparse or low-entropy model costs to ship."""
+    return len(gzip.compress(Path(path).read_bytes(), compresslevel=9, mtime=0))
+
+
+def _latency(engine: Engine, sample: np.ndarray, *, runs: int, warmup: int) -> float:
+    if sample.ndim < 2 or len(sample) == 0:
+        raise ValueError(f"Latency sample must be a batch (1, ...), got shape {sample.shape}")
+    for _ in range(warmup):
+        engine.run(sample)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        engine.run(sample)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000.0
