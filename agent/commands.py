@@ -1,0 +1,140 @@
+"""Fleet commands a workstation sends to one device: ping, reload, snapshot, rollback.
+
+Requests arrive on `<p>/<dev>/cmd/<name>` as JSON `{"id": "<request id>", ...}`; each gets exactly one result on
+`<p>/<dev>/cmd/<name>/result`: `{"id", "ok", "device", "ts", ...}` plus `error` when ok is false.
+
+    ping      → agent_version, model {name, version, sha256}, uptime_s
+    reload    → re-load the store's current model in a fresh runtime and swap it in → model
+    snapshot  → the latest frame as a base64 JPEG (`jpeg`, `width`, `height`) and the current `top` predictions
+    rollback  → {"to": version (optional)}: re-activate the previous (or named) installed model → model
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import queue
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import agent as agent_pkg
+from agent.contract import topics as T
+from agent.errors import EdgecvError
+
+if TYPE_CHECKING:
+    from agent.service import Agent
+    from agent.updater import Updater
+
+log = logging.getLogger(__name__)
+
+
+class CommandHandler:
+    """Subscribes to the device's command topics and answers them; slow commands run on its own thread."""
+
+    def __init__(self, agent: Agent, updater: Updater | None = None) -> None:
+        self.agent = agent
+        self.updater = updater if updater is not None else getattr(agent, "updater", None)
+        self.topics: T.DeviceTopics = agent.topics
+        self.started = time.monotonic()
+        self._queue: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue(maxsize=100)
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> CommandHandler:
+        self.agent.link.subscribe(self.topics.cmd_filter, self._on_command)
+        self._thread = threading.Thread(target=self._run, name="commands", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            pass
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _on_command(self, topic: str, payload: bytes) -> None:
+        name = topic.rsplit("/", 1)[-1]
+        try:
+            request = json.loads(payload) if payload else {}
+            if not isinstance(request, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            self._reply(name, {"id": None}, ok=False, error=f"Command payload is not a JSON object: {exc}")
+            return
+        if name not in T.COMMANDS:
+            self._reply(name, request, ok=False, error=f"Unknown command {name!r}; known: {', '.join(T.COMMANDS)}")
+            return
+        if name == "ping":
+            self._execute(name, request)
+            return
+        try:
+            self._queue.put_nowait((name, request))
+        except queue.Full:
+            self._reply(name, request, ok=False, error="Device is busy with other commands; try again")
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            self._execute(*item)
+
+    def _execute(self, name: str, request: dict[str, Any]) -> None:
+        try:
+            result = getattr(self, f"_cmd_{name}")(request)
+        except EdgecvError as exc:
+            self._reply(name, request, ok=False, error=str(exc))
+        except Exception as exc:
+            log.exception("Command %s failed", name)
+            self._reply(name, request, ok=False, error=f"Command {name} failed unexpectedly: {exc}")
+        else:
+            self._reply(name, request, ok=True, **result)
+
+    def _reply(self, name: str, request: dict[str, Any], *, ok: bool, **fields: Any) -> None:
+        payload = {"id": request.get("id"), "ok": ok, "device": self.agent.config.device_id, "ts": T.now(), **fields}
+        self.agent.link.publish(self.topics.cmd_result(name), T.encode(payload), qos=1)
+
+    # ------------------------------------------------------------------ commands
+    def _model(self) -> dict[str, Any] | None:
+        clf = self.agent.classifier
+        if clf is None:
+            return None
+        return {"name": clf.name, "version": clf.version, "sha256": clf.bundle.manifest_sha256}
+
+    def _cmd_ping(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {"agent_version": agent_pkg.__version__, "model": self._model(),
+                "uptime_s": round(time.monotonic() - self.started, 3)}
+
+    def _cmd_reload(self, request: dict[str, Any]) -> dict[str, Any]:
+        self._need_updater().reload()
+        return {"model": self._model()}
+
+    def _cmd_rollback(self, request: dict[str, Any]) -> dict[str, Any]:
+        to = request.get("to")
+        if to is not None and not isinstance(to, str):
+            raise EdgecvError("rollback: 'to' must be a version string")
+        self._need_updater().rollback(to=to, reason=f"Rollback requested (request {request.get('id')})")
+        return {"model": self._model()}
+
+    def _cmd_snapshot(self, request: dict[str, Any]) -> dict[str, Any]:
+        import cv2
+
+        frame = getattr(self.agent, "last_frame", None)
+        if frame is None:
+            raise EdgecvError("No frame captured yet; check the camera status and try again")
+        image = frame.image if hasattr(frame, "image") else frame
+        ok, jpeg = cv2.imencode(".jpg", image, [int(cv2.IMWRITE_JPEG_QUALITY), 85])
+        if not ok:
+            raise EdgecvError("Could not encode the latest frame as JPEG")
+        top = getattr(self.agent, "last_top", None)
+        return {"jpeg": base64.b64encode(jpeg.tobytes()).decode(), "width": int(image.shape[1]),
+                "height": int(image.shape[0]), "frame_ts": getattr(frame, "ts", None), "top": top,
+                "model": self._model()}
+
+    def _need_updater(self) -> Updater:
+        if self.updater is None:
+            raise EdgecvError("This agent runs without the model updater; restart it with updates enabled")
+        return self.updater

@@ -1,0 +1,436 @@
+"""The chunked, resumable model push protocol: message shapes (both sides) and the device-side receiver.
+
+Topics (`<t>` is the transfer id; a group push uses `<p>/groups/<g>/model/push/<t>/...` for begin/chunk/end):
+
+    <p>/<dev>/model/push/<t>/begin        JSON Begin      workstation → device, QoS 1, never retained
+    <p>/<dev>/model/push/<t>/chunk/<i>    binary chunk    workstation → device, QoS 1, never retained
+    <p>/<dev>/model/push/<t>/end          JSON End        workstation → device, QoS 1, never retained
+    <p>/<dev>/model/push/<t>/ack          JSON Ack        device → workstation, QoS 1 (always the device topic)
+
+A chunk payload is a 32-byte header, the raw sha256 digest of the data, followed by the data (works with MQTT
+3.1.1, which has no user properties). Chunk `i` covers archive bytes [i*chunk_size, min(size, (i+1)*chunk_size)).
+
+The device writes chunks at their offset into `<transfers>/<t>/archive.part` and records each one in a bitmap
+file after the data is on disk, so a partial transfer survives disconnects and agent restarts. It answers
+`begin` and `end` (and every `ACK_EVERY` chunks) with an Ack listing the missing chunk ranges; the pusher resends
+only those, then sends `end` again. Re-sending `begin` with the same transfer id is how a pusher asks "where are
+we?" after a reconnect. When all chunks are in, the whole-archive sha256 is checked and the archive handed over
+for verification.
+
+Rule for concurrent pushes: the device receives one transfer at a time. A `begin` with the same transfer id
+resumes; a `begin` with a different id supersedes the transfer in progress, whose partial data is deleted (its
+pusher gets an Ack with state `superseded`). The transfer id defaults to the first 16 hex digits of the archive
+sha256, so re-running the same push after a crash resumes instead of restarting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from agent.contract.bundle import DEFAULT_MAX_BUNDLE_BYTES
+from agent.contract.topics import check_level
+from agent.errors import BundleError
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = 1
+DEFAULT_CHUNK_SIZE = 64 * 1024  # fits brokers with small message_size_limit and slow links
+MAX_CHUNK_SIZE = 4 * 1024 * 1024
+HEADER_BYTES = 32  # raw sha256 of the chunk data
+ACK_EVERY = 32  # the device sends a progress Ack every this many chunks
+
+# Ack.state values
+RECEIVING = "receiving"   # begin accepted / progress; `missing` says what is still needed
+COMPLETE = "complete"     # all chunks in and the archive sha256 matches: the device verifies it now
+FAILED = "failed"         # refused (too big, bad sha256, bad begin): `error` says why; push again
+SUPERSEDED = "superseded"  # another transfer replaced this one
+UNKNOWN = "unknown"       # the device knows no such transfer: send begin again
+STALLED = "stalled"       # no chunk for update.chunk_timeout_s; the partial data is kept for resuming
+ACK_STATES = (RECEIVING, COMPLETE, FAILED, SUPERSEDED, UNKNOWN, STALLED)
+
+
+class TransferError(BundleError):
+    """A push message is malformed or the pushed archive breaks a limit or its checksum."""
+
+
+@dataclass(frozen=True)
+class Begin:
+    transfer_id: str
+    name: str
+    version: str
+    sha256: str
+    size: int
+    chunk_size: int
+    chunks: int
+    sent_at: float = 0.0
+    protocol: int = PROTOCOL
+
+    def validate(self, max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES) -> None:
+        try:
+            check_level(self.transfer_id, "Transfer id")
+        except ValueError as exc:
+            raise TransferError(str(exc)) from exc
+        if self.protocol != PROTOCOL:
+            raise TransferError(f"Push protocol {self.protocol} is not supported (this agent speaks {PROTOCOL}); "
+                                "upgrade the agent or the workstation")
+        if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256):
+            raise TransferError("Push begin: sha256 must be 64 lowercase hex digits")
+        if self.size <= 0:
+            raise TransferError("Push begin: size must be positive")
+        if self.size > max_bytes:
+            raise TransferError(f"Bundle of {self.size} bytes exceeds this device's limit of {max_bytes} bytes "
+                                "(update.max_bundle_bytes)")
+        if not 0 < self.chunk_size <= MAX_CHUNK_SIZE:
+            raise TransferError(f"Push begin: chunk_size must be in 1..{MAX_CHUNK_SIZE}")
+        if self.chunks != math.ceil(self.size / self.chunk_size):
+            raise TransferError("Push begin: chunks does not match size / chunk_size")
+
+    def chunk_length(self, index: int) -> int:
+        return min(self.chunk_size, self.size - index * self.chunk_size)
+
+    def to_payload(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_payload(cls, data: bytes) -> Begin:
+        try:
+            doc = json.loads(data)
+            return cls(transfer_id=str(doc["transfer_id"]), name=str(doc["name"]), version=str(doc["version"]),
+                       sha256=str(doc["sha256"]), size=int(doc["size"]), chunk_size=int(doc["chunk_size"]),
+                       chunks=int(doc["chunks"]), sent_at=float(doc.get("sent_at", 0.0)),
+                       protocol=int(doc.get("protocol", PROTOCOL)))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise TransferError(f"Push begin message is malformed: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Ack:
+    transfer_id: str
+    device: str
+    state: str
+    received: int
+    chunks: int
+    missing: list[list[int]] = field(default_factory=list)  # inclusive [first, last] index ranges
+    error: str | None = None
+    ts: float = 0.0
+
+    def to_payload(self) -> bytes:
+        return json.dumps({**asdict(self), "ts": self.ts or round(time.time(), 3)}, sort_keys=True).encode()
+
+    @classmethod
+    def from_payload(cls, data: bytes) -> Ack:
+        try:
+            doc = json.loads(data)
+            return cls(transfer_id=str(doc["transfer_id"]), device=str(doc["device"]), state=str(doc["state"]),
+                       received=int(doc["received"]), chunks=int(doc["chunks"]),
+                       missing=[[int(a), int(b)] for a, b in doc.get("missing", [])], error=doc.get("error"),
+                       ts=float(doc.get("ts", 0.0)))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise TransferError(f"Push ack message is malformed: {exc}") from exc
+
+    def missing_indices(self) -> list[int]:
+        return expand_ranges(self.missing)
+
+
+def encode_chunk(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest() + data
+
+
+def decode_chunk(payload: bytes) -> bytes:
+    if len(payload) < HEADER_BYTES:
+        raise TransferError("Push chunk is shorter than its header")
+    digest, data = payload[:HEADER_BYTES], payload[HEADER_BYTES:]
+    if hashlib.sha256(data).digest() != digest:
+        raise TransferError("Push chunk does not match its sha256 header (corrupted in transit)")
+    return data
+
+
+def begin_for(archive: bytes, name: str, version: str, chunk_size: int = DEFAULT_CHUNK_SIZE,
+              transfer_id: str | None = None) -> Begin:
+    """The Begin message for pushing `archive` (transfer id: first 16 hex digits of its sha256)."""
+    digest = hashlib.sha256(archive).hexdigest()
+    return Begin(transfer_id=transfer_id or digest[:16], name=name, version=version, sha256=digest,
+                 size=len(archive), chunk_size=chunk_size, chunks=math.ceil(len(archive) / chunk_size),
+                 sent_at=round(time.time(), 3))
+
+
+def chunk_data(archive: bytes, begin: Begin, index: int) -> bytes:
+    start = index * begin.chunk_size
+    return archive[start:start + begin.chunk_size]
+
+
+def to_ranges(indices: Iterable[int]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for i in sorted(set(indices)):
+        if out and out[-1][1] == i - 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return out
+
+
+def expand_ranges(ranges: Sequence[Sequence[int]]) -> list[int]:
+    return [i for a, b in ranges for i in range(int(a), int(b) + 1)]
+
+
+def parse_push_topic(topic: str) -> tuple[str, str, int | None] | None:
+    """'.../model/push/<t>/<part>[/<index>]' → (transfer_id, part, index); None for other topics."""
+    _head, sep, rest = topic.partition("/model/push/")
+    if not sep:
+        return None
+    parts = rest.split("/")
+    if len(parts) == 2 and parts[1] in ("begin", "end", "ack"):
+        return parts[0], parts[1], None
+    if len(parts) == 3 and parts[1] == "chunk" and parts[2].isdigit():
+        return parts[0], "chunk", int(parts[2])
+    return None
+
+
+class _Partial:
+    """One transfer's files on disk: begin.json, archive.part and the received bitmap."""
+
+    def __init__(self, root: Path, begin: Begin) -> None:
+        self.root, self.begin = root, begin
+        self.data_path, self.map_path = root / "archive.part", root / "received.map"
+        root.mkdir(parents=True, exist_ok=True)
+        fresh = not (root / "begin.json").is_file()
+        if fresh:
+            (root / "begin.json").write_bytes(begin.to_payload())
+        self.data = open(self.data_path, "r+b" if self.data_path.exists() else "w+b")
+        self.map = open(self.map_path, "r+b" if self.map_path.exists() else "w+b")
+        bitmap = bytearray(self.map.read())
+        if len(bitmap) != begin.chunks:
+            bitmap = bytearray(begin.chunks)
+            self.map.seek(0)
+            self.map.truncate()
+            self.map.write(bitmap)
+            self.map.flush()
+        self.bitmap = bitmap
+        self.last_activity = time.monotonic()
+
+    @property
+    def received(self) -> int:
+        return sum(self.bitmap)
+
+    def missing(self) -> list[int]:
+        return [i for i, got in enumerate(self.bitmap) if not got]
+
+    def write(self, index: int, data: bytes) -> bool:
+        """Store one chunk; False when it was already there."""
+        self.last_activity = time.monotonic()
+        if self.bitmap[index]:
+            return False
+        self.data.seek(index * self.begin.chunk_size)
+        self.data.write(data)
+        self.data.flush()
+        os.fdatasync(self.data.fileno())  # data before its bitmap entry: a crash may lose a chunk, not fake one
+        self.map.seek(index)
+        self.map.write(b"\x01")
+        self.map.flush()
+        self.bitmap[index] = 1
+        return True
+
+    def digest(self) -> str:
+        self.data.flush()
+        self.data.seek(0)
+        h = hashlib.sha256()
+        for block in iter(lambda: self.data.read(1 << 20), b""):
+            h.update(block)
+        return h.hexdigest()
+
+    def close(self) -> None:
+        self.data.close()
+        self.map.close()
+
+
+class Receiver:
+    """Device side of the protocol: one transfer at a time, persisted under `root` for resuming.
+
+    Methods return the Ack to publish (or None) and raise nothing for peer mistakes: errors become a FAILED Ack.
+    When `end()` answers COMPLETE, `completed` holds (Begin, archive path) until `finish()`; meanwhile a repeated
+    begin/end of that transfer is answered COMPLETE again instead of starting over.
+    """
+
+    def __init__(self, root: Path, device: str, max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES) -> None:
+        self.root, self.device, self.max_bytes = Path(root), device, max_bytes
+        self._lock = threading.Lock()
+        self._active: _Partial | None = None
+        self.completed: tuple[Begin, Path] | None = None
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._restore()
+
+    @property
+    def active(self) -> Begin | None:
+        return self._active.begin if self._active else None
+
+    def begin(self, begin: Begin) -> list[Ack]:
+        """Accept (or resume) a transfer. Returns the acks to publish (one for a superseded transfer too)."""
+        acks: list[Ack] = []
+        with self._lock:
+            try:
+                begin.validate(self.max_bytes)
+            except TransferError as exc:
+                return [self._ack(begin.transfer_id, FAILED, received=0, chunks=begin.chunks, error=str(exc))]
+            done = self.completed
+            if done is not None and done[0].transfer_id == begin.transfer_id and done[0].sha256 == begin.sha256:
+                return [self._ack(begin.transfer_id, COMPLETE, received=begin.chunks, chunks=begin.chunks)]
+            cur = self._active
+            if cur is not None and cur.begin.transfer_id == begin.transfer_id and cur.begin.sha256 == begin.sha256:
+                cur.last_activity = time.monotonic()
+                return [self._progress(cur)]
+            if cur is not None:
+                acks.append(self._ack(cur.begin.transfer_id, SUPERSEDED, received=cur.received,
+                                      chunks=cur.begin.chunks,
+                                      error=f"Superseded by transfer {begin.transfer_id}"))
+                log.info("Transfer %s superseded by %s", cur.begin.transfer_id, begin.transfer_id)
+                self._discard(cur)
+            self._discard_dir(begin.transfer_id)  # stale files of a finished/failed transfer with this id
+            try:
+                self._active = _Partial(self.root / begin.transfer_id, begin)
+            except OSError as exc:
+                self._discard_dir(begin.transfer_id)
+                return [*acks, self._ack(begin.transfer_id, FAILED, received=0, chunks=begin.chunks,
+                                         error=f"Cannot store the transfer: {exc.strerror}")]
+            log.info("Receiving %s %s (%d bytes in %d chunks) as transfer %s", begin.name, begin.version,
+                     begin.size, begin.chunks, begin.transfer_id)
+            return [*acks, self._progress(self._active)]
+
+    def chunk(self, transfer_id: str, index: int, payload: bytes) -> Ack | None:
+        """Store a chunk; returns a progress Ack every ACK_EVERY new chunks, a FAILED Ack on a broken limit."""
+        with self._lock:
+            cur = self._active
+            if cur is None or cur.begin.transfer_id != transfer_id:
+                return None  # unknown transfer: `end` will tell the pusher to begin again
+            b = cur.begin
+            if not 0 <= index < b.chunks:
+                log.warning("Ignoring chunk %d of transfer %s: out of range", index, transfer_id)
+                return None
+            try:
+                data = decode_chunk(payload)
+            except TransferError as exc:
+                log.warning("Ignoring chunk %d of transfer %s: %s", index, transfer_id, exc)
+                return None  # stays missing; the pusher resends it
+            if len(data) != b.chunk_length(index):
+                fail = f"Chunk {index} has {len(data)} bytes, expected {b.chunk_length(index)}"
+                return self._fail(cur, fail)
+            try:
+                new = cur.write(index, data)
+            except OSError as exc:
+                return self._fail(cur, f"Cannot store chunk {index}: {exc.strerror} (disk full?)")
+            if new and cur.received % ACK_EVERY == 0:
+                return self._progress(cur)
+            return None
+
+    def end(self, transfer_id: str) -> Ack:
+        """All sent: report what is missing, or check the archive sha256 and complete the transfer."""
+        with self._lock:
+            done = self.completed
+            if done is not None and done[0].transfer_id == transfer_id:  # a repeated end: answer again
+                return self._ack(transfer_id, COMPLETE, received=done[0].chunks, chunks=done[0].chunks)
+            cur = self._active
+            if cur is None or cur.begin.transfer_id != transfer_id:
+                return self._ack(transfer_id, UNKNOWN, received=0, chunks=0,
+                                 error="No such transfer in progress; send begin again")
+            cur.last_activity = time.monotonic()
+            if cur.received < cur.begin.chunks:
+                return self._progress(cur)
+            digest = cur.digest()
+            if digest != cur.begin.sha256:
+                return self._fail(cur, f"Archive sha256 {digest[:12]}… does not match the pushed "
+                                       f"{cur.begin.sha256[:12]}…; push again")
+            cur.close()
+            archive = cur.root / "archive.edgecv"
+            os.replace(cur.data_path, archive)
+            self.completed = (cur.begin, archive)
+            self._active = None
+            return self._ack(transfer_id, COMPLETE, received=cur.begin.chunks, chunks=cur.begin.chunks)
+
+    def stalled(self, timeout_s: float) -> Ack | None:
+        """A STALLED Ack when the transfer in progress got nothing for `timeout_s` (then the clock restarts)."""
+        with self._lock:
+            cur = self._active
+            if cur is None or time.monotonic() - cur.last_activity < timeout_s:
+                return None
+            cur.last_activity = time.monotonic()
+            ack = self._progress(cur)
+            return Ack(**{**asdict(ack), "state": STALLED,
+                          "error": f"No chunk received for {timeout_s:g} s; partial data kept for resuming"})
+
+    def progress(self) -> float | None:
+        with self._lock:
+            cur = self._active
+            return None if cur is None else cur.received / cur.begin.chunks
+
+    def finish(self, transfer_id: str) -> None:
+        """Delete a completed transfer's files once the updater is done with them."""
+        with self._lock:
+            if self.completed and self.completed[0].transfer_id == transfer_id:
+                self.completed = None
+            if self._active is None or self._active.begin.transfer_id != transfer_id:
+                self._discard_dir(transfer_id)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._active is not None:
+                self._active.close()
+                self._active = None
+
+    # ------------------------------------------------------------------ internals
+    def _fail(self, cur: _Partial, error: str) -> Ack:
+        log.warning("Transfer %s failed: %s", cur.begin.transfer_id, error)
+        self._discard(cur)
+        return self._ack(cur.begin.transfer_id, FAILED, received=0, chunks=cur.begin.chunks, error=error)
+
+    def _progress(self, cur: _Partial) -> Ack:
+        return self._ack(cur.begin.transfer_id, RECEIVING, received=cur.received, chunks=cur.begin.chunks,
+                         missing=to_ranges(cur.missing()))
+
+    def _ack(self, transfer_id: str, state: str, *, received: int, chunks: int,
+             missing: list[list[int]] | None = None, error: str | None = None) -> Ack:
+        return Ack(transfer_id=transfer_id, device=self.device, state=state, received=received, chunks=chunks,
+                   missing=missing or [], error=error, ts=round(time.time(), 3))
+
+    def _discard(self, cur: _Partial) -> None:
+        cur.close()
+        if self._active is cur:
+            self._active = None
+        self._discard_dir(cur.begin.transfer_id)
+
+    def _discard_dir(self, transfer_id: str) -> None:
+        shutil.rmtree(self.root / transfer_id, ignore_errors=True)
+
+    def _restore(self) -> None:
+        """After a restart: resume the newest partial transfer, drop everything else."""
+        partials = []
+        for entry in self.root.iterdir():
+            begin_file = entry / "begin.json"
+            if entry.is_dir() and begin_file.is_file() and (entry / "archive.part").is_file():
+                try:
+                    partials.append((begin_file.stat().st_mtime, Begin.from_payload(begin_file.read_bytes()), entry))
+                    continue
+                except (TransferError, OSError):
+                    pass
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        partials.sort(key=lambda p: p[0], reverse=True)
+        for i, (_mtime, begin, entry) in enumerate(partials):
+            if i == 0 and begin.transfer_id == entry.name:
+                try:
+                    begin.validate(self.max_bytes)
+                    self._active = _Partial(entry, begin)
+                    log.info("Resuming transfer %s (%d of %d chunks on disk)", begin.transfer_id,
+                             self._active.received, begin.chunks)
+                    continue
+                except (TransferError, OSError) as exc:
+                    log.warning("Dropping partial transfer %s: %s", entry.name, exc)
+            shutil.rmtree(entry, ignore_errors=True)
+

@@ -1,0 +1,370 @@
+"""Updater in-process: push messages → verify → self-test → swap, rejections, probation rollback, commands, and
+kill -9 of a child process at random instants of install/activate (the store must always recover a valid model).
+
+The MQTT link is a tiny in-memory fake (a boundary); store, bundles, classifier and runtime are real.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agent.classifier import Classifier
+from agent.commands import CommandHandler
+from agent.config import parse_config
+from agent.contract import topics as T
+from agent.contract.signing import Keyring, generate_private_key, public_key_pem
+from agent.contract.transfer import begin_for, chunk_data, encode_chunk
+from agent.store import ModelStore
+from agent.updater import Probe, Updater, check_compatible, parse_version
+from tests.bundle_factory import make_archive, make_bundle
+
+BRIGHT = np.full((28, 28, 3), 200, np.uint8)
+
+
+class FakeLink:
+    def __init__(self) -> None:
+        self.published: list[tuple[str, bytes, int, bool]] = []
+        self.handlers: list[tuple[str, Any]] = []
+        self.lock = threading.Lock()
+
+    def subscribe(self, filter: str, handler: Any, qos: int = 1) -> None:
+        self.handlers.append((filter, handler))
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
+        with self.lock:
+            self.published.append((topic, payload, qos, retain))
+        return len(self.published)
+
+    def deliver(self, topic: str, payload: bytes) -> None:
+        import paho.mqtt.client as paho
+
+        for flt, handler in self.handlers:
+            if paho.topic_matches_sub(flt, topic):
+                handler(topic, payload)
+
+    def states(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [json.loads(p) for t, p, _q, r in self.published if t.endswith("/model/state") and r]
+
+
+class FakeAgent:
+    """The slice of agent.service.Agent the updater uses."""
+
+    def __init__(self, tmp: Path, keyring_dir: Path | None, **update: Any) -> None:
+        doc: dict[str, Any] = {"device_id": "dev1", "groups": ["lab"], "model": {"store": str(tmp / "store")},
+                               "update": {"probation_s": 2.0, **update}}
+        if keyring_dir is not None:
+            doc["security"] = {"keyring": str(keyring_dir)}
+        self.config = parse_config(doc)
+        self.topics = T.DeviceTopics(self.config.prefix, self.config.device_id)
+        self.store = ModelStore(tmp / "store", keep=3)
+        self.link = FakeLink()
+        self.classifier: Classifier | None = None
+        self.swaps = 0
+
+    def swap_classifier(self, new: Classifier) -> Classifier | None:
+        old, self.classifier = self.classifier, new
+        self.swaps += 1
+        return old
+
+
+@pytest.fixture(scope="module")
+def key():  # type: ignore[no-untyped-def]
+    return generate_private_key()
+
+
+@pytest.fixture
+def device(tmp_path: Path, key):  # type: ignore[no-untyped-def]
+    ring = tmp_path / "keyring"
+    ring.mkdir()
+    (ring / "ws.pub").write_bytes(public_key_pem(key.public_key()))
+    agent = FakeAgent(tmp_path, ring)
+    seed = make_archive(tmp_path / "seed", "1.0", top1=1, key=key)
+    bundle = agent.store.ensure_model(seed, Keyring.from_path(ring))
+    agent.classifier = Classifier.load(bundle)
+    updater = Updater(agent).start()  # type: ignore[arg-type]
+    yield agent, updater
+    updater.stop()
+
+
+def push(agent: FakeAgent, archive: bytes, version: str, *, group: str | None = None, chunk_size: int = 4096,
+         skip: set[int] | None = None) -> str:
+    b = begin_for(archive, "tiny", version, chunk_size=chunk_size)
+    base = f"edgecv/groups/{group}" if group else "edgecv/dev1"
+    agent.link.deliver(f"{base}/model/push/{b.transfer_id}/begin", b.to_payload())
+    for i in range(b.chunks):
+        if skip and i in skip:
+            continue
+        agent.link.deliver(f"{base}/model/push/{b.transfer_id}/chunk/{i}", encode_chunk(chunk_data(archive, b, i)))
+    agent.link.deliver(f"{base}/model/push/{b.transfer_id}/end", b"{}")
+    return b.transfer_id
+
+
+def wait_state(agent: FakeAgent, transfer: str, states: tuple[str, ...], timeout: float = 20) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for s in agent.link.states():
+            if s["transfer"] == transfer and s["state"] in states:
+                return s
+        time.sleep(0.02)
+    raise AssertionError(f"no state {states} for {transfer}: {agent.link.states()}")
+
+
+def acks(agent: FakeAgent, transfer: str) -> list[dict[str, Any]]:
+    return [json.loads(p) for t, p, _q, _r in agent.link.published if t == f"edgecv/dev1/model/push/{transfer}/ack"]
+
+
+def test_push_activates_and_swaps(device, tmp_path: Path, key) -> None:  # type: ignore[no-untyped-def]
+    import weakref
+
+    agent, _ = device
+    old = weakref.ref(agent.classifier)
+    archive = make_archive(tmp_path / "b", "2.0", top1=2, key=key).read_bytes()
+    tid = push(agent, archive, "2.0")
+    state = wait_state(agent, tid, ("active", "rejected"))
+    assert state["state"] == "active" and state["version"] == "2.0", state
+    assert [s["state"] for s in agent.link.states() if s["transfer"] == tid][:2] == ["receiving", "verifying"]
+    assert agent.classifier.version == "2.0"
+    assert agent.store.current().manifest.version == "2.0"
+    assert agent.store.previous().manifest.version == "1.0"
+    assert acks(agent, tid)[-1]["state"] == "complete"
+    assert agent.classifier.classify(BRIGHT).top[0]["index"] == 2
+    assert old() is None  # the replaced runtime was released (no reference kept by the updater)
+
+
+def test_group_push_and_resume_of_missing_chunks(device, tmp_path: Path, key) -> None:  # type: ignore[no-untyped-def]
+    agent, _ = device
+    archive = make_archive(tmp_path / "b", "2.1", top1=3, key=key, pad_bytes=20000).read_bytes()
+    tid = push(agent, archive, "2.1", group="lab", skip={1, 2, 4})
+    ack = acks(agent, tid)[-1]
+    assert ack["state"] == "receiving" and ack["missing"] == [[1, 2], [4, 4]]
+    b = begin_for(archive, "tiny", "2.1", chunk_size=4096)
+    for i in (1, 2, 4):
+        agent.link.deliver(f"edgecv/groups/lab/model/push/{tid}/chunk/{i}", encode_chunk(chunk_data(archive, b, i)))
+    agent.link.deliver(f"edgecv/groups/lab/model/push/{tid}/end", b"{}")
+    assert wait_state(agent, tid, ("active", "rejected"))["state"] == "active"
+
+
+@pytest.mark.parametrize("case", ["unsigned", "wrong_key", "tampered", "truncated", "traversal", "oversized",
+                                  "selftest_fails", "newer_agent"])
+def test_bad_pushes_are_rejected_and_old_model_keeps_serving(device, tmp_path: Path, key,  # type: ignore[no-untyped-def]
+                                                              case: str) -> None:
+    import io
+    import tarfile
+
+    agent, _ = device
+    before = agent.classifier
+    if case == "unsigned":
+        data = make_archive(tmp_path, "3.0").read_bytes()
+    elif case == "wrong_key":
+        data = make_archive(tmp_path, "3.0", key=generate_private_key()).read_bytes()
+    elif case == "tampered":
+        src = make_bundle(tmp_path / "t", "3.0", key=key)
+        model = bytearray((src / "model.fp32.onnx").read_bytes())
+        model[-10] ^= 0xFF
+        (src / "model.fp32.onnx").write_bytes(bytes(model))
+        from agent.contract.bundle import pack_bundle
+
+        data = pack_bundle(src, tmp_path / "t.edgecv").read_bytes()
+    elif case == "truncated":
+        data = make_archive(tmp_path, "3.0", key=key).read_bytes()[:1500]
+    elif case == "traversal":
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            info = tarfile.TarInfo("../../evil.txt")
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"evil"))
+        data = buf.getvalue()
+    elif case == "oversized":
+        data = os.urandom(agent.config.update.max_bundle_bytes + 1)
+    elif case == "selftest_fails":
+        src = make_bundle(tmp_path / "s", "3.0", top1=4)
+        # claim the self-test frames give class 5 while the model gives 4, then sign the manifest
+        manifest = json.loads((src / "manifest.json").read_text())
+        manifest["selftest"]["expected_top1"] = [5, 5, 5, 5]
+        from agent.contract.bundle import Manifest, pack_bundle, sign_bundle, write_manifest
+
+        write_manifest(src, Manifest.from_dict(manifest))
+        sign_bundle(src, key)
+        data = pack_bundle(src, tmp_path / "s.edgecv").read_bytes()
+    else:
+        data = make_archive(tmp_path, "3.0", key=key, min_agent_version="99.0").read_bytes()
+    tid = push(agent, data, "3.0")
+    state = wait_state(agent, tid, ("active", "rejected"))
+    assert state["state"] == "rejected" and state["error"], state
+    assert agent.classifier is before and agent.store.current().manifest.version == "1.0"
+    assert [v.version for v in agent.store.history()] == ["1.0"]  # nothing refused is left installed
+    assert agent.classifier.classify(BRIGHT).top[0]["index"] == 1
+    assert not (tmp_path / "evil.txt").exists()
+
+
+def test_model_failing_at_run_time_is_rolled_back(device, tmp_path: Path, key) -> None:  # type: ignore[no-untyped-def]
+    agent, _ = device
+    data = make_archive(tmp_path, "4.0", top1=6, key=key, fail_on_bright=True).read_bytes()
+    tid = push(agent, data, "4.0")
+    assert wait_state(agent, tid, ("active", "rejected"))["state"] == "active"  # self-test (dark frames) passed
+    failures = 0
+    for _ in range(5):  # the camera loop: bright frames make the new model raise
+        clf = agent.classifier
+        try:
+            clf.classify(BRIGHT)
+        except Exception:
+            failures += 1
+    assert failures >= 3
+    state = wait_state(agent, tid, ("rolled_back",), timeout=5)
+    assert state["version"] == "1.0" and "inference errors" in state["error"]
+    assert agent.classifier.version == "1.0" and agent.store.current().manifest.version == "1.0"
+    assert agent.classifier.classify(BRIGHT).top[0]["index"] == 1
+
+
+def test_probe_latency_verdict() -> None:
+    probe = Probe(baseline_ms=1.0)
+    probe.infer_ms = [2.0] * 10
+    assert probe.verdict() is None
+    probe.infer_ms = [9.0] * 10  # > 3 * 1 + 5
+    assert "exceeds" in (probe.verdict() or "")
+
+
+def test_version_checks(tmp_path: Path) -> None:
+    assert parse_version("1.2.3rc1") == (1, 2, 3) and parse_version("0.10") > parse_version("0.9")
+    from agent.contract.bundle import load_bundle
+
+    check_compatible(load_bundle(make_bundle(tmp_path / "ok", "1.0")))
+    with pytest.raises(Exception, match=r"needs agent 99\.0"):
+        check_compatible(load_bundle(make_bundle(tmp_path / "new", "1.0", min_agent_version="99.0")))
+
+
+def test_commands_ping_reload_rollback_snapshot(device, tmp_path: Path, key) -> None:  # type: ignore[no-untyped-def]
+    agent, updater = device
+    handler = CommandHandler(agent, updater).start()  # type: ignore[arg-type]
+    try:
+        tid = push(agent, make_archive(tmp_path, "5.0", top1=5, key=key).read_bytes(), "5.0")
+        wait_state(agent, tid, ("active",))
+
+        def call(name: str, **body: Any) -> dict[str, Any]:
+            rid = f"r-{name}-{random.random()}"
+            agent.link.deliver(f"edgecv/dev1/cmd/{name}", json.dumps({"id": rid, **body}).encode())
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                for t, p, _q, _r in list(agent.link.published):
+                    if t == f"edgecv/dev1/cmd/{name}/result" and json.loads(p)["id"] == rid:
+                        return json.loads(p)  # type: ignore[no-any-return]
+                time.sleep(0.02)
+            raise AssertionError(f"no result for {name}")
+
+        ping = call("ping")
+        assert ping["ok"] and ping["model"]["version"] == "5.0" and ping["agent_version"]
+        assert call("rollback")["model"]["version"] == "1.0"
+        assert agent.classifier.version == "1.0"
+        assert call("rollback", to="5.0")["model"]["version"] == "5.0"
+        swaps = agent.swaps
+        assert call("reload")["ok"] and agent.swaps == swaps + 1
+        bad = call("rollback", to="9.9")
+        assert not bad["ok"] and "No installed model matches" in bad["error"]
+        assert not call("snapshot")["ok"]  # no frame yet
+        agent.last_frame = BRIGHT  # type: ignore[attr-defined]
+        snap = call("snapshot")
+        assert snap["ok"] and snap["width"] == 28
+        import base64
+
+        import cv2
+
+        img = cv2.imdecode(np.frombuffer(base64.b64decode(snap["jpeg"]), np.uint8), cv2.IMREAD_COLOR)
+        assert img is not None and img.shape == (28, 28, 3)
+    finally:
+        handler.stop()
+
+
+# --------------------------------------------------------------------------- kill -9 at random instants
+def _receive_verify_activate(root: str, archives: str, ring: str, rounds: int) -> None:
+    """What the updater does for each push, minus MQTT: receive chunks to disk, install (verify), self-test in a
+    fresh runtime, activate."""
+    from agent.classifier import run_selftest
+    from agent.contract.transfer import Receiver
+
+    store = ModelStore(root, keep=2)
+    keyring = Keyring.from_path(Path(ring))
+    receiver = Receiver(store.transfers_dir(), "dev")
+    for n in range(rounds):
+        for a in archives.split(","):
+            data = Path(a).read_bytes()
+            b = begin_for(data, "tiny", "x", chunk_size=16 * 1024, transfer_id=f"t{n}-{Path(a).stem}")
+            receiver.begin(b)
+            for i in range(b.chunks):
+                receiver.chunk(b.transfer_id, i, encode_chunk(chunk_data(data, b, i)))
+            receiver.end(b.transfer_id)
+            assert receiver.completed is not None
+            bundle = store.install(receiver.completed[1], keyring)
+            run_selftest(Classifier.load(bundle)).raise_for_failure()
+            store.activate(bundle)
+            receiver.finish(b.transfer_id)
+
+
+def test_kill_during_receive_verify_activate_always_recovers(tmp_path: Path, key) -> None:
+    ring = tmp_path / "ring"
+    ring.mkdir()
+    (ring / "k.pub").write_bytes(public_key_pem(key.public_key()))
+    archives = [str(make_archive(tmp_path / "a", v, top1=i, key=key, pad_bytes=200_000))
+                for i, v in enumerate(("1.0", "2.0", "3.0"))]
+    root = tmp_path / "store"
+    ModelStore(root).ensure_model(archives[0], Keyring.from_path(ring))
+    # forkserver: children fork from a clean single-threaded server, not from this (threaded) test process
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["tests.agent.test_updater", "agent.classifier", "agent.store"])
+    rng = random.Random(1234)
+    versions = set()
+    partials = 0
+    for _ in range(24):
+        proc = ctx.Process(target=_receive_verify_activate, args=(str(root), ",".join(archives), str(ring), 50))
+        proc.start()
+        time.sleep(rng.uniform(0.005, 0.2))
+        os.kill(proc.pid or 0, signal.SIGKILL)
+        proc.join()
+        store = ModelStore(root, keep=2)
+        bundle = store.ensure_model(archives[0], Keyring.from_path(ring))
+        clf = Classifier.load(bundle)  # a valid, runnable model every time
+        assert clf.classify(BRIGHT).top[0]["index"] == ("1.0", "2.0", "3.0").index(bundle.manifest.version)
+        versions.add(bundle.manifest.version)
+        assert not any((root / "staging").iterdir())
+        from agent.contract.transfer import Receiver
+
+        rx = Receiver(store.transfers_dir(), "dev")  # a partial transfer left by the kill is resumable
+        partials += rx.active is not None
+        rx.close()
+    assert len(versions) >= 2 and partials >= 1  # the kills landed in different phases
+
+
+def test_rollout_plan_stages() -> None:
+    from tools.fleet.rollout import RolloutPlan
+
+    devices = [f"d{i}" for i in range(10)]
+    assert RolloutPlan(canary=2, batch_size=3).stages(devices) == [["d0", "d1"], ["d2", "d3", "d4"],
+                                                                    ["d5", "d6", "d7"], ["d8", "d9"]]
+    assert RolloutPlan().stages(devices) == [devices]
+    assert RolloutPlan(canary=1).stages(devices) == [["d0"], devices[1:]]
+
+
+def test_begin_for_a_finished_transfer_repeats_its_outcome(device, tmp_path: Path, key) -> None:  # type: ignore[no-untyped-def]
+    agent, updater = device
+    archive = make_archive(tmp_path, "7.0", top1=7, key=key).read_bytes()
+    tid = push(agent, archive, "7.0")
+    wait_state(agent, tid, ("active",))
+    n = len(agent.link.published)
+    b = begin_for(archive, "tiny", "7.0", chunk_size=4096)
+    agent.link.deliver(f"edgecv/dev1/model/push/{tid}/begin", b.to_payload())  # a pusher that missed the result
+    new = agent.link.published[n:]
+    assert [json.loads(p)["state"] for t, p, _q, _r in new if t.endswith("/ack")] == ["complete"]
+    repeated = [(json.loads(p), r) for t, p, _q, r in new if t.endswith("/model/state")]
+    assert [(d["state"], d["transfer"], r) for d, r in repeated] == [("active", tid, False)]
+    assert updater.receiver.active is None  # nothing is received again

@@ -1,0 +1,110 @@
+"""The fleet as the broker sees it: retained status (and model state) plus recent health, per device.
+
+`discover()` subscribes to `<p>/+/status`, `<p>/+/model/state` and `<p>/+/health`, collects for a short while and
+returns one `DeviceInfo` per device. Retained messages arrive at once; health is not retained, so listening
+longer (`wait`) fills in fps and latency.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.contract import topics as T
+from tools.fleet.mqtt_client import ClientOptions, MqttClient, Received
+
+
+@dataclass
+class DeviceInfo:
+    device: str
+    state: str = "unknown"  # online | offline | stopped
+    agent_version: str | None = None
+    model: str | None = None  # "name version"
+    model_version: str | None = None
+    model_state: str | None = None
+    groups: tuple[str, ...] = ()
+    last_seen: float | None = None  # epoch seconds of the newest message from it
+    fps: float | None = None
+    latency_p50_ms: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def row(self, now: float | None = None) -> list[str]:
+        now = now or time.time()
+        seen = "-" if self.last_seen is None else _ago(now - self.last_seen)
+        return [self.device, self.state, self.model_version or "-", self.model_state or "-", seen,
+                "-" if self.fps is None else f"{self.fps:.1f}",
+                "-" if self.latency_p50_ms is None else f"{self.latency_p50_ms:.1f}",
+                ",".join(self.groups) or "-"]
+
+
+HEADERS = ["DEVICE", "STATE", "MODEL", "MODEL STATE", "LAST SEEN", "FPS", "P50 MS", "GROUPS"]
+
+
+def discover(options: ClientOptions, prefix: str = T.DEFAULT_PREFIX, wait: float = 1.0) -> dict[str, DeviceInfo]:
+    """Collect device information for `wait` seconds (retained status arrives immediately)."""
+    infos: dict[str, DeviceInfo] = {}
+    with MqttClient(options) as client:
+        for kind in ("status", "model/state", "health"):
+            client.subscribe(T.fleet_filter(prefix, kind), qos=1 if kind != "health" else 0)
+        for msg in client.iter_messages(timeout=wait):
+            update(infos, prefix, msg)
+    return infos
+
+
+def update(infos: dict[str, DeviceInfo], prefix: str, msg: Received) -> None:
+    parsed = T.parse_device_topic(prefix, msg.topic)
+    if parsed is None:
+        return
+    device, kind = parsed
+    try:
+        doc = msg.json()
+    except ValueError:
+        return
+    info = infos.setdefault(device, DeviceInfo(device))
+    ts = doc.get("ts")
+    if isinstance(ts, int | float):
+        info.last_seen = max(info.last_seen or 0.0, float(ts))
+    if kind == "status":
+        info.state = str(doc.get("state", "unknown"))
+        info.agent_version = doc.get("agent_version")
+        model = doc.get("model") or {}
+        if isinstance(model, dict) and model:
+            info.model_version = model.get("version")
+            info.model = f"{model.get('name')} {model.get('version')}"
+        groups = doc.get("groups") or ()
+        info.groups = tuple(str(g) for g in groups) if isinstance(groups, list | tuple) else ()
+    elif kind == "model/state":
+        info.model_state = doc.get("state")
+        if doc.get("state") == "active" and doc.get("version"):
+            info.model_version = info.model_version or doc.get("version")
+    elif kind == "health":
+        fps = doc.get("fps")
+        info.fps = float(fps) if isinstance(fps, int | float) else info.fps
+        lat = doc.get("latency_ms")
+        if isinstance(lat, dict):
+            p50 = lat.get("p50", lat.get("total_p50"))
+            if isinstance(p50, int | float):
+                info.latency_p50_ms = float(p50)
+        elif isinstance(lat, int | float):
+            info.latency_p50_ms = float(lat)
+
+
+def group_members(infos: dict[str, DeviceInfo], group: str, online_only: bool = True) -> list[str]:
+    """Devices whose retained status lists `group` (online ones only, unless told otherwise)."""
+    return sorted(d for d, i in infos.items() if group in i.groups and (i.state == T.STATUS_ONLINE or not online_only))
+
+
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=False)).rstrip() for r in [headers, *rows]]
+    return "\n".join(lines)
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f}s ago"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"

@@ -1,0 +1,312 @@
+"""Workstation side of the push protocol (agent/contract/transfer.py): send one bundle archive to devices or a
+group, resend what acks report missing, survive broker disconnects, and collect each device's final state.
+
+One `Pusher.push()` call is one transfer: begin → chunks → end, then rounds of "resend missing, end again" until
+every target reported `complete`, after which it waits for each device's final `model/state` for this transfer
+(`active`, `rejected` or `rolled_back`). If the connection drops, it reconnects, asks every unfinished device
+where it is (by re-sending `begin`: same transfer id = resume) and resends only the missing chunks.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.contract import topics as T
+from agent.contract.transfer import (
+    COMPLETE,
+    DEFAULT_CHUNK_SIZE,
+    FAILED,
+    RECEIVING,
+    STALLED,
+    SUPERSEDED,
+    UNKNOWN,
+    Ack,
+    Begin,
+    begin_for,
+    chunk_data,
+    encode_chunk,
+)
+from tools.errors import FleetError
+from tools.fleet.mqtt_client import ClientOptions, MqttClient, Received
+
+log = logging.getLogger(__name__)
+
+FINAL_STATES = ("active", "rejected", "rolled_back")
+RESEND_AFTER_S = 3.0  # no ack for this long after `end`: ask again
+WINDOW = 64  # chunks published ahead of their PUBACKs
+REASK_S = 5.0  # a device complete but without a final state for this long is asked again (it may have restarted)
+
+
+@dataclass
+class DeviceResult:
+    """Outcome of a push for one device: state is active/rejected/rolled_back/failed/timeout."""
+
+    device: str
+    state: str = "pending"
+    version: str | None = None
+    error: str | None = None
+    seconds: float = 0.0
+    received: int = 0
+    chunks: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "active"
+
+
+@dataclass
+class _Track:
+    result: DeviceResult
+    ack: Ack | None = None
+    acked: bool = False       # answered the current begin/end round
+    complete: bool = False
+    final: bool = False
+    missing: set[int] = field(default_factory=set)
+    complete_at: float = 0.0
+
+
+def read_archive(path: Path, workdir: Path | None = None) -> tuple[bytes, str, str]:
+    """(archive bytes, name, version) of a `.edgecv` file, or of a bundle directory packed on the fly."""
+    import tempfile
+
+    from agent.contract.bundle import load_bundle, open_bundle, pack_bundle
+
+    path = Path(path)
+    if not path.exists():
+        raise FleetError(f"Bundle {path} does not exist; build one with 'edgecv bundle' or 'edgecv optimize'")
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        if path.is_dir():
+            manifest = load_bundle(path).manifest
+            data = pack_bundle(path, Path(tmp) / "bundle.edgecv").read_bytes()
+        else:
+            manifest = open_bundle(path, Path(tmp) / "x").manifest
+            data = path.read_bytes()
+    return data, manifest.name, manifest.version
+
+
+class Pusher:
+    """Push one archive. `progress(sent_bytes)` is called as chunks are acknowledged by the broker."""
+
+    def __init__(self, options: ClientOptions, archive: bytes, name: str, version: str, *,
+                 prefix: str = T.DEFAULT_PREFIX, chunk_size: int = DEFAULT_CHUNK_SIZE, timeout: float = 120.0,
+                 transfer_id: str | None = None, progress: Callable[[int], None] | None = None) -> None:
+        self.options = options
+        self.archive = archive
+        self.prefix = prefix
+        tid = transfer_id or f"{begin_for(archive, name, version, chunk_size).sha256[:12]}-{uuid.uuid4().hex[:6]}"
+        self.begin: Begin = begin_for(archive, name, version, chunk_size, transfer_id=tid)
+        self.timeout = timeout
+        self.progress = progress
+        self.reconnects = 0
+        self.chunks_sent = 0
+        self._events: queue.Queue[Received] = queue.Queue()
+        self._client: MqttClient | None = None
+        self._tracks: dict[str, _Track] = {}
+        self._t0 = time.monotonic()
+
+    @property
+    def transfer_id(self) -> str:
+        return self.begin.transfer_id
+
+    def push(self, devices: Sequence[str], group: str | None = None) -> list[DeviceResult]:
+        """Send to `devices` (on their own topics), or to `group` (one copy on the group topic) expecting acks
+        from `devices`. Returns one result per device, in the given order."""
+        if not devices:
+            raise FleetError("No target devices: name them with --device, or check the group has online members")
+        self._t0 = time.monotonic()
+        deadline = self._t0 + self.timeout
+        self._tracks = {d: _Track(DeviceResult(d, chunks=self.begin.chunks)) for d in devices}
+        try:
+            self._connect(deadline)
+            self._run(group, deadline)
+        finally:
+            if self._client is not None:
+                self._client.close()
+        for t in self._tracks.values():
+            if not t.final:
+                t.result.state = "timeout"
+                t.result.error = t.result.error or (
+                    f"No final model state within {self.timeout:g} s (device received {t.result.received}/"
+                    f"{t.result.chunks} chunks{', transfer complete' if t.complete else ''}); is it online?")
+                t.result.seconds = round(time.monotonic() - self._t0, 2)
+        return [self._tracks[d].result for d in devices]
+
+    # ------------------------------------------------------------------ connection
+    def _connect(self, deadline: float) -> None:
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            client = MqttClient(self.options)
+            try:
+                client.connect(timeout=min(10.0, max(0.5, deadline - time.monotonic())))
+                for flt in (f"{self.prefix}/+/model/push/{self.transfer_id}/ack", T.fleet_filter(self.prefix,
+                                                                                                  "model/state")):
+                    client.subscribe(flt, callback=self._events.put)
+                self._client = client
+                return
+            except FleetError as exc:
+                client.close()
+                last = exc
+                time.sleep(0.5)
+        raise FleetError(f"Could not (re)connect to the broker before the push timeout: {last}")
+
+    def _connected(self) -> bool:
+        return self._client is not None and self._client.connected
+
+    def _reconnect(self, deadline: float) -> None:
+        self.reconnects += 1
+        log.warning("Lost the broker connection; reconnecting to resume transfer %s", self.transfer_id)
+        if self._client is not None:
+            self._client.close()
+        self._client = None
+        self._connect(deadline)
+
+    def _topic(self, device: str | None, group: str | None, part: str) -> str:
+        if group is not None:
+            return T.group_push(self.prefix, group, self.transfer_id, part)
+        assert device is not None
+        return T.DeviceTopics(self.prefix, device).push(self.transfer_id, part)
+
+    def _publish(self, topics: Sequence[str], payload: bytes) -> list[Any]:
+        assert self._client is not None
+        return [self._client.paho.publish(t, payload, qos=1) for t in topics]
+
+    # ------------------------------------------------------------------ protocol
+    def _run(self, group: str | None, deadline: float) -> None:
+        begin_payload = self.begin.to_payload()
+        need_begin = True
+        send: set[int] = set()
+        while time.monotonic() < deadline:
+            if all(t.final for t in self._tracks.values()):
+                return
+            if not self._connected():
+                self._reconnect(deadline)
+                need_begin = True
+            for t in self._tracks.values():
+                if t.complete and not t.final and time.monotonic() - t.complete_at > REASK_S:
+                    # still no final state: ask again; a device still verifying answers `complete`, one that
+                    # restarted and lost the finished transfer answers with everything missing (sent again)
+                    t.complete = False
+                    need_begin = True
+            open_ = [t for t in self._tracks.values() if not t.complete and not t.final]
+            if not open_:
+                self._drain(timeout=0.2)  # everything delivered: wait for the final model states
+                continue
+            try:
+                if need_begin:
+                    self._round(open_, group, "begin", begin_payload, deadline, wait=1.0)
+                    if not any(t.acked for t in open_):
+                        continue  # nobody answered yet: ask again
+                    need_begin = False
+                    send |= {i for t in open_ if t.acked and not t.complete for i in t.missing}
+                    open_ = [t for t in open_ if not t.complete and not t.final]
+                if send and open_:
+                    self._send_chunks(sorted(send), open_, group, deadline)
+                send = set()
+                if not open_:
+                    continue
+                self._round(open_, group, "end", b"{}", deadline, wait=RESEND_AFTER_S)
+                for t in open_:
+                    if t.complete or t.final:
+                        continue
+                    if not t.acked or (t.ack is not None and t.ack.state == UNKNOWN):
+                        need_begin = True  # silent or lost device: ask where it is (resume) next round
+                    else:
+                        send |= t.missing
+            except (RuntimeError, ValueError, FleetError) as exc:  # paho raises when the link dropped mid-way
+                log.debug("Publish failed (%s); will reconnect", exc)
+                time.sleep(0.2)
+
+    def _targets(self, open_: list[_Track], group: str | None, part: str) -> list[str]:
+        if group is not None:
+            return [self._topic(None, group, part)]
+        return [self._topic(t.result.device, None, part) for t in open_]
+
+    def _round(self, open_: list[_Track], group: str | None, part: str, payload: bytes, deadline: float,
+               wait: float) -> None:
+        """Publish begin/end and collect the acks it triggers."""
+        for t in open_:
+            t.acked = False
+        self._publish(self._targets(open_, group, part), payload)
+        until = min(deadline, time.monotonic() + wait)
+        while time.monotonic() < until and not all(t.acked or t.final for t in open_):
+            self._drain(timeout=min(0.1, max(0.0, until - time.monotonic())))
+            if not self._connected():
+                return
+
+    def _send_chunks(self, indices: list[int], open_: list[_Track], group: str | None, deadline: float) -> None:
+        pending: list[tuple[int, list[Any]]] = []
+        for n, index in enumerate(indices):
+            payload = encode_chunk(chunk_data(self.archive, self.begin, index))
+            pending.append((index, self._publish(self._targets(open_, group, f"chunk/{index}"), payload)))
+            while len(pending) > WINDOW or (n == len(indices) - 1 and pending):
+                idx, infos = pending.pop(0)
+                for info in infos:
+                    while not info.is_published():
+                        if not self._connected() or time.monotonic() > deadline:
+                            raise FleetError("Connection lost while sending chunks")
+                        info.wait_for_publish(0.2)
+                self.chunks_sent += 1
+                if self.progress is not None:
+                    self.progress(len(chunk_data(self.archive, self.begin, idx)) * len(infos))
+            self._drain(timeout=0)
+
+    def _drain(self, timeout: float) -> None:
+        """Apply queued acks and model states to the devices' tracks."""
+        try:
+            msg = self._events.get(timeout=timeout) if timeout > 0 else self._events.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._apply(msg)
+            try:
+                msg = self._events.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, msg: Received) -> None:
+        parsed = T.parse_device_topic(self.prefix, msg.topic)
+        if parsed is None or parsed[0] not in self._tracks:
+            return
+        t = self._tracks[parsed[0]]
+        try:
+            doc = msg.json()
+        except ValueError:
+            return
+        if parsed[1] == "model/state":
+            if doc.get("transfer") != self.transfer_id or doc.get("state") not in FINAL_STATES or t.final:
+                return
+            t.final = t.complete = t.acked = True
+            t.result.state, t.result.version, t.result.error = doc["state"], doc.get("version"), doc.get("error")
+            t.result.received = t.result.chunks
+            t.result.seconds = round(time.monotonic() - self._t0, 2)
+            return
+        try:
+            ack = Ack.from_payload(msg.payload)
+        except ValueError:
+            return
+        t.ack, t.acked = ack, True
+        if ack.state == COMPLETE:
+            t.complete, t.missing, t.result.received = True, set(), ack.chunks
+            t.complete_at = time.monotonic()
+        elif ack.state in (RECEIVING, STALLED):
+            t.missing, t.result.received = set(ack.missing_indices()), ack.received
+        elif ack.state in (FAILED, SUPERSEDED):
+            t.final = t.complete = True
+            t.result.state, t.result.error = "failed", ack.error
+            t.result.seconds = round(time.monotonic() - self._t0, 2)
+
+
+def push_to(options: ClientOptions, archive: bytes, name: str, version: str, devices: Sequence[str], *,
+            group: str | None = None, prefix: str = T.DEFAULT_PREFIX, chunk_size: int = DEFAULT_CHUNK_SIZE,
+            timeout: float = 120.0, progress: Callable[[int], None] | None = None) -> list[DeviceResult]:
+    """Convenience wrapper: one transfer to `devices` (or `group`)."""
+    pusher = Pusher(options, archive, name, version, prefix=prefix, chunk_size=chunk_size, timeout=timeout,
+                    progress=progress)
+    return pusher.push(devices, group=group)
