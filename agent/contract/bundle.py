@@ -308,7 +308,7 @@ def pack_bundle(root: Path, out: Path) -> Path:
     tmp = out.with_name(out.name + ".part")
     import gzip
 
-    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, compresslevel=9) as gz, \
+    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0, compresslevel=9) as gz, \
             tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name in names:
             data = (root / name).read_bytes()

@@ -1,0 +1,73 @@
+"""`edgecv optimize`: data → train → prune → int8 ONNX + int8 TFLite → verified, signed bundle → report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "optimize", help="the whole chain in one command: train, prune, int8-quantize, bundle, report",
+        description="Train a small CNN, prune it, export int8 ONNX and int8 TFLite, check each in its runtime on "
+                    "the test set, write a (signed) bundle directory and .edgecv archive, and a report with plots.")
+    p.add_argument("--data", required=True, help="'fashion-mnist' or an image folder laid out as <root>/<class>/*")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output folder: <name>/ (bundle), <name>.edgecv, <name>-report/")
+    p.add_argument("--work", type=Path, help="folder for checkpoints and fp32 ONNX (default <out>/work)")
+    p.add_argument("--name", help="bundle name (default: 'fashion-mnist' or the data folder's name)")
+    p.add_argument("--version", default="1.0.0", help="bundle version (default 1.0.0)")
+    p.add_argument("--description", default="", help="free text stored in the manifest")
+    p.add_argument("--epochs", type=int, default=8, help="training epochs (default 8; early stopping on val acc)")
+    p.add_argument("--finetune-epochs", type=int, default=2,
+                   help="fine-tune epochs after pruning; magnitude pruning is gradual over this many steps "
+                        "(default 2)")
+    p.add_argument("--sparsity", type=float, default=0.5,
+                   help="fraction of weights set to zero by global magnitude pruning (default 0.5; 0 = off)")
+    p.add_argument("--structured", type=float, default=0.0, metavar="RATIO",
+                   help="fraction of conv filters / dense units removed by channel pruning (default 0 = off)")
+    p.add_argument("--calib", type=int, default=200, help="calibration images for int8 (default 200)")
+    p.add_argument("--method", default="minmax", choices=("minmax", "entropy", "percentile"),
+                   help="activation calibration for int8 ONNX (default minmax)")
+    p.add_argument("--max-drop", type=float, default=0.005,
+                   help="accuracy drop vs fp32 the int8 ONNX may lose on the validation set before layers are "
+                        "kept float (default 0.005 = half a point; negative = plain quantization)")
+    p.add_argument("--seed", type=int, default=0, help="seed for splits, initial weights and shuffling")
+    p.add_argument("--limit", type=int, help="use at most N training and N test images (quick runs)")
+    p.add_argument("--size", help="image size HxW for folder data (default: the most common size)")
+    p.add_argument("--color", choices=("rgb", "gray"), help="colour for folder data (default rgb)")
+    p.add_argument("--key", type=Path, help="Ed25519 private key: sign the bundle (see 'edgecv keys generate')")
+    p.add_argument("--include-fp32", action="store_true", help="also ship model.fp32.onnx in the bundle")
+    p.add_argument("--latency-runs", type=int, default=500, help="timed single-image runs per artifact")
+    p.add_argument("--threads", type=int, help="torch threads for training (default: torch's choice)")
+    p.set_defaults(handler=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    from tools.pipeline import OptimizeConfig, run_pipeline
+
+    cfg = OptimizeConfig(
+        data=args.data, out=args.out, work=args.work, name=args.name, version=args.version,
+        description=args.description, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
+        sparsity=args.sparsity, structured=args.structured, calib=args.calib, method=args.method,
+        max_drop=None if args.max_drop < 0 else args.max_drop, seed=args.seed, limit=args.limit, size=args.size,
+        color=args.color, key=args.key, include_fp32=args.include_fp32, latency_runs=args.latency_runs,
+        threads=args.threads, progress=sys.stderr.isatty())
+    result = run_pipeline(cfg, say=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(result.report["markdown"].read_text().split("## Data flow")[0].rstrip())
+    print()
+    width = max(len(s.stage) for s in result.record.stages)
+    print(f"{'stage':<{width}}  {'runtime':<11}  {'accuracy':>8}  {'size':>10}  {'gzip':>10}  {'latency':>9}")
+    from tools.report import human_bytes
+
+    for s in result.record.stages:
+        lat = f"{s.latency_ms * 1000:.1f} µs" if s.latency_ms is not None else "–"
+        print(f"{s.stage:<{width}}  {s.runtime:<11}  {s.accuracy or 0:>8.4f}  {human_bytes(s.bytes):>10}  "
+              f"{human_bytes(s.gzip_bytes):>10}  {lat:>9}")
+    print()
+    print(f"bundle:  {result.bundle_dir}")
+    print(f"archive: {result.archive}")
+    print(f"report:  {result.report['markdown']}")
+    return 0
