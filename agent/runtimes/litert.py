@@ -97,6 +97,23 @@ class InputQuantizer:
         return q.astype(self.dtype)
 
 
+class OutputDequantizer:
+    """`dequantize` for 8-bit per-tensor outputs as one table look-up (256 entries), else the general path."""
+
+    def __init__(self, dtype: Any, scales: np.ndarray, zero_points: np.ndarray, axis: int) -> None:
+        self.params = (scales, zero_points, axis)
+        self.table: np.ndarray | None = None
+        dt = np.dtype(dtype)
+        if dt.itemsize == 1 and scales.size == 1:
+            codes = np.arange(256, dtype=np.uint8).view(dt)
+            self.table = dequantize(codes, scales, zero_points)
+
+    def __call__(self, q: np.ndarray) -> np.ndarray:
+        if self.table is not None:
+            return self.table[q.view(np.uint8)]
+        return dequantize(q, *self.params)
+
+
 class LiteRtEngine:
     """One LiteRT interpreter (not thread-safe itself: calls are serialized by a lock)."""
 
@@ -135,6 +152,8 @@ class LiteRtEngine:
         self._batch = int(self._in["shape"][0])
         self._quantize = (InputQuantizer(self._in_dtype, *self._in_quant, ndim=len(self._in["shape"]))
                           if self._in_quant is not None else None)
+        self._dequantize = (OutputDequantizer(self._out_dtype, *self._out_quant)
+                            if self._out_quant is not None else None)
         self._lock = threading.Lock()
         try:
             from ai_edge_litert import __version__ as version  # type: ignore[attr-defined]
@@ -175,8 +194,8 @@ class LiteRtEngine:
             out = self._interp.get_tensor(self._out["index"])
         except Exception as exc:
             raise InferenceError(f"LiteRT failed on {self.path.name} with input {feed.shape}: {exc}") from exc
-        if self._out_quant is not None:
-            out = dequantize(out, *self._out_quant)
+        if self._dequantize is not None:
+            out = self._dequantize(out)
         return np.asarray(out, dtype=np.float32).reshape(batch.shape[0], -1)
 
     def describe(self) -> dict[str, Any]:

@@ -148,3 +148,15 @@ def test_benchmark_measures_every_artifact_side_by_side(tiny_bundle: Bundle) -> 
     assert table.splitlines()[0].split()[:3] == ["runtime", "artifact", "thr"] and "model.int8.tflite" in table
     only_ort = benchmark_bundle(tiny_bundle, runtimes=["onnxruntime"], threads=(1,), runs=5)
     assert {r.runtime for r in only_ort} == {"onnxruntime"} and len(only_ort) == 2
+
+
+@pytest.mark.parametrize("dtype,zero", [(np.int8, -20), (np.uint8, 128)])
+def test_output_dequantizer_table_matches_the_formula_for_every_code(dtype: type, zero: int) -> None:
+    from agent.runtimes.litert import OutputDequantizer, dequantize
+
+    info = np.iinfo(dtype)
+    codes = np.arange(info.min, info.max + 1).astype(dtype).reshape(1, -1)
+    scales, zeros = np.asarray([0.10669], np.float32), np.asarray([zero], np.int64)
+    table = OutputDequantizer(dtype, scales, zeros, 0)
+    assert table.table is not None  # 8-bit per-tensor: the look-up path is taken
+    np.testing.assert_array_equal(table(codes), dequantize(codes, scales, zeros))
