@@ -129,17 +129,18 @@ def decode(data: bytes | str) -> dict[str, Any]:
 
 
 # Payload keys, the schema consumers may rely on (tests check every published payload against these).
-STATUS_KEYS = frozenset({"state", "ts", "device", "agent_version", "model", "cameras"})
-PREDICTION_KEYS = frozenset({"ts", "seq", "device", "camera", "model", "top", "latency_ms", "frame_ts"})
+STATUS_KEYS = frozenset({"state", "ts", "device", "agent_version", "model", "cameras", "groups"})
+# `boot`: random id per agent process start; `seq` restarts at 0 with each boot (docs/MQTT.md).
+PREDICTION_KEYS = frozenset({"ts", "seq", "device", "camera", "model", "top", "latency_ms", "frame_ts", "boot"})
 HEALTH_KEYS = frozenset({"ts", "device", "uptime_s", "fps", "frames", "inferred", "skipped", "published",
                          "dropped", "queue_depth", "latency_ms", "cpu_percent", "rss_mb"})
 MODEL_STATE_KEYS = frozenset({"state", "ts", "device", "name", "version", "sha256", "error", "transfer"})
 
 
 def status_payload(device: str, state: str, agent_version: str, model: dict[str, Any] | None,
-                   cameras: dict[str, Any] | None = None) -> dict[str, Any]:
+                   cameras: dict[str, Any] | None = None, groups: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     return {"state": state, "ts": now(), "device": device, "agent_version": agent_version,
-            "model": model, "cameras": cameras or {}}
+            "model": model, "cameras": cameras or {}, "groups": list(groups)}
 
 
 def model_state_payload(device: str, state: str, *, name: str | None = None, version: str | None = None,

@@ -1,0 +1,326 @@
+"""`edgecv-agent`: the device command line (run the daemon, check a config, benchmark a bundle, demo).
+
+Thin entry point: parse arguments, configure logging (stderr, for the journal), build objects and hand over.
+SIGTERM and SIGINT set a stop event so the agent drains and publishes `stopped` before it exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.errors import ConfigError, EdgecvError, MqttError
+
+log = logging.getLogger("agent.cli")
+
+DEFAULT_DEMO_BUNDLE = Path(__file__).resolve().parents[1] / "models" / "fashion-mnist"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgecv-agent", description="edgecv device agent: camera → int8 model → "
+                                     "MQTT predictions, with over-the-air model updates.")
+    parser.add_argument("--version", action="version", version=f"edgecv-agent {__version__}")
+    parser.add_argument("--debug", action="store_true", help="debug logs and tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser("run", help="run the agent daemon (systemd runs this)")
+    run.add_argument("--config", "-c", required=True, type=Path, help="agent TOML config file")
+    run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="debug logs and tracebacks")
+    run.set_defaults(handler=cmd_run)
+
+    check = sub.add_parser("check-config", help="validate a config file and print a summary")
+    check.add_argument("config", type=Path)
+    check.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    check.set_defaults(handler=cmd_check_config)
+
+    bench = sub.add_parser("bench", help="benchmark a bundle in the installed runtimes")
+    bench.add_argument("--bundle", "-b", required=True, type=Path, help="bundle directory or .edgecv file")
+    bench.add_argument("--runtime", default="auto", help="auto, onnxruntime or litert (default auto: all installed)")
+    bench.add_argument("--threads", default="1", help="comma-separated thread counts, e.g. 1,2")
+    bench.add_argument("--runs", type=int, default=500, help="timed inferences per configuration")
+    bench.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    bench.set_defaults(handler=cmd_bench)
+
+    demo = sub.add_parser("demo", help="run the agent on synthetic Fashion-MNIST frames and watch the predictions "
+                                       "arrive through an MQTT broker")
+    demo.add_argument("--broker", help="HOST:PORT of a broker (default: 127.0.0.1:1883 if it answers, else a "
+                                       "private mosquitto on a free port)")
+    demo.add_argument("--frames", type=int, default=200, help="stop after this many predictions (default 200)")
+    demo.add_argument("--fps", type=float, default=20.0, help="camera frame rate (default 20)")
+    demo.add_argument("--runtime", default="auto", help="auto, onnxruntime or litert")
+    demo.add_argument("--bundle", type=Path, default=None, help=f"bundle (default {DEFAULT_DEMO_BUNDLE})")
+    demo.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.handler(args) or 0)
+    except EdgecvError as exc:
+        if debug:
+            raise
+        print(f"edgecv-agent: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("edgecv-agent: interrupted", file=sys.stderr)
+        return 130
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handle(signum: int, frame: Any) -> None:
+        log.info("Received %s; stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    return stop
+
+
+# --------------------------------------------------------------------------------------------------- run
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.config import load_config
+    from agent.service import Agent
+
+    config = load_config(args.config)
+    if not getattr(args, "debug", False):
+        logging.getLogger().setLevel(config.log_level.upper())
+    config.broker.resolve_password()  # a missing password source is a config error before anything starts
+    stop = _stop_on_signals()
+    return Agent(config).run(stop)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from agent.config import load_config
+
+    cfg = load_config(args.config)
+    password = cfg.broker.resolve_password()
+    b = cfg.broker
+    print(f"{args.config}: OK")
+    print(f"  device      {cfg.device_id} (prefix {cfg.prefix}; groups: {', '.join(cfg.groups) or 'none'})")
+    auth = f"user {b.username}" + (" with password" if password else "") if b.username else "anonymous"
+    print(f"  broker      {b.host}:{b.port} MQTT {b.protocol}, {auth}, TLS {'on' if b.tls.enabled else 'off'}, "
+          f"keepalive {b.keepalive}s, reconnect {b.reconnect_min_s:g}–{b.reconnect_max_s:g}s")
+    for cam in cfg.cameras:
+        print(f"  camera      {cam.name}: {cam.source} at {cam.fps:g} fps" + ("" if cam.fps else " (unlimited)"))
+    m = cfg.model
+    print(f"  model       store {m.store}, seed {m.bundle or '(none)'}, runtime {m.runtime}, {m.threads} thread(s)")
+    p = cfg.publish
+    print(f"  publish     QoS {p.qos}, mode {p.mode}, top {p.top_k}, buffer {p.buffer}"
+          + (f", spool {p.spool_dir}" if p.spool_dir else "") + (f", expiry {p.expiry_s}s" if p.expiry_s else ""))
+    print(f"  health      every {cfg.health.interval_s:g}s; motion gate {'on' if cfg.motion.enabled else 'off'}")
+    print(f"  security    keyring {cfg.security.keyring or '(none)'}, unsigned bundles "
+          f"{'allowed' if cfg.security.allow_unsigned else 'refused'}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- bench
+def cmd_bench(args: argparse.Namespace) -> int:
+    from agent.benchmark import benchmark_bundle, format_table
+    from agent.contract.bundle import load_bundle, open_bundle
+
+    try:
+        threads = [int(t) for t in str(args.threads).split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"--threads {args.threads!r}: expected comma-separated integers, e.g. 1,2") from None
+    runtimes = None if args.runtime == "auto" else [args.runtime]
+    with tempfile.TemporaryDirectory(prefix="edgecv-bench-") as tmp:
+        path = Path(args.bundle)
+        bundle = load_bundle(path) if path.is_dir() else open_bundle(path, Path(tmp))
+        rows = benchmark_bundle(bundle, runtimes, threads or None, runs=args.runs)
+    if not rows:
+        raise EdgecvError(f"No artifact of {args.bundle} could be benchmarked with the installed runtimes")
+    print(f"{bundle.manifest.name} {bundle.manifest.version}: preprocess + inference, batch 1, {args.runs} runs")
+    print(format_table(rows))
+    return 0
+
+
+# -------------------------------------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    from agent.config import parse_config
+    from agent.service import Agent
+
+    bundle = (args.bundle or DEFAULT_DEMO_BUNDLE).resolve()
+    if not (bundle / "manifest.json").is_file() and not bundle.is_file():
+        raise EdgecvError(f"Demo bundle {bundle} not found; build it with 'edgecv optimize' or pass --bundle")
+    if not getattr(args, "debug", False):
+        logging.getLogger("agent").setLevel(logging.WARNING)  # the predictions table is the output
+    with _demo_broker(args.broker) as (host, port), tempfile.TemporaryDirectory(prefix="edgecv-demo-") as tmp:
+        device = f"demo-{os.getpid()}"
+        config = parse_config({
+            "device_id": device, "prefix": "edgecv-demo",
+            "broker": {"host": host, "port": port, "reconnect_min_s": 0.2, "reconnect_max_s": 2.0},
+            "camera": [{"name": "cam0", "source": "synthetic:fashion-mnist?shuffle=1", "fps": args.fps}],
+            "model": {"store": str(Path(tmp) / "models"), "bundle": str(bundle), "runtime": args.runtime},
+            "security": {"allow_unsigned": True}, "homeassistant": {"enabled": False},
+            "health": {"interval_s": 5.0},
+        }, source="<demo>")
+        stop = _stop_on_signals()
+        agent = Agent(config)
+        clf = agent.ensure_model()
+        print(f"edgecv demo: broker {host}:{port}, model {clf.name} {clf.version} ({clf.engine.name}), "
+              f"camera synthetic:fashion-mnist at {args.fps:g} fps", file=sys.stderr)
+        metrics = dict(clf.bundle.manifest.metrics)
+        viewer = _DemoViewer(host, port, agent.topics.predictions, args.frames, stop)
+        viewer.set_labels(clf.labels)
+        viewer.start()
+        runner = threading.Thread(target=agent.run, args=(stop,), name="agent", daemon=True)
+        runner.start()
+        try:
+            while runner.is_alive() and not stop.wait(0.2):
+                pass
+        finally:
+            stop.set()
+            runner.join(timeout=15)
+            viewer.close(clear_retained=agent.topics.status)
+        viewer.summary(metrics, clf.engine.describe())
+    return 0
+
+
+@contextmanager
+def _demo_broker(address: str | None) -> Iterator[tuple[str, int]]:
+    if address:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"--broker {address!r}: expected HOST:PORT, e.g. 127.0.0.1:1883")
+        yield host, int(port)
+        return
+    try:
+        with socket.create_connection(("127.0.0.1", 1883), timeout=0.5):
+            pass
+        yield "127.0.0.1", 1883
+        return
+    except OSError:
+        pass
+    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not Path(mosquitto).exists():
+        raise MqttError("No broker answers on 127.0.0.1:1883 and mosquitto is not installed; install the "
+                        "Debian package mosquitto or pass --broker HOST:PORT")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        free = int(sock.getsockname()[1])
+    with tempfile.TemporaryDirectory(prefix="edgecv-demo-broker-") as tmp:
+        conf = Path(tmp) / "mosquitto.conf"
+        conf.write_text(f"listener {free} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        proc = subprocess.Popen([mosquitto, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    with socket.create_connection(("127.0.0.1", free), timeout=0.2):
+                        break
+                except OSError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise MqttError(f"Could not start a private mosquitto on port {free}") from None
+                    time.sleep(0.05)
+            print(f"edgecv demo: started a private mosquitto on 127.0.0.1:{free}", file=sys.stderr)
+            yield "127.0.0.1", free
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+class _DemoViewer:
+    """Subscribes to the predictions like any consumer would and prints them with a running accuracy."""
+
+    def __init__(self, host: str, port: int, topic: str, frames: int, stop: threading.Event) -> None:
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.topic, self.frames, self.stop = topic, frames, stop
+        self.count = self.correct = self.with_truth = 0
+        self.latencies: list[float] = []
+        self.delays: list[float] = []
+        self._subscribed = threading.Event()
+        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"edgecv-demo-viewer-{os.getpid()}")
+        self._client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        self._client.on_subscribe = lambda c, u, mid, rcs, p: self._subscribed.set()
+        self._client.on_message = self._on_message
+        self._host, self._port = host, port
+        self._labels: dict[int, str] = {}
+
+    def start(self) -> None:
+        self._client.connect(self._host, self._port, keepalive=30)
+        self._client.loop_start()
+        if not self._subscribed.wait(10):
+            raise MqttError(f"The demo subscriber could not subscribe on {self._host}:{self._port}")
+        print(f"{'seq':>5}  {'time':8}  {'prediction':12} {'score':>6}  {'truth':12} {'':1} {'infer':>7}  "
+              f"{'accuracy':>8}", flush=True)
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        import json
+
+        if self.count >= self.frames:
+            return
+        doc = json.loads(msg.payload)
+        self.delays.append(max(0.0, time.time() - float(doc["frame_ts"])) * 1e3)
+        top = doc["top"][0]
+        truth = doc.get("truth")
+        mark = " "
+        truth_label = "-"
+        if truth is not None:
+            self.with_truth += 1
+            ok = int(truth) == int(top["index"])
+            self.correct += ok
+            mark = "✓" if ok else "✗"
+            truth_label = self._labels.get(int(truth), str(truth))
+        self.count += 1
+        self.latencies.append(float(doc["latency_ms"]["infer"]))
+        acc = f"{100 * self.correct / self.with_truth:7.1f}%" if self.with_truth else "      -"
+        stamp = time.strftime("%H:%M:%S", time.localtime(float(doc["ts"])))
+        print(f"{doc['seq']:>5}  {stamp:8}  {top['label'][:12]:12} {top['score']:6.3f}  {truth_label[:12]:12} {mark} "
+              f"{doc['latency_ms']['infer']:6.2f}ms  {acc}", flush=True)
+        if self.count >= self.frames:
+            self.stop.set()
+
+    def set_labels(self, labels: Sequence[str]) -> None:
+        self._labels = dict(enumerate(labels))
+
+    def close(self, clear_retained: str | None = None) -> None:
+        if clear_retained:  # leave no retained status of this throw-away device on a shared broker
+            self._client.publish(clear_retained, b"", qos=1, retain=True).wait_for_publish(2)
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def summary(self, metrics: dict[str, Any], engine: dict[str, Any]) -> None:
+        if not self.count:
+            print("edgecv demo: no predictions arrived", file=sys.stderr)
+            return
+        lat = sorted(self.latencies)
+        delay = sorted(self.delays)
+        print(f"\n{self.count} predictions via MQTT; accuracy {100 * self.correct / max(1, self.with_truth):.1f}% "
+              f"(truth on {self.with_truth}); inference median {lat[len(lat) // 2]:.2f} ms "
+              f"({engine.get('runtime')} {engine.get('precision', '')}); frame→subscriber median "
+              f"{delay[len(delay) // 2]:.1f} ms")
+        key = f"accuracy_{engine.get('precision', 'int8')}_{'onnx' if engine.get('format') == 'onnx' else 'tflite'}"
+        recorded = metrics.get(key)
+        if isinstance(recorded, int | float):
+            print(f"bundle's recorded test accuracy ({key}): {100 * recorded:.1f}%")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

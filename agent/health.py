@@ -1,0 +1,177 @@
+"""Run-time statistics of the agent and the periodic `health` payload built from them.
+
+The camera loop records what happens to each frame (taken, skipped, inferred with its latencies, published,
+failed); `payload()` turns the counters into the health message (topics.HEALTH_KEYS): rates over the last
+interval, latency percentiles, the process's CPU share (from /proc/self/stat deltas, percent of one core) and
+resident memory (/proc/self/statm), plus the SoC temperature and throttling state when the machine exposes them
+(agent/thermal.py). The same object serves the updater's probation checks (`errors`, `infer_ms_p50`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from agent.contract.topics import now
+
+log = logging.getLogger(__name__)
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def read_cpu_seconds() -> float | None:
+    """User + system CPU time of this process in seconds, from /proc/self/stat (None off Linux)."""
+    try:
+        with open("/proc/self/stat", "rb") as fh:
+            raw = fh.read().decode()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    fields = raw[raw.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime (fields 14 and 15 of the full line)
+
+
+def read_rss_mb() -> float | None:
+    """Resident set size of this process in MiB, from /proc/self/statm (None off Linux)."""
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            pages = int(fh.read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return pages * _PAGE / (1024 * 1024)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100) of a list; None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+class HealthMonitor:
+    """Thread-safe counters and latency windows; `payload()` is called by the health timer."""
+
+    def __init__(self, device: str, *, window: int = 2000, probation_window: int = 200,
+                 thermal: bool = True, clock: Callable[[], float] = time.monotonic) -> None:
+        self.device = device
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.started = clock()
+        self.frames = 0
+        self.inferred = 0
+        self.skipped: dict[str, int] = {"motion": 0, "stale": 0}
+        self.published = 0
+        self._errors = 0
+        self._total_ms: deque[float] = deque(maxlen=window)  # since the last payload
+        self._infer_ms: deque[float] = deque(maxlen=probation_window)  # newest N inferences, any report
+        self._last_t = self.started
+        self._last_inferred = 0
+        self._last_cpu = read_cpu_seconds()
+        self._thermal = thermal
+
+    # --------------------------------------------------------------------------------- camera loop side
+    def record_frame(self) -> None:
+        with self._lock:
+            self.frames += 1
+
+    def record_skipped(self, reason: str) -> None:
+        with self._lock:
+            self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def record_inferred(self, latency_ms: Mapping[str, float]) -> None:
+        with self._lock:
+            self.inferred += 1
+            self._total_ms.append(float(latency_ms["total"]))
+            self._infer_ms.append(float(latency_ms["infer"]))
+
+    def record_published(self) -> None:
+        with self._lock:
+            self.published += 1
+
+    def record_error(self) -> None:
+        with self._lock:
+            self._errors += 1
+
+    # ------------------------------------------------------------------------------------- probation
+    @property
+    def errors(self) -> int:
+        """Inference errors since start (the updater compares before/after a swap)."""
+        with self._lock:
+            return self._errors
+
+    @property
+    def infer_ms_p50(self) -> float | None:
+        """Median inference time over the newest inferences (window restarts on `reset_infer_window`)."""
+        with self._lock:
+            values = list(self._infer_ms)
+        return percentile(values, 50)
+
+    def reset_infer_window(self) -> None:
+        """Forget inference times (called on a model swap so the median reflects the new model only)."""
+        with self._lock:
+            self._infer_ms.clear()
+
+    # --------------------------------------------------------------------------------------- payload
+    def payload(self, *, dropped: int, queue_depth: int, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The health message (topics.HEALTH_KEYS, plus soc_temp_c/throttled when available, plus `extra`)."""
+        t = self._clock()
+        cpu = read_cpu_seconds()
+        with self._lock:
+            dt = max(1e-6, t - self._last_t)
+            fps = (self.inferred - self._last_inferred) / dt
+            totals = list(self._total_ms)
+            self._total_ms.clear()
+            infer = list(self._infer_ms)
+            self._last_t, self._last_inferred = t, self.inferred
+            doc: dict[str, Any] = {
+                "ts": now(), "device": self.device, "uptime_s": round(t - self.started, 1),
+                "fps": round(fps, 2), "frames": self.frames, "inferred": self.inferred,
+                "skipped": sum(self.skipped.values()), "skipped_by": dict(self.skipped),
+                "published": self.published, "dropped": dropped, "queue_depth": queue_depth,
+                "errors": self._errors,
+            }
+        cpu_percent = None
+        if cpu is not None and self._last_cpu is not None:
+            cpu_percent = round(100.0 * (cpu - self._last_cpu) / dt, 1)
+        self._last_cpu = cpu
+        rss = read_rss_mb()
+        doc["latency_ms"] = {"p50": _r(percentile(totals, 50)), "p95": _r(percentile(totals, 95)),
+                             "infer_p50": _r(percentile(infer, 50))}
+        doc["cpu_percent"] = cpu_percent
+        doc["rss_mb"] = round(rss, 1) if rss is not None else None
+        if self._thermal:
+            doc.update(_thermal_readings())
+        if extra:
+            doc.update(extra)
+        return doc
+
+
+def _r(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def _thermal_readings() -> dict[str, Any]:
+    """soc_temp_c and throttled from agent/thermal.py; absent values are left out."""
+    try:
+        from agent import thermal
+    except ImportError:  # pragma: no cover - thermal.py ships with the agent
+        return {}
+    out: dict[str, Any] = {}
+    try:
+        temp = thermal.read_soc_temperature()
+        if temp is not None:
+            out["soc_temp_c"] = temp
+        throttled = thermal.read_throttling()
+        if throttled is not None:
+            out["throttled"] = throttled
+    except Exception as exc:  # never let a sensor break the health report
+        log.debug("Thermal readings failed: %s", exc)
+    return out

@@ -1,0 +1,381 @@
+"""The agent's MQTT link: one paho-mqtt 2.x connection kept alive, fed from the Outbox, never blocking callers.
+
+- MQTT 5 by default (3.1.1 selectable), TLS (CA, client certificate, insecure switch), username/password.
+- Last Will on the status topic (retained, QoS 1, "offline"); after every (re)connect the `online` status is
+  published (retained) and every subscription is renewed, then the on-connect callbacks run.
+- A refused CONNACK (bad credentials, not authorized…) is a failure: logged with its reason code, never
+  reported as connected; the link keeps retrying with backoff in case the broker is fixed.
+- Reconnect: our own loop around a fresh paho client per attempt, waiting a random delay in
+  [reconnect_min_s, min(reconnect_max_s, reconnect_min_s * 2**attempt)] (exponential backoff with full
+  jitter, so a fleet does not reconnect in lock-step after a broker restart). paho's built-in
+  `reconnect_delay_set` has no jitter, and a fresh client per connection means paho never replays its own
+  queue, so the Outbox is the single source of truth for what still has to be sent.
+- A sender thread drains the Outbox in order with a bounded number of unacknowledged publishes; a message
+  leaves the Outbox only when the broker acknowledged it (PUBACK for QoS >= 1). After a lost connection the
+  unacknowledged ones are sent again, oldest first (at-least-once: consumers may see a duplicate `seq`).
+- Subscription handlers and on-connect callbacks run on a worker thread, not on paho's network thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.client import MQTTMessage
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.contract.topics import DeviceTopics
+from agent.errors import MqttError
+from agent.outbox import Message, Outbox
+
+if TYPE_CHECKING:
+    from agent.config import BrokerConfig
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[str, bytes], None]
+CONNACK_TIMEOUT_S = 10.0
+COALESCE_S = 0.002
+
+
+@dataclass
+class _Subscription:
+    filter: str
+    handler: Handler
+    qos: int
+
+
+class Backoff:
+    """Exponential backoff with full jitter: attempt n waits uniform(min, min(max, min * 2**n))."""
+
+    def __init__(self, min_s: float, max_s: float, rng: random.Random | None = None) -> None:
+        self.min_s = max(0.0, min_s)
+        self.max_s = max(self.min_s, max_s)
+        self.attempt = 0
+        self._rng = rng or random.Random()
+
+    def next_delay(self) -> float:
+        ceiling = min(self.max_s, self.min_s * (2 ** min(self.attempt, 30)))
+        self.attempt += 1
+        return self._rng.uniform(self.min_s, max(self.min_s, ceiling))
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class MqttLink:
+    """A self-healing MQTT connection for one device (see the module docstring for the guarantees)."""
+
+    def __init__(self, cfg: BrokerConfig, topics: DeviceTopics, *, will: bytes | Callable[[], bytes], outbox: Outbox,
+                 online: Callable[[], bytes] | None = None, max_inflight: int = 100) -> None:
+        self.cfg = cfg
+        self.topics = topics
+        self.outbox = outbox
+        self.will = will
+        self.online_payload = online
+        self.max_inflight = max(1, max_inflight)
+        self.connected = threading.Event()
+        self.last_error: str | None = None
+        self.connects = 0  # successful connections so far
+        self.refused = 0  # CONNACKs with a failure reason code
+        self._v5 = str(cfg.protocol) != "3.1.1"
+        self._stop = threading.Event()
+        self._sender_stop = threading.Event()
+        self._wake = threading.Event()
+        outbox.add_listener(self._wake)
+        self._lock = threading.Lock()
+        self._client: paho.Client | None = None
+        self._generation = 0
+        self._session_ended = threading.Event()
+        self._acks: queue.SimpleQueue[tuple[int, int, bool]] = queue.SimpleQueue()
+        self._subs: list[_Subscription] = []
+        self._on_connect: list[Callable[[], None]] = []
+        self._work: queue.Queue[tuple[Callable[..., None], tuple[Any, ...]] | None] = queue.Queue(maxsize=10000)
+        self._threads: list[threading.Thread] = []
+        self._warned: dict[str, float] = {}
+
+    # ----------------------------------------------------------------------------------------- public API
+    def start(self) -> MqttLink:
+        for name, target in (("mqtt-link", self._supervise), ("mqtt-sender", self._send_loop),
+                             ("mqtt-worker", self._work_loop)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def wait_connected(self, timeout: float) -> None:
+        """Block until connected; raise MqttError naming the last failure (e.g. a refused CONNACK) otherwise."""
+        if not self.connected.wait(timeout):
+            raise MqttError(f"Could not connect to the MQTT broker {self.cfg.host}:{self.cfg.port} within "
+                            f"{timeout:g} s: {self.last_error or 'no answer'}; check broker.host/port and credentials")
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, expiry_s: int = 0) -> int:
+        """Queue a message for delivery (never blocks); returns its outbox id."""
+        return self.outbox.put(topic, payload, qos=qos, retain=retain, expiry_s=expiry_s)
+
+    def subscribe(self, filter: str, handler: Handler, qos: int = 1) -> None:
+        """Subscribe now if connected and again after every reconnect; `handler(topic, payload)` runs on the
+        link's worker thread."""
+        sub = _Subscription(filter, handler, qos)
+        with self._lock:
+            self._subs.append(sub)
+            client = self._client if self.connected.is_set() else None
+        if client is not None:
+            client.subscribe(filter, qos=qos)
+
+    def add_on_connect(self, callback: Callable[[], None]) -> None:
+        """`callback()` runs on the worker thread after every (re)connect, once `online` was published."""
+        with self._lock:
+            self._on_connect.append(callback)
+
+    def stop(self, final_status: bytes | None = None, flush_timeout: float = 3.0) -> None:
+        """Flush the outbox (up to `flush_timeout`), publish `final_status` retained on the status topic, then
+        disconnect cleanly so the broker does not send the Last Will."""
+        if self._stop.is_set():
+            return
+        if self.connected.is_set() and flush_timeout > 0:
+            deadline = time.monotonic() + flush_timeout
+            while time.monotonic() < deadline and len(self.outbox) and self.connected.is_set():
+                self.outbox.wait_empty(min(0.1, max(0.0, deadline - time.monotonic())))
+        self._sender_stop.set()
+        self._wake.set()
+        with self._lock:
+            client = self._client if self.connected.is_set() else None
+        if client is not None and final_status is not None:
+            info = client.publish(self.topics.status, final_status, qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout=max(1.0, flush_timeout))
+            except (RuntimeError, ValueError) as exc:
+                log.warning("Final status was not acknowledged: %s", exc)
+        self._stop.set()
+        if client is not None:
+            client.disconnect()  # a normal DISCONNECT: the broker discards the Last Will
+        self._session_ended.set()
+        for thread in self._threads:
+            if thread.name != "mqtt-worker":
+                thread.join(timeout=5)
+        self._work.put(None)
+        for thread in self._threads:
+            if thread.name == "mqtt-worker" and thread is not threading.current_thread():
+                thread.join(timeout=5)
+        self.connected.clear()
+        self.outbox.close()
+
+    # ------------------------------------------------------------------------------------ connection loop
+    def _new_client(self) -> paho.Client:
+        cfg = self.cfg
+        client_id = cfg.client_id or f"edgecv-{self.topics.device}-{uuid.uuid4().hex[:6]}"
+        if self._v5:
+            client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                 protocol=MQTTProtocolVersion.MQTTv5, reconnect_on_failure=False)
+        else:
+            client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True,
+                                 protocol=MQTTProtocolVersion.MQTTv311, reconnect_on_failure=False)
+        client.max_inflight_messages_set(self.max_inflight)
+        client.max_queued_messages_set(0)
+        will = self.will() if callable(self.will) else self.will
+        client.will_set(self.topics.status, will, qos=1, retain=True)
+        if cfg.username:
+            client.username_pw_set(cfg.username, cfg.resolve_password())
+        tls = cfg.tls
+        if tls.enabled:
+            client.tls_set(ca_certs=tls.ca_file or None, certfile=tls.cert_file or None,
+                           keyfile=tls.key_file or None)
+            if tls.insecure:
+                client.tls_insecure_set(True)
+        client.on_connect = self._on_connect_cb
+        client.on_disconnect = self._on_disconnect_cb
+        client.on_publish = self._on_publish_cb
+        client.on_message = self._on_message_cb
+        return client
+
+    def _supervise(self) -> None:
+        backoff = Backoff(self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)
+        while not self._stop.is_set():
+            client = self._new_client()
+            with self._lock:
+                self._generation += 1
+                client.user_data_set(self._generation)
+                self._client = client
+                self._session_ended.clear()
+            connected_at = None
+            try:
+                if self._v5:
+                    client.connect(self.cfg.host, int(self.cfg.port), keepalive=int(self.cfg.keepalive),
+                                   clean_start=True)
+                else:
+                    client.connect(self.cfg.host, int(self.cfg.port), keepalive=int(self.cfg.keepalive))
+            except (OSError, ValueError) as exc:
+                self._fail(f"cannot reach {self.cfg.host}:{self.cfg.port}: {exc}")
+            else:
+                client.loop_start()
+                deadline = time.monotonic() + CONNACK_TIMEOUT_S
+                while not self._session_ended.wait(0.2):
+                    if self.connected.is_set():
+                        connected_at = connected_at or time.monotonic()
+                    elif time.monotonic() > deadline:
+                        self._fail(f"no CONNACK from the broker within {CONNACK_TIMEOUT_S:g} s")
+                        break
+                if self.connected.is_set() or connected_at is not None:
+                    connected_at = connected_at or time.monotonic()
+                self._lost()
+                if not self._stop.is_set():
+                    client.disconnect()
+                client.loop_stop()
+            if self._stop.is_set():
+                break
+            if connected_at is not None and time.monotonic() - connected_at > 5.0:
+                backoff.reset()
+            delay = backoff.next_delay()
+            log.info("Reconnecting to %s:%s in %.2f s", self.cfg.host, self.cfg.port, delay)
+            self._stop.wait(delay)
+
+    def _fail(self, reason: str) -> None:
+        self.last_error = reason
+        self._warn("connect", "MQTT connection failed: %s", reason)
+
+    def _lost(self) -> None:
+        was = self.connected.is_set()
+        self.connected.clear()
+        with self._lock:
+            self._generation += 1  # late PUBACKs of the old connection are ignored
+        self.outbox.rewind()
+        self._wake.set()
+        if was and not self._stop.is_set():
+            log.warning("MQTT connection to %s:%s lost; buffering predictions", self.cfg.host, self.cfg.port)
+
+    # ------------------------------------------------------------------------------- paho callbacks (network)
+    def _on_connect_cb(self, client: paho.Client, gen: int, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            self.refused += 1
+            name = getattr(reason, "getName", lambda: str(reason))()
+            self._fail(f"broker refused the connection: {name} (reason code {reason.value})")
+            self._session_ended.set()
+            return
+        with self._lock:
+            subs = list(self._subs)
+            callbacks = list(self._on_connect)
+        if self.online_payload is not None:
+            client.publish(self.topics.status, self.online_payload(), qos=1, retain=True)
+        for sub in subs:
+            client.subscribe(sub.filter, qos=sub.qos)
+        self.connects += 1
+        self.last_error = None
+        self.connected.set()
+        self._wake.set()
+        log.info("Connected to MQTT broker %s:%s (MQTT %s%s)", self.cfg.host, self.cfg.port,
+                 "5" if self._v5 else "3.1.1", ", TLS" if self.cfg.tls.enabled else "")
+        for callback in callbacks:
+            self._submit(callback)
+
+    def _on_disconnect_cb(self, client: paho.Client, gen: int, flags: Any, reason: Any, properties: Any) -> None:
+        refused = (self.last_error or "").startswith("broker refused")  # keep the CONNACK reason, it says more
+        if getattr(reason, "is_failure", False) and not self._stop.is_set() and not refused:
+            self.last_error = f"disconnected: {reason}"
+        self._session_ended.set()
+
+    def _on_publish_cb(self, client: paho.Client, gen: int, mid: int, reason: Any, properties: Any) -> None:
+        # Called with paho's internal lock held: only hand the ack to the sender thread.
+        self._acks.put((gen, mid, bool(getattr(reason, "is_failure", False))))
+        self._wake.set()
+
+    def _on_message_cb(self, client: paho.Client, gen: int, message: MQTTMessage) -> None:
+        with self._lock:
+            subs = list(self._subs)
+        for sub in subs:
+            if paho.topic_matches_sub(sub.filter, message.topic):
+                self._submit(sub.handler, message.topic, bytes(message.payload))
+
+    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            self._work.put_nowait((fn, args))
+        except queue.Full:
+            self._warn("work-full", "MQTT handler queue is full; dropping an incoming message")
+
+    # ----------------------------------------------------------------------------------------- threads
+    def _work_loop(self) -> None:
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            fn, args = item
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("MQTT handler %s failed", getattr(fn, "__qualname__", fn))
+
+    def _send_loop(self) -> None:
+        inflight: dict[int, int] = {}  # paho mid -> outbox id, for the current connection only
+        gen = -1
+        last_wake = 0.0
+        while not self._sender_stop.is_set():
+            self._wake.wait(0.5)
+            now = time.monotonic()
+            if now - last_wake < COALESCE_S:
+                # Messages are coming fast: let a few accumulate so one wake-up sends a batch (fewer thread
+                # switches on a single core); at low rates each message still goes out at once.
+                time.sleep(COALESCE_S)
+            last_wake = now
+            self._wake.clear()
+            with self._lock:
+                client, current = self._client, self._generation
+            if current != gen:
+                # A new connection (or a lost one): everything not acknowledged is due again, oldest first.
+                inflight.clear()
+                gen = current
+                self.outbox.rewind()
+            while True:
+                try:
+                    agen, mid, failed = self._acks.get_nowait()
+                except queue.Empty:
+                    break
+                msg_id = inflight.pop(mid, None) if agen == gen else None
+                if msg_id is not None:
+                    if failed:
+                        self._warn("puback", "Broker rejected a publish (PUBACK failure); dropping it")
+                    self.outbox.ack(msg_id)
+            if client is None or not self.connected.is_set():
+                continue
+            room = self.max_inflight - len(inflight)
+            if room <= 0:
+                continue
+            for msg in self.outbox.take(room):
+                if not self._send(client, msg, inflight):
+                    break
+            if self.outbox.pending() and len(inflight) < self.max_inflight and self.connected.is_set():
+                self._wake.set()
+
+    def _send(self, client: paho.Client, msg: Message, inflight: dict[int, int]) -> bool:
+        props = None
+        if msg.expiry_s > 0 and self._v5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.MessageExpiryInterval = msg.expiry_s
+        info = client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain, properties=props)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            # Not connected any more: the message stays in the outbox and is sent again after reconnecting.
+            self.outbox.rewind()
+            return False
+        if msg.qos == 0:
+            self.outbox.ack(msg.id)
+        else:
+            inflight[info.mid] = msg.id
+        return True
+
+    def _warn(self, key: str, fmt: str, *args: Any) -> None:
+        """Log a warning at most every 10 s per kind."""
+        now = time.monotonic()
+        if now - self._warned.get(key, -1e9) >= 10.0:
+            self._warned[key] = now
+            log.warning(fmt, *args)
+        else:
+            log.debug(fmt, *args)

@@ -1,0 +1,239 @@
+"""A bounded, in-order buffer of outgoing MQTT messages between the camera loop and the network.
+
+The camera loop `put`s and never blocks; the link's sender `take`s messages in order, and `ack`s each one
+once the broker acknowledged it (PUBACK for QoS >= 1). After a lost connection `rewind` makes every
+unacknowledged message due again, oldest first. When the buffer is full the oldest message is dropped and
+counted. With a `spool_dir`, spoolable messages (QoS >= 1, not retained: predictions) are also appended to a
+log on disk, so what was buffered survives an agent restart; the log is compacted as messages are acked.
+The spool is written without fsync per message: it survives a process crash or restart, not a power cut.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_LOG_NAME = "outbox.log"
+_MARK_NAME = "outbox.mark"
+# Record: id (u64), qos (u8), retain (u8), expiry_s (u32), topic length (u16), payload length (u32).
+_HEADER = struct.Struct("<QBBIHI")
+_COMPACT_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Message:
+    """One outgoing message; `id` increases by one per message and orders the outbox."""
+
+    id: int
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+    expiry_s: int = 0
+    spooled: bool = False
+
+
+class Outbox:
+    """Bounded FIFO of messages awaiting delivery; oldest dropped (and counted) when full."""
+
+    def __init__(self, capacity: int, spool_dir: Path | str | None = None) -> None:
+        if capacity < 1:
+            raise ValueError("Outbox capacity must be at least 1")
+        self.capacity = capacity
+        self._items: deque[Message] = deque()
+        self._cursor = 0  # index in _items of the next message to hand out
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._listeners: list[threading.Event] = []
+        self._next_id = 1
+        self.dropped = 0
+        self.delivered = 0
+        self.restored = 0
+        self._spool: _Spool | None = None
+        if spool_dir:
+            self._spool = _Spool(Path(spool_dir))
+            for msg in self._spool.load():
+                self._items.append(msg)
+                self._next_id = msg.id + 1
+            self._next_id = max(self._next_id, self._spool.done + 1)
+            self.restored = len(self._items)
+            while len(self._items) > capacity:
+                self._items.popleft()
+                self.dropped += 1
+            if self.restored:
+                log.info("Restored %d buffered message(s) from the spool in %s", self.restored, spool_dir)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    def add_listener(self, event: threading.Event) -> None:
+        """`event` is set whenever a message is put (lets a sender sleep on one event for several sources)."""
+        with self._lock:
+            self._listeners.append(event)
+
+    def put(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, expiry_s: int = 0,
+            spool: bool | None = None) -> int:
+        """Append a message (never blocks); returns its id. Drops the oldest message when full."""
+        spool = (qos >= 1 and not retain) if spool is None else spool
+        with self._lock:
+            msg = Message(self._next_id, topic, payload, qos, retain, int(expiry_s),
+                          spooled=bool(spool and self._spool))
+            self._next_id += 1
+            head_dropped = False
+            if len(self._items) >= self.capacity:
+                head_dropped = self._items.popleft().spooled
+                self.dropped += 1
+                if self._cursor > 0:
+                    self._cursor -= 1
+            self._items.append(msg)
+            if msg.spooled and self._spool is not None:
+                self._spool.append(msg)
+            if head_dropped and self._spool is not None:
+                self._sync_mark()
+            self._cond.notify_all()
+            listeners = list(self._listeners)
+        for event in listeners:
+            event.set()
+        return msg.id
+
+    def take(self, limit: int, timeout: float = 0.0) -> list[Message]:
+        """Up to `limit` messages not yet handed out, oldest first (waits up to `timeout` for one)."""
+        with self._lock:
+            if self._cursor >= len(self._items) and timeout > 0:
+                self._cond.wait(timeout)
+            out: list[Message] = []
+            while self._cursor < len(self._items) and len(out) < limit:
+                out.append(self._items[self._cursor])
+                self._cursor += 1
+            return out
+
+    def ack(self, msg_id: int) -> bool:
+        """The message was delivered: remove it. False when it is unknown (already dropped or acked)."""
+        with self._lock:
+            for i, msg in enumerate(self._items):
+                if msg.id == msg_id:
+                    del self._items[i]
+                    if i < self._cursor:
+                        self._cursor -= 1
+                    self.delivered += 1
+                    if msg.spooled and i == 0 and self._spool is not None:
+                        self._sync_mark()
+                    if not self._items:
+                        self._cond.notify_all()
+                    return True
+                if msg.id > msg_id:
+                    break
+            return False
+
+    def rewind(self) -> None:
+        """Make every unacknowledged message due again (after a lost connection), oldest first."""
+        with self._lock:
+            self._cursor = 0
+
+    def pending(self) -> int:
+        """Messages not yet handed out to the sender."""
+        with self._lock:
+            return len(self._items) - self._cursor
+
+    def wait_empty(self, timeout: float) -> bool:
+        with self._lock:
+            return self._cond.wait_for(lambda: not self._items, timeout)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._spool is not None:
+                self._sync_mark()
+                self._spool.close()
+                self._spool = None
+
+    def _sync_mark(self) -> None:
+        """Everything with an id below the oldest message still held is done (delivered or dropped)."""
+        assert self._spool is not None
+        oldest = self._items[0].id if self._items else self._next_id
+        self._spool.mark(oldest - 1, lambda: [m for m in self._items if m.spooled])
+
+
+class _Spool:
+    """Append-only record log plus a high-water mark file; compacted when the acked head grows large."""
+
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.log_path = root / _LOG_NAME
+        self.mark_path = root / _MARK_NAME
+        self._fh = open(self.log_path, "ab")
+        self._mark_fd = os.open(self.mark_path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.done = 0
+        self._compact_at = _COMPACT_BYTES
+
+    def load(self) -> list[Message]:
+        try:
+            raw = os.pread(self._mark_fd, 8, 0)
+            self.done = struct.unpack("<Q", raw)[0] if len(raw) == 8 else 0
+        except OSError:
+            self.done = 0
+        data = self.log_path.read_bytes()
+        out: list[Message] = []
+        pos = 0
+        while pos + _HEADER.size <= len(data):
+            mid, qos, retain, expiry, tlen, plen = _HEADER.unpack_from(data, pos)
+            end = pos + _HEADER.size + tlen + plen
+            if end > len(data):
+                break  # torn final record from a crash mid-write
+            body = data[pos + _HEADER.size:end]
+            if mid > self.done:
+                try:
+                    topic = body[:tlen].decode()
+                except UnicodeDecodeError:
+                    log.warning("Spool %s is corrupt at offset %d; ignoring the rest", self.log_path, pos)
+                    break
+                out.append(Message(mid, topic, bytes(body[tlen:]), qos, bool(retain), expiry, spooled=True))
+            pos = end
+        if pos != len(data) or (out and len(data) > _COMPACT_BYTES // 4) or (not out and data):
+            self._rewrite(out)
+        return out
+
+    def append(self, msg: Message) -> None:
+        topic = msg.topic.encode()
+        self._fh.write(_HEADER.pack(msg.id, msg.qos, int(msg.retain), msg.expiry_s, len(topic), len(msg.payload))
+                       + topic + msg.payload)
+        self._fh.flush()
+
+    def mark(self, done: int, live: Callable[[], list[Message]]) -> None:
+        if done <= self.done:
+            return
+        self.done = done
+        os.pwrite(self._mark_fd, struct.pack("<Q", done), 0)
+        if self._fh.tell() > self._compact_at:
+            self._rewrite(live())
+
+    def _rewrite(self, live: list[Message]) -> None:
+        self._fh.close()
+        tmp = self.log_path.with_suffix(".tmp")
+        with open(tmp, "wb") as fh:
+            for msg in live:
+                topic = msg.topic.encode()
+                fh.write(_HEADER.pack(msg.id, msg.qos, int(msg.retain), msg.expiry_s, len(topic),
+                                      len(msg.payload)) + topic + msg.payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.log_path)
+        self._fh = open(self.log_path, "ab")
+        # Compact again only once the dead part outweighs what is live, so a big backlog does not thrash.
+        self._compact_at = max(_COMPACT_BYTES, 2 * self._fh.tell())
+
+    def close(self) -> None:
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        os.fsync(self._mark_fd)
+        os.close(self._mark_fd)

@@ -1,0 +1,279 @@
+"""The agent daemon: wires config, model store, classifier, cameras, MQTT link, health, updater and commands.
+
+One loop thread per camera takes the newest frame, skips it if stale or static (motion gate), classifies it
+(one inference at a time: the classifier lock), applies the publish policy and puts the prediction in the
+Outbox; it never waits for the network. A health thread publishes `health` every `health.interval_s` and
+re-publishes the retained `status` when a camera changes state. `swap_classifier` replaces the model between
+two frames. SIGTERM/SIGINT (handled by the CLI) set the stop event: the loops finish their frame, the outbox is
+flushed for a few seconds, `stopped` is published retained and the link disconnects cleanly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import agent as agent_pkg
+from agent.camera import Camera, Frame
+from agent.classifier import Classifier
+from agent.config import AgentConfig
+from agent.contract import topics as T
+from agent.contract.bundle import Bundle
+from agent.errors import EdgecvError
+from agent.health import HealthMonitor
+from agent.mqtt import MqttLink
+from agent.outbox import Outbox
+from agent.postprocess import MotionGate, PublishPolicy
+from agent.sdnotify import SystemdNotifier
+from agent.store import ModelStore
+
+log = logging.getLogger(__name__)
+
+STALE_FRAME_S = 2.0  # a frame older than this when the loop gets to it is skipped, not classified
+WARN_EVERY_S = 30.0
+FLUSH_TIMEOUT_S = 3.0
+STATUS_CHECK_S = 1.0
+
+
+class Agent:
+    """The running device agent. `run(stop)` blocks until `stop` is set and returns the exit code."""
+
+    def __init__(self, config: AgentConfig, *, classifier: Classifier | None = None) -> None:
+        self.config = config
+        self.topics = T.DeviceTopics(config.prefix, config.device_id)
+        self.boot = uuid.uuid4().hex[:12]  # random per process start: consumers tell restarts apart
+        self.outbox = Outbox(config.publish.buffer, config.publish.spool_dir or None)
+        self.monitor = HealthMonitor(config.device_id)
+        self.stats = self.monitor  # probation reads .errors and .infer_ms_p50
+        self.store = ModelStore(Path(config.model.store), keep=config.update.keep_versions)
+        self.cameras = [Camera(cam) for cam in config.cameras]
+        self.policy = PublishPolicy(config.publish)
+        self.motion = MotionGate(config.motion)
+        self.notifier = SystemdNotifier.from_env(stall_s=config.systemd.watchdog_stall_s)
+        self._classifier = classifier
+        self._classify_lock = threading.Lock()
+        self._seq = itertools.count()
+        self._ready = False
+        self._ready_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._warned: dict[str, float] = {}
+        self.last_frame: Frame | None = None
+        self.last_top: list[dict[str, Any]] | None = None
+        self.updater: Any = None
+        self.commands: Any = None
+        self.discovery: Any = None
+        self.started = time.time()
+        # The Will is rebuilt for each connection, so `offline` names the model that was running.
+        self.link = MqttLink(config.broker, self.topics, will=lambda: self._status_bytes(T.STATUS_OFFLINE),
+                             outbox=self.outbox, online=lambda: self._status_bytes(T.STATUS_ONLINE))
+
+    # ------------------------------------------------------------------------------------------ model
+    @property
+    def classifier(self) -> Classifier | None:
+        return self._classifier
+
+    def load_model(self) -> Classifier:
+        """The active model from the store (seeded from model.bundle when empty), loaded in its runtime."""
+        from agent.updater import load_keyring
+
+        cfg = self.config
+        keyring = load_keyring(cfg.security.keyring)
+        bundle: Bundle = self.store.ensure_model(cfg.model.bundle or None, keyring=keyring,
+                                                 allow_unsigned=cfg.security.allow_unsigned)
+        return Classifier.load(bundle, runtime=cfg.model.runtime, threads=cfg.model.threads,
+                               top_k=cfg.publish.top_k, min_score=cfg.publish.min_score)
+
+    def ensure_model(self) -> Classifier:
+        """The current classifier, loading it from the store on first use."""
+        if self._classifier is None:
+            self._classifier = self.load_model()
+        return self._classifier
+
+    def swap_classifier(self, new: Classifier) -> Classifier | None:
+        """Make `new` the model from the next frame on (the frame being classified finishes on the old one);
+        returns the old classifier. Thread-safe."""
+        with self._classify_lock:
+            old, self._classifier = self._classifier, new
+        self.monitor.reset_infer_window()
+        self.policy.reset()
+        log.info("Model is now %s %s (%s)", new.name, new.version, new.engine.name)
+        self.publish_status()
+        return old
+
+    # ----------------------------------------------------------------------------------------- status
+    def model_info(self) -> dict[str, Any] | None:
+        clf = self._classifier
+        if clf is None:
+            return None
+        return {"name": clf.name, "version": clf.version, "sha256": clf.bundle.manifest_sha256,
+                "runtime": clf.engine.name}
+
+    def status_payload(self, state: str) -> dict[str, Any]:
+        doc = T.status_payload(self.config.device_id, state, agent_pkg.__version__, self.model_info(),
+                               {cam.name: cam.status() for cam in self.cameras}, groups=self.config.groups)
+        doc.update(boot=self.boot, dropped=self.outbox.dropped)
+        return doc
+
+    def _status_bytes(self, state: str) -> bytes:
+        return T.encode(self.status_payload(state))
+
+    def publish_status(self) -> None:
+        """Queue a fresh retained `online` status (camera or model change)."""
+        if self.link.connected.is_set():
+            self.link.publish(self.topics.status, self._status_bytes(T.STATUS_ONLINE), qos=1, retain=True)
+
+    # -------------------------------------------------------------------------------------------- run
+    def run(self, stop: threading.Event) -> int:
+        """Start everything, serve until `stop` is set, shut down cleanly; returns the exit code (0)."""
+        clf = self.ensure_model()
+        log.info("Agent %s starting: model %s %s, %d camera(s), broker %s:%s", self.config.device_id,
+                 clf.name, clf.version, len(self.cameras), self.config.broker.host,
+                 self.config.broker.port)
+        for cam in self.cameras:
+            cam.start()
+        self._start_extensions()
+        self.link.start()
+        for cam in self.cameras:
+            self._spawn(f"loop-{cam.name}", self._camera_loop, cam, stop)
+        self._spawn("health", self._health_loop, stop)
+        try:
+            while not stop.wait(0.5):
+                pass
+        finally:
+            self._shutdown()
+        return 0
+
+    def _spawn(self, name: str, target: Any, *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _start_extensions(self) -> None:
+        """The updater (pushes), remote commands and Home Assistant discovery all hang off the link."""
+        from agent.commands import CommandHandler
+        from agent.discovery import HomeAssistantDiscovery
+        from agent.updater import Updater
+
+        self.updater = Updater(self).start()
+        self.commands = CommandHandler(self, self.updater).start()
+        self.discovery = HomeAssistantDiscovery(self).start()
+
+    def _shutdown(self) -> None:
+        log.info("Stopping: finishing the current frames and flushing %d buffered message(s)", len(self.outbox))
+        self.notifier.stopping()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        for ext in (self.discovery, self.commands, self.updater):
+            stop_fn = getattr(ext, "stop", None)
+            if stop_fn is not None:
+                try:
+                    stop_fn()
+                except Exception:
+                    log.exception("Stopping %s failed", type(ext).__name__)
+        self.link.stop(self._status_bytes(T.STATUS_STOPPED), flush_timeout=FLUSH_TIMEOUT_S)
+        for cam in self.cameras:
+            cam.stop()
+        self.notifier.close()
+        log.info("Stopped (published %d, dropped %d, %d left in the buffer)", self.monitor.published,
+                 self.outbox.dropped, len(self.outbox))
+
+    # ------------------------------------------------------------------------------------ camera loop
+    def _camera_loop(self, cam: Camera, stop: threading.Event) -> None:
+        while not stop.is_set():
+            frame = cam.latest(timeout=0.5)
+            if frame is None:
+                continue
+            try:
+                self.process(cam.name, frame)
+            except EdgecvError as exc:
+                self.monitor.record_error()
+                self._warn(f"infer-{cam.name}", "Camera %s: frame %d failed: %s", cam.name, frame.seq, exc)
+            except Exception as exc:  # keep the loop alive; the error counter feeds probation
+                self.monitor.record_error()
+                self._warn(f"crash-{cam.name}", "Camera %s: frame %d failed unexpectedly: %r", cam.name, frame.seq,
+                           exc)
+
+    def process(self, camera: str, frame: Frame) -> dict[str, Any] | None:
+        """One frame through gate → classifier → policy → outbox; returns the prediction if published."""
+        mon = self.monitor
+        mon.record_frame()
+        self.last_frame = frame
+        if time.time() - frame.ts > STALE_FRAME_S:
+            mon.record_skipped("stale")
+            return None
+        if self.config.motion.enabled and self.motion.is_static(frame.image, key=camera):
+            mon.record_skipped("motion")
+            self.notifier.frame()  # frames flow and the loop is alive: a static scene must not trip the watchdog
+            return None
+        with self._classify_lock:
+            clf = self._classifier
+            assert clf is not None
+            result = clf.classify(frame.image)
+        mon.record_inferred(result.latency_ms)
+        self.last_top = result.top
+        if not self._ready:
+            with self._ready_lock:
+                if not self._ready:
+                    self._ready = True
+                    self.notifier.ready(f"Classifying with {clf.name} {clf.version}")
+                    log.info("First frame classified (%.1f ms); ready", result.latency_ms["total"])
+        self.notifier.frame()
+        if not self.policy.should_publish(result.top, time.time(), key=camera):
+            return None
+        doc: dict[str, Any] = {
+            "ts": round(time.time(), 4), "frame_ts": round(frame.ts, 4), "seq": next(self._seq), "boot": self.boot,
+            "device": self.config.device_id, "camera": camera,
+            "model": {"name": clf.name, "version": clf.version},
+            "top": [{"label": t["label"], "index": int(t["index"]), "score": round(float(t["score"]), 5)}
+                    for t in result.top],
+            "latency_ms": {k: round(v, 3) for k, v in result.latency_ms.items()},
+        }
+        if frame.truth is not None:
+            doc["truth"] = int(frame.truth)
+        pub = self.config.publish
+        self.outbox.put(self.topics.predictions, T.encode(doc), qos=pub.qos, retain=False, expiry_s=pub.expiry_s)
+        mon.record_published()
+        return doc
+
+    # ------------------------------------------------------------------------------------------ health
+    def health_payload(self) -> dict[str, Any]:
+        cams = {}
+        for cam in self.cameras:
+            st = cam.status()
+            cams[cam.name] = {"state": st.get("state"), "fps": st.get("fps"), "reopens": st.get("reopens")}
+        return self.monitor.payload(dropped=self.outbox.dropped, queue_depth=len(self.outbox),
+                                    extra={"boot": self.boot, "cameras": cams, "model": self.model_info()})
+
+    def _health_loop(self, stop: threading.Event) -> None:
+        interval = self.config.health.interval_s
+        next_health = time.monotonic() + min(interval, 2.0)  # a first report soon after start
+        states = self._camera_states()
+        while not stop.wait(min(STATUS_CHECK_S, max(0.05, next_health - time.monotonic()))):
+            current = self._camera_states()
+            if current != states:
+                states = current
+                log.info("Camera states changed: %s", ", ".join(f"{k}={v}" for k, v in current.items()))
+                self.publish_status()
+            if time.monotonic() >= next_health:
+                next_health += interval
+                try:
+                    self.link.publish(self.topics.health, T.encode(self.health_payload()), qos=0)
+                except Exception:
+                    log.exception("Building the health report failed")
+
+    def _camera_states(self) -> dict[str, str]:
+        return {cam.name: cam.state for cam in self.cameras}
+
+    def _warn(self, key: str, fmt: str, *args: Any) -> None:
+        """Per-frame warnings: at most one per WARN_EVERY_S per kind, the rest at debug level."""
+        now = time.monotonic()
+        if now - self._warned.get(key, -1e9) >= WARN_EVERY_S:
+            self._warned[key] = now
+            log.warning(fmt, *args)
+        else:
+            log.debug(fmt, *args)

@@ -1,0 +1,102 @@
+"""Outbox: order, bounded capacity with drop counting, ack/rewind semantics, and the disk spool."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from agent.outbox import Outbox
+
+
+def test_fifo_order_and_ack_removes() -> None:
+    box = Outbox(10)
+    ids = [box.put("t", f"m{i}".encode()) for i in range(5)]
+    taken = box.take(3)
+    assert [m.payload for m in taken] == [b"m0", b"m1", b"m2"]
+    assert box.take(10)[0].payload == b"m3"
+    assert len(box) == 5  # nothing leaves before it is acknowledged
+    assert box.ack(ids[0]) and box.ack(ids[1])
+    assert not box.ack(ids[0])  # acking twice is harmless
+    assert len(box) == 3 and box.delivered == 2
+
+
+def test_rewind_resends_unacked_oldest_first() -> None:
+    box = Outbox(10)
+    ids = [box.put("t", bytes([i])) for i in range(4)]
+    box.take(4)
+    box.ack(ids[0])
+    box.rewind()
+    assert [m.id for m in box.take(10)] == ids[1:]
+
+
+def test_full_drops_oldest_and_counts() -> None:
+    box = Outbox(3)
+    for i in range(5):
+        box.put("t", str(i).encode())
+    assert box.dropped == 2
+    assert [m.payload for m in box.take(10)] == [b"2", b"3", b"4"]
+
+
+def test_drop_while_handed_out_keeps_cursor_consistent() -> None:
+    box = Outbox(3)
+    for i in range(3):
+        box.put("t", str(i).encode())
+    assert [m.payload for m in box.take(2)] == [b"0", b"1"]
+    box.put("t", b"3")  # drops "0", which was already handed out
+    assert [m.payload for m in box.take(10)] == [b"2", b"3"]
+
+
+def test_put_never_blocks_and_wakes_listener() -> None:
+    box = Outbox(2)
+    event = threading.Event()
+    box.add_listener(event)
+    for _ in range(1000):
+        box.put("t", b"x")
+    assert event.is_set() and len(box) == 2 and box.dropped == 998
+
+
+def test_spool_survives_restart_and_skips_acked(tmp_path: Path) -> None:
+    box = Outbox(100, spool_dir=tmp_path)
+    ids = [box.put("edgecv/d/predictions", f"p{i}".encode(), qos=1) for i in range(6)]
+    box.put("edgecv/d/health", b"h", qos=0)  # QoS 0 is not spooled
+    box.put("edgecv/d/status", b"s", qos=1, retain=True)  # retained state is not replayed later
+    for msg_id in ids[:2]:
+        box.ack(msg_id)
+    del box  # a crash: no close()
+
+    again = Outbox(100, spool_dir=tmp_path)
+    assert again.restored == 4
+    restored = again.take(100)
+    assert [m.payload for m in restored] == [b"p2", b"p3", b"p4", b"p5"]
+    assert all(m.topic == "edgecv/d/predictions" and m.qos == 1 for m in restored)
+    new_id = again.put("edgecv/d/predictions", b"new")
+    assert new_id > ids[-1]  # ids keep increasing across restarts
+    for m in restored:
+        again.ack(m.id)
+    again.close()
+
+    third = Outbox(100, spool_dir=tmp_path)
+    assert [m.payload for m in third.take(100)] == [b"new"]
+    third.close()
+
+
+def test_spool_ignores_torn_tail(tmp_path: Path) -> None:
+    box = Outbox(10, spool_dir=tmp_path)
+    box.put("t", b"complete")
+    box.close()
+    with open(tmp_path / "outbox.log", "ab") as fh:
+        fh.write(b"\x07\x00\x00")  # a record cut short by a crash
+    again = Outbox(10, spool_dir=tmp_path)
+    assert [m.payload for m in again.take(10)] == [b"complete"]
+    again.close()
+
+
+def test_spool_respects_capacity_on_restore(tmp_path: Path) -> None:
+    box = Outbox(10, spool_dir=tmp_path)
+    for i in range(10):
+        box.put("t", str(i).encode())
+    box.close()
+    small = Outbox(4, spool_dir=tmp_path)
+    assert small.dropped == 6
+    assert [m.payload for m in small.take(10)] == [b"6", b"7", b"8", b"9"]
+    small.close()

@@ -1,0 +1,293 @@
+"""End-to-end fixtures: real `edgecv-agent run` processes with a temp config, a real bundle and a real broker.
+
+    def test_x(start_agent, shared_broker):
+        agent = start_agent({"publish": {"qos": 1}}, broker=shared_broker)
+        ... agent.proc, agent.config_path, agent.topics, agent.device, agent.log() ...
+        assert agent.stop() == 0          # SIGTERM, wait, return code
+        agent.kill()                      # SIGKILL
+
+`fashion_bundle` is the shipped default bundle `models/fashion-mnist/` when it exists, otherwise a small linear
+Fashion-MNIST classifier built here (ridge regression, fp32 ONNX made with the onnx helper API, ~80 % test
+accuracy recorded in its manifest metrics), so the agent tests do not wait for the training pipeline.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agent.contract.topics import DeviceTopics
+from tests.broker import Broker
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_BUNDLE = REPO / "models" / "fashion-mnist"
+_ids = itertools.count()
+
+
+# ------------------------------------------------------------------------------------------------- bundle
+def build_linear_fashion_bundle(out_dir: Path, train_limit: int = 20000) -> Path:
+    """A real (if simple) Fashion-MNIST bundle: ridge-regression logits as one fp32 ONNX Gemm."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from agent.contract.bundle import InputSpec
+    from agent.synthetic import FASHION_MNIST_LABELS, load_fashion_mnist
+    from tools.bundler import build_bundle
+
+    train_x, train_y = load_fashion_mnist("train")
+    test_x, test_y = load_fashion_mnist("test")
+    x = train_x[:train_limit].reshape(train_limit, -1).astype(np.float32) / 255.0
+    x = np.hstack([x, np.ones((train_limit, 1), np.float32)])
+    y = np.eye(10, dtype=np.float32)[train_y[:train_limit]]
+    wb = np.linalg.solve(x.T @ x + 10.0 * np.eye(x.shape[1], dtype=np.float32), x.T @ y).astype(np.float32)
+    weights, bias = wb[:-1], wb[-1]
+
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+         helper.make_node("Gemm", ["flat", "W", "B"], ["logits"])],
+        "linear-fashion",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 28, 28])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(weights, "W"), numpy_helper.from_array(bias, "B")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    work = out_dir.parent / f"{out_dir.name}-work"
+    work.mkdir(parents=True, exist_ok=True)
+    fp32 = work / "model.fp32.onnx"
+    onnx.save(model, str(fp32))
+
+    session = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
+    test_in = (test_x.astype(np.float32) / 255.0)[:, None]
+    pred = session.run(None, {"input": test_in})[0].argmax(1)
+    accuracy = float((pred == test_y).mean())
+    spec = InputSpec(width=28, height=28, channels=1, color="GRAY", layout="NCHW")
+    frames = test_x[:16, :, :, None].copy()
+    build_bundle(out_dir, name="fashion-linear", version="1.0.0", labels=FASHION_MNIST_LABELS, spec=spec,
+                 artifacts=[(fp32, "onnx", "fp32")], selftest_frames=frames,
+                 selftest_expected=[int(i) for i in pred[:16]],
+                 metrics={"dataset": "fashion-mnist", "test_images": len(test_y), "accuracy_fp32": accuracy,
+                          "accuracy_fp32_onnx": accuracy},
+                 description="Linear Fashion-MNIST classifier for the agent's end-to-end tests")
+    return out_dir
+
+
+def recorded_accuracy(bundle_dir: Path, engine: Mapping[str, Any]) -> float:
+    """The test accuracy the bundle's manifest records for the artifact the agent actually ran."""
+    import json
+
+    metrics = json.loads((bundle_dir / "manifest.json").read_text())["metrics"]
+    fmt = "onnx" if engine.get("format") == "onnx" or engine.get("runtime") == "onnxruntime" else "tflite"
+    precision = engine.get("precision", "int8")
+    for key in (f"accuracy_{precision}_{fmt}", f"accuracy_{precision}"):
+        if isinstance(metrics.get(key), int | float):
+            return float(metrics[key])
+    raise AssertionError(f"Bundle {bundle_dir} records no accuracy for {precision} {fmt}: {sorted(metrics)}")
+
+
+@pytest.fixture(scope="session")
+def fashion_bundle(tmp_path_factory: pytest.TempPathFactory, fashion_mnist_dir: Path) -> Path:
+    if (DEFAULT_BUNDLE / "manifest.json").is_file():
+        return DEFAULT_BUNDLE
+    return build_linear_fashion_bundle(tmp_path_factory.mktemp("bundle") / "fashion-linear")
+
+
+# -------------------------------------------------------------------------------------------------- agent
+def to_toml(doc: Mapping[str, Any]) -> str:
+    """Enough TOML for agent configs: scalars, lists of scalars, tables, arrays of tables."""
+
+    def scalar(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(scalar(x) for x in v) + "]"
+        raise TypeError(f"cannot write {v!r} as TOML")
+
+    lines: list[str] = []
+
+    def table(prefix: str, body: Mapping[str, Any], header: str | None) -> None:
+        if header:
+            lines.append(header)
+        nested = []
+        for key, value in body.items():
+            is_tables = isinstance(value, list) and value and all(isinstance(x, Mapping) for x in value)
+            if isinstance(value, Mapping) or is_tables:
+                nested.append((key, value))
+            else:
+                lines.append(f"{key} = {scalar(value)}")
+        for key, value in nested:
+            name = f"{prefix}{key}"
+            if isinstance(value, Mapping):
+                table(f"{name}.", value, f"[{name}]")
+            else:
+                for item in value:
+                    table(f"{name}.", item, f"[[{name}]]")
+
+    table("", doc, None)
+    return "\n".join(lines) + "\n"
+
+
+def merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def agent_command() -> list[str]:
+    exe = Path(sys.executable).parent / "edgecv-agent"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "agent.cli"]
+
+
+@dataclass
+class AgentHandle:
+    proc: subprocess.Popen[bytes]
+    config_path: Path
+    config: dict[str, Any]
+    log_path: Path
+    workdir: Path
+    topics: DeviceTopics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.topics = DeviceTopics(self.config["prefix"], self.config["device_id"])
+
+    @property
+    def device(self) -> str:
+        return str(self.config["device_id"])
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM and wait; returns the exit code (kills and fails the test if it hangs)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+                log = self.log()
+                raise AssertionError(f"Agent did not exit within {timeout:g} s of SIGTERM; log:\n{log}") from None
+        return int(self.proc.returncode)
+
+    def kill(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        return int(self.proc.returncode)
+
+    def wait_exit(self, timeout: float) -> int:
+        return int(self.proc.wait(timeout))
+
+
+StartAgent = Callable[..., AgentHandle]
+
+
+@pytest.fixture
+def start_agent(tmp_path: Path, fashion_bundle: Path) -> Iterator[StartAgent]:
+    """Factory: start_agent(config_overrides, *, broker=None, bundle=None, env=None, args=()) -> AgentHandle.
+
+    The base config: unique device_id, the given broker, one synthetic:fashion-mnist camera at 20 fps, a fresh
+    model store seeded with `bundle` (default: the fashion bundle), unsigned bundles allowed, health every 1 s,
+    fast reconnects, Home Assistant discovery off. `config_overrides` is merged in (tables deeply; `camera`
+    replaces the list).
+    """
+    handles: list[AgentHandle] = []
+
+    def start(config_overrides: Mapping[str, Any] | None = None, *, broker: Broker | None = None,
+              bundle: Path | None = None, env: Mapping[str, str] | None = None,
+              args: tuple[str, ...] = ()) -> AgentHandle:
+        n = next(_ids)
+        work = tmp_path / f"agent{n}"
+        work.mkdir()
+        base: dict[str, Any] = {
+            "device_id": f"e2e-{os.getpid()}-{n}", "prefix": "edgecv", "log_level": "info",
+            "broker": {"host": broker.host if broker else "127.0.0.1", "port": broker.port if broker else 1883,
+                       "reconnect_min_s": 0.1, "reconnect_max_s": 1.0, "keepalive": 5},
+            "camera": [{"name": "cam0", "source": "synthetic:fashion-mnist", "fps": 20.0}],
+            "model": {"store": str(work / "models"), "bundle": str(bundle or fashion_bundle)},
+            "security": {"allow_unsigned": True},
+            "health": {"interval_s": 1.0},
+            "homeassistant": {"enabled": False},
+        }
+        config = merge(base, config_overrides or {})
+        config_path = work / "agent.toml"
+        config_path.write_text(to_toml(config))
+        log_path = work / "agent.log"
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        full_env.pop("NOTIFY_SOCKET", None)  # never the runner's own; a test may pass one in `env`
+        full_env.update(env or {})
+        proc = subprocess.Popen([*agent_command(), "run", "--config", str(config_path), *args],
+                                stdout=subprocess.DEVNULL, stderr=open(log_path, "wb"), env=full_env, cwd=work)
+        handle = AgentHandle(proc, config_path, config, log_path, work)
+        handles.append(handle)
+        return handle
+
+    yield start
+    for handle in handles:
+        handle.kill()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def mosquitto_available() -> bool:
+    return shutil.which("mosquitto") is not None or Path("/usr/sbin/mosquitto").exists()
+
+
+def persistent_broker(workdir: Path) -> Broker:
+    """A broker that keeps sessions across a SIGKILL (autosave every second): a subscriber whose session predates
+    the kill receives what is published right after the restart, however fast the publisher reconnects."""
+    import getpass
+
+    return Broker(workdir, extra_conf=f"persistence true\npersistence_location {workdir}/\nautosave_interval 1\n"
+                                      f"user {getpass.getuser()}\n")
+
+
+def durable_subscriber(broker: Broker, filters: list[str], client_id: str) -> Any:
+    """A subscriber with a persistent session (clean_start false, 1 h expiry) on `filters`."""
+    from tools.fleet.mqtt_client import ClientOptions, MqttClient
+
+    client = MqttClient(ClientOptions(host=broker.host, port=broker.port, client_id=client_id, clean_start=False,
+                                      session_expiry_s=3600)).connect()
+    for flt in filters:
+        client.subscribe(flt)
+    return client
+
+
+def wait_for_autosave(workdir: Path, since: float, timeout: float = 6.0) -> None:
+    """Wait until a persistent_broker wrote its database after `since` (epoch s), so a session created before
+    `since` survives a SIGKILL."""
+    db = workdir / "mosquitto.db"
+    if not wait_until(lambda: db.exists() and db.stat().st_mtime > since, timeout):
+        raise AssertionError(f"mosquitto did not autosave {db} within {timeout:g} s")

@@ -1,0 +1,119 @@
+"""Live predictions from the fleet: subscribe, filter by device or group, print a table row or a JSON line each.
+
+Group filtering uses the devices' retained `status` (its `groups` list): the status subscription is made first,
+so the broker delivers every retained status before the first prediction of the second subscription.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from agent.contract import topics as T
+from tools.errors import FleetError
+from tools.fleet.mqtt_client import ClientOptions, MqttClient, Received
+
+COLUMNS = (("TIME", 12), ("DEVICE", 16), ("CAMERA", 8), ("TOP", 14), ("SCORE", 6), ("INFER", 8), ("TOTAL", 8),
+           ("SEQ", 7))
+
+
+@dataclass
+class WatchFilter:
+    prefix: str = T.DEFAULT_PREFIX
+    devices: tuple[str, ...] = ()
+    group: str | None = None
+    groups_of: dict[str, set[str]] = field(default_factory=dict)  # device -> groups, from retained status
+
+    def topics(self) -> list[str]:
+        if self.devices:
+            return [T.fleet_filter(self.prefix, "predictions", d) for d in self.devices]
+        return [T.fleet_filter(self.prefix, "predictions")]
+
+    def accepts(self, device: str) -> bool:
+        if self.devices and device not in self.devices:
+            return False
+        return self.group is None or self.group in self.groups_of.get(device, set())
+
+    def note_status(self, device: str, payload: dict[str, Any]) -> None:
+        groups = payload.get("groups") or []
+        self.groups_of[device] = {str(g) for g in groups} if isinstance(groups, list) else set()
+
+
+def format_header() -> str:
+    return "  ".join(f"{name:<{width}}" for name, width in COLUMNS)
+
+
+def format_row(doc: dict[str, Any]) -> str:
+    top = (doc.get("top") or [{}])[0]
+    ts = float(doc.get("frame_ts") or doc.get("ts") or time.time())
+    stamp = time.strftime("%H:%M:%S", time.localtime(ts)) + f".{int(ts * 1000) % 1000:03d}"
+    lat = doc.get("latency_ms") or {}
+    values = (stamp, str(doc.get("device", "?")), str(doc.get("camera", "?")), str(top.get("label", "-")),
+              _num(top.get("score"), "{:.3f}"), _num(lat.get("infer"), "{:.2f}ms"), _num(lat.get("total"), "{:.2f}ms"),
+              str(doc.get("seq", "-")))
+    return "  ".join(f"{v[:w]:<{w}}" for v, (_, w) in zip(values, COLUMNS, strict=True))
+
+
+def _num(value: Any, fmt: str) -> str:
+    return fmt.format(value) if isinstance(value, int | float) else "-"
+
+
+def watch(options: ClientOptions, flt: WatchFilter, *, as_json: bool = False, count: int | None = None,
+          timeout: float | None = None, out: TextIO | None = None) -> int:
+    """Print predictions until `count` were printed, `timeout` seconds passed, or Ctrl-C; returns how many."""
+    out = out or sys.stdout
+    printed = 0
+    with MqttClient(options) as client:
+        if flt.group is not None:
+            client.subscribe(T.fleet_filter(flt.prefix, "status"), qos=1)
+        for topic in flt.topics():
+            client.subscribe(topic, qos=0)
+        if not as_json:
+            print(format_header(), file=out, flush=True)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while count is None or printed < count:
+                wait = 0.5 if deadline is None else deadline - time.monotonic()
+                if wait <= 0:
+                    break
+                msg = client.get(min(wait, 0.5))
+                if msg is not None and _handle(msg, flt, as_json, out):
+                    printed += 1
+        except KeyboardInterrupt:
+            pass
+    return printed
+
+
+def _handle(msg: Received, flt: WatchFilter, as_json: bool, out: TextIO) -> bool:
+    parsed = T.parse_device_topic(flt.prefix, msg.topic)
+    if parsed is None:
+        return False
+    device, kind = parsed
+    try:
+        doc = msg.json() if msg.payload else {}
+    except ValueError:
+        return False
+    if kind == "status":
+        flt.note_status(device, doc)
+        return False
+    if kind != "predictions" or not flt.accepts(device):
+        return False
+    if as_json:
+        print(json.dumps(doc, separators=(",", ":"), sort_keys=True), file=out, flush=True)
+    else:
+        print(format_row(doc), file=out, flush=True)
+    return True
+
+
+def run_watch(options: ClientOptions, prefix: str, devices: Sequence[str], group: str | None, as_json: bool,
+              count: int | None, timeout: float | None) -> int:
+    """CLI body: exit 0, or 1 when --count was given and fewer predictions arrived before --timeout."""
+    got = watch(options, WatchFilter(prefix, tuple(devices), group), as_json=as_json, count=count, timeout=timeout)
+    if count is not None and got < count:
+        raise FleetError(f"Only {got} of {count} predictions arrived within {timeout:g} s; check that the devices "
+                         "are online ('edgecv devices') and the --prefix/--device/--group filters")
+    return 0
