@@ -161,8 +161,23 @@ class LiteRtEngine:
             version = "unknown"
         self.version = str(version)
 
+    @property
+    def input_quantizer(self) -> InputQuantizer | None:
+        """The float → code mapping of a per-tensor-quantized input (None otherwise), so a caller can fold it
+        into preprocessing and call `run_codes`."""
+        if self._quantize is None or self._in_quant is None or self._in_quant[0].size != 1:
+            return None
+        return self._quantize
+
+    def run_codes(self, codes: np.ndarray) -> np.ndarray:
+        """Run an already-quantized input batch (dtype of the model input); returns float32 logits."""
+        if codes.dtype != self._in_dtype:
+            raise InferenceError(f"Model {self.path.name} takes {self._in_dtype} codes, got {codes.dtype}")
+        return self.run(codes)
+
     def run(self, batch: np.ndarray) -> np.ndarray:
-        batch = np.asarray(batch, dtype=np.float32)
+        if batch.dtype != self._in_dtype or self._quantize is None:
+            batch = np.asarray(batch, dtype=np.float32)
         n = batch.shape[0]
         with self._lock:
             if n != self._batch:
@@ -184,7 +199,9 @@ class LiteRtEngine:
         self._batch = n
 
     def _invoke(self, batch: np.ndarray) -> np.ndarray:
-        if self._quantize is not None:
+        if batch.dtype == self._in_dtype and self._quantize is not None:
+            feed = batch  # already codes (run_codes)
+        elif self._quantize is not None:
             feed = self._quantize(batch)
         else:
             feed = np.ascontiguousarray(batch, dtype=self._in_dtype)

@@ -97,3 +97,20 @@ def test_selftest_fails_cleanly_on_unreadable_vectors(tiny_bundle: Bundle) -> No
     np.savez(tiny_bundle.root / "selftest.npz", frames=np.zeros((3, 28, 28, 1), np.uint8))
     report = run_selftest(Classifier.load(tiny_bundle))
     assert not report.passed and "hold 3 frames" in report.detail
+
+
+def test_int8_input_model_is_fed_through_the_code_table_with_identical_logits(tiny_model: TinyModel,
+                                                                             tmp_path: Path) -> None:
+    bundle = make_bundle(tiny_model, tmp_path / "b", artifacts=(("tflite", "int8"),))
+    clf = Classifier.load(bundle, runtime="litert")
+    assert clf._code_table is not None  # int8 input tensor: normalise + quantise folded into one look-up
+    for frame in tiny_model.frames[:20]:
+        served = clf.classify(frame).logits
+        unfused = clf.engine.run(clf.preprocessor(frame))[0]  # float input, quantized inside the adapter
+        np.testing.assert_array_equal(served, unfused)
+    report = run_selftest(clf)
+    assert report.passed and report.frames == len(tiny_model.frames)
+
+
+def test_float_input_models_keep_the_float_path(tiny_bundle: Bundle) -> None:
+    assert Classifier.load(tiny_bundle, runtime="onnxruntime")._code_table is None

@@ -125,3 +125,28 @@ def test_vga_to_224_is_fast() -> None:
         pre(frame)
         times.append(time.perf_counter() - t0)
     assert float(np.median(times)) < 0.010  # typically ~0.5 ms; a per-pixel Python loop would take seconds
+
+
+@pytest.mark.parametrize("color,layout,mean,std", [
+    ("GRAY", "NCHW", (0.2859,), (0.3522,)),
+    ("RGB", "NCHW", (0.5,), (0.25,)),
+    ("RGB", "NCHW", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ("BGR", "NHWC", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+])
+def test_code_table_gives_the_same_codes_as_normalise_then_quantise(color: str, layout: str,
+                                                                   mean: tuple[float, ...],
+                                                                   std: tuple[float, ...]) -> None:
+    from agent.runtimes.litert import InputQuantizer
+
+    channels = 1 if color == "GRAY" else 3
+    spec = InputSpec(width=20, height=12, channels=channels, color=color, layout=layout, mean=mean, std=std)
+    pre = Preprocessor(spec)
+    quantizer = InputQuantizer(np.int8, np.asarray([0.011085], np.float32), np.asarray([-55]), 0, ndim=4)
+    frame = np.random.default_rng(3).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    frame[:24, :32] = 0  # solid blocks survive area resizing: black saturates the int8 range
+    frame[24:, 32:] = 255
+    expected = quantizer(pre(frame))
+    codes = pre.codes(frame, pre.code_table(quantizer))
+    assert codes.dtype == np.int8 and codes.shape == spec.shape(1)
+    np.testing.assert_array_equal(codes, expected)
+    assert codes.min() == -128 or codes.max() == 127  # the table covers saturation, not just the mid-range
