@@ -140,6 +140,7 @@ def agent_exe() -> list[str]:
 
 
 _n = iter(range(10**6))
+PREDICTION_QOS = 1  # --qos: the agent's publish.qos for predictions
 
 
 def start_agent(workdir: Path, port: int, bundle: Path, runtime: str, fps: float) -> tuple[subprocess.Popen[bytes],
@@ -161,7 +162,7 @@ store = "{d / 'models'}"
 bundle = "{bundle}"
 runtime = "{runtime}"
 [publish]
-qos = 1
+qos = {PREDICTION_QOS}
 top_k = 3
 [health]
 interval_s = 5.0
@@ -358,7 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", type=Path, help="default bundle (default models/fashion-mnist/)")
     parser.add_argument("--no-rgb64", action="store_true", help="skip the 64x64 RGB bundle")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--qos", type=int, choices=(0, 1), default=1,
+                        help="QoS of the agent's predictions (default 1; 0 shows the cost of the PUBACK path)")
     args = parser.parse_args(argv)
+    global PREDICTION_QOS
+    PREDICTION_QOS = args.qos
     sys.path.insert(0, str(REPO))
     window = 5.0 if args.quick else 15.0
     follow_s = 10.0 if args.quick else 30.0
