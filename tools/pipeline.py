@@ -58,6 +58,9 @@ class OptimizeConfig:
     color: str | None = None
     key: Path | None = None
     include_fp32: bool = False
+    # Which int8 artifacts the bundle carries. Both are always built and measured; a device needs only the one
+    # its runtime runs, and one artifact halves the bundle (the only layout that meets the 8× size target).
+    bundle_formats: tuple[str, ...] = ("onnx", "tflite")
     latency_runs: int = 500
     selftest_count: int = 8
     threads: int | None = None
@@ -65,6 +68,8 @@ class OptimizeConfig:
     command: str = ""
 
     def validate(self) -> None:
+        if not self.bundle_formats or set(self.bundle_formats) - {"onnx", "tflite"}:
+            raise ToolsError(f"--bundle-formats must name onnx and/or tflite, got {','.join(self.bundle_formats)}")
         if not 0.0 <= self.sparsity < 1.0:
             raise ToolsError(f"--sparsity must be in [0, 1), got {self.sparsity}")
         if not 0.0 <= self.structured < 1.0:
@@ -378,10 +383,13 @@ def _bundle(cfg: OptimizeConfig, name: str, labels: list[str], spec: InputSpec, 
     from tools.bundler import build_bundle, choose_selftest_frames, pack, read_selftest
 
     pre = Preprocessor(spec)
-    candidates = {"int8 ONNX": _logits_fn(int8_onnx, "onnx"), "int8 TFLite": _logits_fn(int8_tflite, "tflite")}
+    candidates = {f"int8 {label}": _logits_fn(path, fmt)
+                  for label, path, fmt in (("ONNX", int8_onnx, "onnx"), ("TFLite", int8_tflite, "tflite"))
+                  if fmt in cfg.bundle_formats}
     frames, expected = choose_selftest_frames(splits.test.images, pre.batch, _logits_fn(fp32, "onnx"), candidates,
                                               count=min(cfg.selftest_count, len(splits.test)), seed=cfg.seed)
-    artifacts = [(int8_onnx, "onnx", "int8"), (int8_tflite, "tflite", "int8")]
+    artifacts = [(path, fmt, "int8") for path, fmt in ((int8_onnx, "onnx"), (int8_tflite, "tflite"))
+                 if fmt in cfg.bundle_formats]
     if cfg.include_fp32:
         artifacts.append((fp32, "onnx", "fp32"))
     by_stage = {s.stage: s for s in record.stages}
@@ -506,4 +514,6 @@ def command_for(cfg: OptimizeConfig) -> str:
             args += [flag, "-1" if attr == "max_drop" and value is None else str(value)]
     if cfg.include_fp32:
         args.append("--include-fp32")
+    if cfg.bundle_formats != default.bundle_formats:
+        args += ["--bundle-formats", ",".join(cfg.bundle_formats)]
     return shlex.join([*args, "--out", str(cfg.out)])

@@ -16,6 +16,7 @@ import pytest
 
 from agent.contract.bundle import load_bundle, open_bundle, verify_bundle
 from agent.contract.signing import Keyring, generate_private_key, load_public_key, write_keypair
+from agent.errors import RuntimeUnavailableError
 from agent.preprocess import Preprocessor
 from agent.runtimes import open_engine
 from tools.bundler import read_selftest
@@ -110,19 +111,25 @@ def test_report_files_and_tables(run: dict[str, Any]) -> None:
     assert "--limit 2000" in md  # the reproduce command
 
 
-def test_colour_image_folder_with_channel_pruning_gives_bgr_selftest_frames(tmp_path: Path) -> None:
+def _colour_folder(root: Path) -> Path:
+    """Three classes of 20×20 images: a red, green or blue square on dark noise."""
     import cv2
-
-    from agent.classifier import Classifier, run_selftest
 
     rng = np.random.default_rng(0)
     for name, bgr in {"red": (0, 0, 255), "green": (0, 255, 0), "blue": (255, 0, 0)}.items():
-        (tmp_path / "colors" / name).mkdir(parents=True)
+        (root / name).mkdir(parents=True)
         for i in range(40):
             img = rng.integers(0, 80, (20, 20, 3)).astype(np.uint8)
             x, y = rng.integers(0, 10, 2)
             img[y:y + 10, x:x + 10] = bgr
-            cv2.imwrite(str(tmp_path / "colors" / name / f"{i}.png"), img)
+            cv2.imwrite(str(root / name / f"{i}.png"), img)
+    return root
+
+
+def test_colour_image_folder_with_channel_pruning_gives_bgr_selftest_frames(tmp_path: Path) -> None:
+    from agent.classifier import Classifier, run_selftest
+
+    _colour_folder(tmp_path / "colors")
     assert main(["optimize", "--data", str(tmp_path / "colors"), "--epochs", "3", "--finetune-epochs", "1",
                  "--structured", "0.25", "--calib", "40", "--latency-runs", "5", "--out", str(tmp_path / "out")]) == 0
     bundle = load_bundle(tmp_path / "out" / "colors")
@@ -139,6 +146,22 @@ def test_colour_image_folder_with_channel_pruning_gives_bgr_selftest_frames(tmp_
     assert report["model"]["structured"]["params_after"] < report["model"]["structured"]["params_before"]
 
 
+def test_single_runtime_bundle_carries_only_that_artifact(tmp_path: Path) -> None:
+    from agent.classifier import Classifier, run_selftest
+
+    _colour_folder(tmp_path / "colors")
+    assert main(["optimize", "--data", str(tmp_path / "colors"), "--epochs", "2", "--finetune-epochs", "1",
+                 "--calib", "40", "--latency-runs", "5", "--bundle-formats", "tflite",
+                 "--out", str(tmp_path / "out")]) == 0
+    bundle = load_bundle(tmp_path / "out" / "colors")
+    assert [(a.format, a.precision) for a in bundle.manifest.artifacts] == [("tflite", "int8")]
+    assert run_selftest(Classifier.load(bundle, runtime="litert")).passed
+    with pytest.raises(RuntimeUnavailableError):
+        Classifier.load(bundle, runtime="onnxruntime")  # no ONNX artifact shipped
+    report = json.loads((tmp_path / "out" / "colors-report" / "report.json").read_text())
+    assert "--bundle-formats tflite" in report["command"]  # the report's reproduce line keeps the choice
+
+
 def test_intermediates_stay_in_the_work_folder(run: dict[str, Any]) -> None:
     work = run["out"] / "work"
     assert {p.name for p in work.iterdir()} >= {"trained.pt", "pruned.pt", "model.fp32.onnx", "model.int8.onnx",
@@ -152,6 +175,8 @@ def test_intermediates_stay_in_the_work_folder(run: dict[str, Any]) -> None:
     ({"epochs": 0}, "--epochs"),
     ({"method": "magic"}, "--method"),
     ({"limit": 5}, "--limit"),
+    ({"bundle_formats": ("tflite", "pt")}, "--bundle-formats"),
+    ({"bundle_formats": ()}, "--bundle-formats"),
     ({"key": Path("/nonexistent/key")}, "edgecv keys generate"),
 ])
 def test_bad_settings_are_refused_before_any_work(tmp_path: Path, kwargs: dict, message: str) -> None:

@@ -40,6 +40,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--color", choices=("rgb", "gray"), help="colour for folder data (default rgb)")
     p.add_argument("--key", type=Path, help="Ed25519 private key: sign the bundle (see 'edgecv keys generate')")
     p.add_argument("--include-fp32", action="store_true", help="also ship model.fp32.onnx in the bundle")
+    p.add_argument("--bundle-formats", default="onnx,tflite",
+                   help="int8 artifacts the bundle carries: onnx, tflite or both (default both; both are always "
+                        "built and verified, one halves the bundle for a fleet on a single runtime)")
     p.add_argument("--latency-runs", type=int, default=500, help="timed single-image runs per artifact")
     p.add_argument("--threads", type=int, help="torch threads for training (default: torch's choice)")
     p.set_defaults(handler=handle)
@@ -54,6 +57,7 @@ def handle(args: argparse.Namespace) -> int:
         sparsity=args.sparsity, structured=args.structured, calib=args.calib, method=args.method,
         max_drop=None if args.max_drop < 0 else args.max_drop, seed=args.seed, limit=args.limit, size=args.size,
         color=args.color, key=args.key, include_fp32=args.include_fp32, latency_runs=args.latency_runs,
+        bundle_formats=tuple(f.strip() for f in args.bundle_formats.split(",") if f.strip()),
         threads=args.threads, progress=sys.stderr.isatty())
     result = run_pipeline(cfg, say=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(result.report["markdown"].read_text().split("## Data flow")[0].rstrip())
