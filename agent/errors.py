@@ -69,3 +69,7 @@ class MqttError(EdgecvError):
 
 class StoreError(EdgecvError):
     """The on-device model store is unusable (no valid model, disk full, bad layout)."""
+
+
+class NoModelError(StoreError):
+    """The store is empty and no seed bundle is configured: a fresh device waits for its first push."""

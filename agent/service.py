@@ -24,7 +24,7 @@ from agent.classifier import Classifier
 from agent.config import AgentConfig
 from agent.contract import topics as T
 from agent.contract.bundle import Bundle
-from agent.errors import EdgecvError
+from agent.errors import EdgecvError, NoModelError
 from agent.health import HealthMonitor
 from agent.mqtt import MqttLink
 from agent.outbox import Outbox
@@ -102,6 +102,7 @@ class Agent:
         self.monitor.reset_infer_window()
         self.policy.reset()
         log.info("Model is now %s %s (%s)", new.name, new.version, new.engine.name)
+        self.notifier.status(f"Classifying with {new.name} {new.version}")
         self.publish_status()
         return old
 
@@ -129,15 +130,25 @@ class Agent:
 
     # -------------------------------------------------------------------------------------------- run
     def run(self, stop: threading.Event) -> int:
-        """Start everything, serve until `stop` is set, shut down cleanly; returns the exit code (0)."""
-        clf = self.ensure_model()
-        log.info("Agent %s starting: model %s %s, %d camera(s), broker %s:%s", self.config.device_id,
-                 clf.name, clf.version, len(self.cameras), self.config.broker.host,
-                 self.config.broker.port)
+        """Start everything, serve until `stop` is set, shut down cleanly; returns the exit code (0).
+
+        A device with an empty store and no seed bundle (a fresh install) still comes up: it reports `online`
+        with no model and waits for its first push instead of exiting into a systemd restart loop.
+        """
+        try:
+            clf = self.ensure_model()
+            model = f"model {clf.name} {clf.version}"
+        except NoModelError as exc:
+            model = "no model yet"
+            log.warning("%s; serving MQTT and waiting for a pushed model", exc)
+        log.info("Agent %s starting: %s, %d camera(s), broker %s:%s", self.config.device_id, model,
+                 len(self.cameras), self.config.broker.host, self.config.broker.port)
         for cam in self.cameras:
             cam.start()
         self._start_extensions()
         self.link.start()
+        if self._classifier is None:
+            self._mark_ready("Waiting for a model push")
         for cam in self.cameras:
             self._spawn(f"loop-{cam.name}", self._camera_loop, cam, stop)
         self._spawn("health", self._health_loop, stop)
@@ -212,16 +223,15 @@ class Agent:
             return None
         with self._classify_lock:
             clf = self._classifier
-            assert clf is not None
-            result = clf.classify(frame.image)
+            result = clf.classify(frame.image) if clf is not None else None
+        if clf is None or result is None:
+            mon.record_skipped("no_model")
+            self.notifier.frame()  # frames flow; the loop is alive while it waits for a push
+            return None
         mon.record_inferred(result.latency_ms)
         self.last_top = result.top
-        if not self._ready:
-            with self._ready_lock:
-                if not self._ready:
-                    self._ready = True
-                    self.notifier.ready(f"Classifying with {clf.name} {clf.version}")
-                    log.info("First frame classified (%.1f ms); ready", result.latency_ms["total"])
+        if self._mark_ready(f"Classifying with {clf.name} {clf.version}"):
+            log.info("First frame classified (%.1f ms); ready", result.latency_ms["total"])
         self.notifier.frame()
         if not self.policy.should_publish(result.top, time.time(), key=camera):
             return None
@@ -239,6 +249,17 @@ class Agent:
         self.outbox.put(self.topics.predictions, T.encode(doc), qos=pub.qos, retain=False, expiry_s=pub.expiry_s)
         mon.record_published()
         return doc
+
+    def _mark_ready(self, status: str) -> bool:
+        """Send READY=1 once per process; True the first time."""
+        if self._ready:
+            return False
+        with self._ready_lock:
+            if self._ready:
+                return False
+            self._ready = True
+        self.notifier.ready(status)
+        return True
 
     # ------------------------------------------------------------------------------------------ health
     def health_payload(self) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from agent.contract.bundle import (
     verify_bundle,
 )
 from agent.contract.signing import Keyring
-from agent.errors import BundleError, StoreError, UnsafeArchiveError
+from agent.errors import BundleError, NoModelError, StoreError, UnsafeArchiveError
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ class ModelStore:
                 except BundleError as exc:
                     raise StoreError(f"Seed bundle {seed} cannot be used: {exc}") from exc
                 return self.activate(bundle)
-            raise StoreError(f"Model store {self.root} holds no valid model and no seed bundle is configured; set "
+            raise NoModelError(f"Model store {self.root} holds no valid model and no seed bundle is configured; set "
                              "model.bundle to a bundle file or push one with 'edgecv push'")
 
     def remove(self, bundle: Bundle) -> bool:

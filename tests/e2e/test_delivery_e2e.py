@@ -369,3 +369,24 @@ def test_push_to_an_mqtt_311_agent(start_agent: StartAgent, shared_broker: Broke
     watch.wait_predictions(agent.device, 2)
     assert watch.versions_after(agent.device, n) == {"2.0"}
     assert "(MQTT 3.1.1" in agent.log()
+
+
+def test_fresh_device_without_a_model_comes_online_and_takes_its_first_push(
+        start_agent: StartAgent, shared_broker: Broker, signing, bundles, watch_factory) -> None:  # type: ignore[no-untyped-def]
+    """A fresh install has an empty store and no seed bundle: the agent must stay up and accept a first push
+    (exiting would put systemd into a restart loop and the device could never receive a model)."""
+    _, ring = signing
+    agent = start_agent({"security": {"keyring": str(ring), "allow_unsigned": False},
+                         "camera": [{"name": "cam0", "source": "synthetic:fashion-mnist", "fps": 10.0}],
+                         "model": {"bundle": ""}}, broker=shared_broker)
+    watch = watch_factory(shared_broker, [agent.device])
+    assert wait_until(lambda: watch.status.get(agent.device, {}).get("state") == "online", 30), agent.log()
+    assert watch.status[agent.device]["model"] is None
+    time.sleep(1.0)
+    assert agent.alive() and watch.count(agent.device) == 0  # frames arrive, nothing to classify them with
+    res = cli("push", str(bundles["1.0"]), "--device", agent.device, "--timeout", "60", "--no-progress",
+              broker=shared_broker)
+    assert res.returncode == 0, res.stdout + res.stderr + agent.log()
+    watch.wait_predictions(agent.device, 5)
+    assert watch.versions_after(agent.device, 0) == {"1.0"}
+    assert wait_until(lambda: (watch.status[agent.device].get("model") or {}).get("version") == "1.0", 10)
