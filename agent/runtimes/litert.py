@@ -170,24 +170,29 @@ class LiteRtEngine:
         return self._quantize
 
     def run_codes(self, codes: np.ndarray) -> np.ndarray:
-        """Run an already-quantized input batch (dtype of the model input); returns float32 logits."""
-        if codes.dtype != self._in_dtype:
-            raise InferenceError(f"Model {self.path.name} takes {self._in_dtype} codes, got {codes.dtype}")
-        return self.run(codes)
+        """Run an already-quantized input batch (see `input_quantizer`); returns float32 logits."""
+        if self._quantize is None or codes.dtype != self._in_dtype:
+            raise InferenceError(f"Model {self.path.name} takes {self._in_dtype} input, not {codes.dtype} codes")
+        return self._run_feed(codes)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        if batch.dtype != self._in_dtype or self._quantize is None:
-            batch = np.asarray(batch, dtype=np.float32)
-        n = batch.shape[0]
+        """Run a float32 preprocessed batch; int8/uint8 model inputs are quantized here."""
+        batch = np.asarray(batch, dtype=np.float32)
+        feed = self._quantize(batch) if self._quantize is not None else np.ascontiguousarray(batch, self._in_dtype)
+        return self._run_feed(feed)
+
+    def _run_feed(self, feed: np.ndarray) -> np.ndarray:
+        """Feed tensors already in the model's input dtype, resizing or looping to the model's batch."""
+        n = feed.shape[0]
         with self._lock:
             if n != self._batch:
                 if self._dynamic_batch:
                     self._resize(n)
                 elif self._batch == 1:
-                    return np.concatenate([self._invoke(batch[i:i + 1]) for i in range(n)], axis=0)
+                    return np.concatenate([self._invoke(feed[i:i + 1]) for i in range(n)], axis=0)
                 else:
                     raise InferenceError(f"Model {self.path.name} has a fixed batch of {self._batch}, got {n}")
-            return self._invoke(batch)
+            return self._invoke(feed)
 
     def _resize(self, n: int) -> None:
         shape = [n, *(int(d) for d in self._in["shape"][1:])]
@@ -198,13 +203,7 @@ class LiteRtEngine:
             raise InferenceError(f"LiteRT cannot resize {self.path.name} to batch {n}: {exc}") from exc
         self._batch = n
 
-    def _invoke(self, batch: np.ndarray) -> np.ndarray:
-        if batch.dtype == self._in_dtype and self._quantize is not None:
-            feed = batch  # already codes (run_codes)
-        elif self._quantize is not None:
-            feed = self._quantize(batch)
-        else:
-            feed = np.ascontiguousarray(batch, dtype=self._in_dtype)
+    def _invoke(self, feed: np.ndarray) -> np.ndarray:
         try:
             self._interp.set_tensor(self._in["index"], feed)
             self._interp.invoke()
@@ -213,7 +212,7 @@ class LiteRtEngine:
             raise InferenceError(f"LiteRT failed on {self.path.name} with input {feed.shape}: {exc}") from exc
         if self._dequantize is not None:
             out = self._dequantize(out)
-        return np.asarray(out, dtype=np.float32).reshape(batch.shape[0], -1)
+        return np.asarray(out, dtype=np.float32).reshape(feed.shape[0], -1)
 
     def describe(self) -> dict[str, Any]:
         def tensor(detail: Mapping[str, Any], quant: tuple[np.ndarray, np.ndarray, int] | None) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import pytest
 
 from agent.classifier import Classifier, run_selftest
 from agent.contract.bundle import MANIFEST_NAME, Bundle, load_bundle
-from agent.errors import IncompatibleBundleError, RuntimeUnavailableError, SelfTestError
+from agent.errors import IncompatibleBundleError, InferenceError, RuntimeUnavailableError, SelfTestError
 from agent.synthetic import FASHION_MNIST_LABELS, SyntheticSource
 from tests.agent.conftest import TinyModel, make_bundle
 
@@ -110,6 +110,8 @@ def test_int8_input_model_is_fed_through_the_code_table_with_identical_logits(ti
         np.testing.assert_array_equal(served, unfused)
     report = run_selftest(clf)
     assert report.passed and report.frames == len(tiny_model.frames)
+    with pytest.raises(InferenceError, match="codes"):
+        clf.engine.run_codes(clf.preprocessor(tiny_model.frames[0]))  # type: ignore[attr-defined]  # float, not codes
 
 
 def test_float_input_models_keep_the_float_path(tiny_bundle: Bundle) -> None:
