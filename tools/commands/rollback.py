@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from tools.commands.devices import add_broker_arguments
+from tools.fleet.broker_options import add_broker_arguments
 
 
 def register(subparsers: Any) -> None:

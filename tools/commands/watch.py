@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from tools.commands.devices import add_broker_arguments, client_options
+from tools.fleet.broker_options import add_broker_arguments, client_options
 
 
 def register(subparsers: Any) -> None:
