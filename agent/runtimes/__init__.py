@@ -43,6 +43,14 @@ class Engine(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
 
+def require_classifier_io(path: Path, inputs: int, outputs: int) -> None:
+    """What every adapter checks first: exactly one image input and at least one (logits) output."""
+    if inputs != 1 or outputs == 0:
+        raise IncompatibleBundleError(
+            f"Model {Path(path).name} has {inputs} inputs and {outputs} outputs; edgecv needs one image input "
+            "and a logits output")
+
+
 def available_runtimes() -> list[str]:
     """Runtimes importable in this environment, in preference order (LiteRT first: fastest for int8)."""
     found = []

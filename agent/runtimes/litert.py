@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from agent.errors import IncompatibleBundleError, InferenceError, RuntimeUnavailableError
+from agent.runtimes import require_classifier_io
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +138,7 @@ class LiteRtEngine:
                 "valid .tflite model") from exc
         inputs = self._interp.get_input_details()
         outputs = self._interp.get_output_details()
-        if len(inputs) != 1 or not outputs:
-            raise IncompatibleBundleError(
-                f"Model {self.path.name} has {len(inputs)} inputs and {len(outputs)} outputs; edgecv needs "
-                "one image input and a logits output")
+        require_classifier_io(self.path, len(inputs), len(outputs))
         self._in = inputs[0]
         self._out = outputs[0]
         self._in_dtype = np.dtype(self._in["dtype"])

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from agent.errors import IncompatibleBundleError, InferenceError, RuntimeUnavailableError
+from agent.runtimes import require_classifier_io
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,7 @@ class OnnxEngine:
                 "re-export it or check that the file is a valid ONNX model") from exc
         inputs = self._session.get_inputs()
         outputs = self._session.get_outputs()
-        if len(inputs) != 1 or not outputs:
-            raise IncompatibleBundleError(
-                f"Model {self.path.name} has {len(inputs)} inputs and {len(outputs)} outputs; edgecv needs "
-                "one image input and a logits output")
+        require_classifier_io(self.path, len(inputs), len(outputs))
         self._input = inputs[0]
         self._output = outputs[0]
         self._in_type = _NP_TYPES.get(self._input.type)

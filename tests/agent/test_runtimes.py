@@ -160,3 +160,17 @@ def test_output_dequantizer_table_matches_the_formula_for_every_code(dtype: type
     table = OutputDequantizer(dtype, scales, zeros, 0)
     assert table.table is not None  # 8-bit per-tensor: the look-up path is taken
     np.testing.assert_array_equal(table(codes), dequantize(codes, scales, zeros))
+
+
+def test_a_model_with_two_inputs_is_refused_with_a_clear_error(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 4])
+    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 4])
+    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4])
+    graph = helper.make_graph([helper.make_node("Add", ["a", "b"], ["logits"])], "two-inputs", [a, b], [out])
+    path = tmp_path / "two.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    with pytest.raises(IncompatibleBundleError, match="2 inputs and 1 outputs; edgecv needs one image input"):
+        open_engine(path, "onnx")
