@@ -22,6 +22,7 @@ import os
 import shutil
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,11 +99,7 @@ class ModelStore:
         with self._lock:
             cur, prev = self._target(CURRENT), self._target(PREVIOUS)
             out = []
-            for path in self._version_dirs():
-                try:
-                    bundle = load_bundle(path)
-                except BundleError:
-                    continue
+            for path, bundle in self._readable_versions():
                 out.append(StoredVersion(name=bundle.manifest.name, version=bundle.manifest.version,
                                          sha256=bundle.manifest_sha256, path=path,
                                          installed=path.stat().st_mtime, current=path == cur,
@@ -291,16 +288,20 @@ class ModelStore:
 
     def _find(self, to: str) -> Path:
         matches = []
-        for path in self._version_dirs():
-            try:
-                bundle = load_bundle(path)
-            except BundleError:
-                continue
+        for path, bundle in self._readable_versions():
             if to in (path.name, bundle.manifest.version) or (len(to) >= 6 and bundle.manifest_sha256.startswith(to)):
                 matches.append(path)
         if not matches:
             raise StoreError(f"No installed model matches {to!r}; 'edgecv cmd <device> ping' lists what is active")
         return matches[0]  # newest install of that version
+
+    def _readable_versions(self) -> Iterator[tuple[Path, Bundle]]:
+        """Installed version directories whose manifest parses (not verified), newest first."""
+        for path in self._version_dirs():
+            try:
+                yield path, load_bundle(path)
+            except BundleError:
+                continue
 
     def _version_dirs(self) -> list[Path]:
         try:
