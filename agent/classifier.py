@@ -22,7 +22,7 @@ from agent.contract.bundle import Bundle, load_bundle
 from agent.errors import IncompatibleBundleError, InferenceError, SelfTestError
 from agent.postprocess import top_k as rank
 from agent.preprocess import Preprocessor
-from agent.runtimes import Engine, load_engine
+from agent.runtimes import CodesEngine, Engine, load_engine
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,9 @@ class Classifier:
         self.labels: tuple[str, ...] = bundle.manifest.labels
         self.preprocessor = Preprocessor(bundle.manifest.input)
         # Int8-input models: normalisation + input quantization folded into one table look-up per pixel.
-        quantizer = getattr(engine, "input_quantizer", None)
-        self._code_table = self.preprocessor.code_table(quantizer) if quantizer is not None else None
+        self._codes: tuple[CodesEngine, np.ndarray] | None = None  # (engine, code table) for int8-input models
+        if isinstance(engine, CodesEngine) and engine.input_quantizer is not None:
+            self._codes = (engine, self.preprocessor.code_table(engine.input_quantizer))
         self.top_k = top_k
         self.min_score = min_score
 
@@ -87,24 +88,29 @@ class Classifier:
 
     def classify(self, image: np.ndarray, top_k: int | None = None) -> Result:
         """uint8 frame (HxWx3 BGR or HxWx1 gray) → Result. Raises InferenceError if the runtime fails."""
-        t0 = time.perf_counter()
-        logits, t1 = self._forward(image)
-        t2 = time.perf_counter()
-        top = rank(logits, self.labels, self.top_k if top_k is None else top_k, self.min_score)
-        t3 = time.perf_counter()
-        return Result(top=top, logits=logits, latency_ms={
-            "pre": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3, "post": (t3 - t2) * 1e3, "total": (t3 - t0) * 1e3})
-
-    def _forward(self, image: np.ndarray) -> tuple[np.ndarray, float]:
-        """Logits of one frame and the perf_counter time preprocessing ended (the served path, also the
-        self-test's)."""
-        if self._code_table is not None:
-            codes = self.preprocessor.codes(image, self._code_table)
-            t = time.perf_counter()
-            return self.engine.run_codes(codes)[0], t  # type: ignore[attr-defined]
-        x = self.preprocessor(image)
+        logits, pre_ms, infer_ms = self.forward(image)
         t = time.perf_counter()
-        return self.engine.run(x)[0], t
+        top = rank(logits, self.labels, self.top_k if top_k is None else top_k, self.min_score)
+        post_ms = (time.perf_counter() - t) * 1e3
+        return Result(top=top, logits=logits, latency_ms={
+            "pre": pre_ms, "infer": infer_ms, "post": post_ms, "total": pre_ms + infer_ms + post_ms})
+
+    def forward(self, image: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """(logits, preprocess ms, inference ms) of one frame: the serving path, which the self-test replays.
+
+        Int8-input models take codes straight from the code table; others take the float tensor.
+        """
+        t0 = time.perf_counter()
+        if self._codes is not None:
+            codes_engine, table = self._codes
+            feed = self.preprocessor.codes(image, table)
+            t1 = time.perf_counter()
+            logits = codes_engine.run_codes(feed)[0]
+        else:
+            feed = self.preprocessor(image)
+            t1 = time.perf_counter()
+            logits = self.engine.run(feed)[0]
+        return logits, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "sha256": self.bundle.manifest_sha256,
@@ -150,8 +156,8 @@ def run_selftest(classifier: Classifier) -> SelfTestReport:
     infer_ms: list[float] = []
     try:
         for frame in frames:
-            logits, t0 = classifier._forward(frame)
-            infer_ms.append((time.perf_counter() - t0) * 1e3)
+            logits, _, infer = classifier.forward(frame)
+            infer_ms.append(infer)
             got.append(int(np.argmax(logits)))
     except (InferenceError, ValueError) as exc:
         return SelfTestReport(False, 0.0, float("nan"), f"Self-test could not run the model: {exc}",

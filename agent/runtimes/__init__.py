@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -41,6 +42,18 @@ class Engine(Protocol):
     def run(self, batch: np.ndarray) -> np.ndarray: ...
 
     def describe(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class CodesEngine(Engine, Protocol):
+    """An engine whose model takes per-tensor quantized integer input: `input_quantizer` maps float input to
+    codes (None when the input is float or per-channel), and `run_codes` runs codes directly. The classifier
+    folds that mapping into its preprocessing (one table look-up per pixel)."""
+
+    @property
+    def input_quantizer(self) -> Callable[[np.ndarray], np.ndarray] | None: ...
+
+    def run_codes(self, codes: np.ndarray) -> np.ndarray: ...
 
 
 def require_classifier_io(path: Path, inputs: int, outputs: int) -> None:

@@ -103,7 +103,7 @@ def test_int8_input_model_is_fed_through_the_code_table_with_identical_logits(ti
                                                                              tmp_path: Path) -> None:
     bundle = make_bundle(tiny_model, tmp_path / "b", artifacts=(("tflite", "int8"),))
     clf = Classifier.load(bundle, runtime="litert")
-    assert clf._code_table is not None  # int8 input tensor: normalise + quantise folded into one look-up
+    assert clf._codes is not None  # int8 input tensor: normalise + quantise folded into one look-up
     for frame in tiny_model.frames[:20]:
         served = clf.classify(frame).logits
         unfused = clf.engine.run(clf.preprocessor(frame))[0]  # float input, quantized inside the adapter
@@ -115,4 +115,4 @@ def test_int8_input_model_is_fed_through_the_code_table_with_identical_logits(ti
 
 
 def test_float_input_models_keep_the_float_path(tiny_bundle: Bundle) -> None:
-    assert Classifier.load(tiny_bundle, runtime="onnxruntime")._code_table is None
+    assert Classifier.load(tiny_bundle, runtime="onnxruntime")._codes is None
