@@ -223,11 +223,11 @@ class Agent:
             return None
         with self._classify_lock:
             clf = self._classifier
-            result = clf.classify(frame.image) if clf is not None else None
-        if clf is None or result is None:
-            mon.record_skipped("no_model")
-            self.notifier.frame()  # frames flow; the loop is alive while it waits for a push
-            return None
+            if clf is None:  # a fresh device waiting for its first push
+                mon.record_skipped("no_model")
+                self.notifier.frame()  # frames flow; the loop is alive
+                return None
+            result = clf.classify(frame.image)
         mon.record_inferred(result.latency_ms)
         self.last_top = result.top
         if self._mark_ready(f"Classifying with {clf.name} {clf.version}"):
