@@ -1,4 +1,4 @@
-"""Camera sources through OpenCV, and a grabber thread that always holds only the newest frame.
+"""Camera sources through OpenCV, read in one of two modes chosen from the source string (source_is_live).
 
 Sources (CameraConfig.source):
     "0", "/dev/video0"         V4L2 device (cv2.CAP_V4L2)
@@ -7,25 +7,30 @@ Sources (CameraConfig.source):
     "synthetic:…"              generated frames, see agent.synthetic
     anything else              a video file (looped when loop = true)
 
-The grabber reads continuously so a live camera's driver buffer never goes stale: frames the consumer did
-not take in time are replaced by newer ones and counted as skipped. Live sources are drained at their own
-rate and decoded at most `fps` times per second; files and synthetic sources are paced at `fps` (0 = as
-fast as possible). Failures (open error, read error or timeout, end of file without loop, vanished file)
-close the source and reopen it after an exponential backoff with full jitter.
+Live sources (devices, streams, pipelines, synthetic with live=1) run on their own clock, so a grabber thread
+reads them continuously and keeps only the newest frame: the driver's buffer never goes stale, frames the
+consumer did not take in time are replaced and counted as skipped, and at most `fps` frames per second are
+decoded. Files and other synthetic sources deliver frames on demand, so they get no thread: `latest()` reads
+the next frame on the caller's thread ("pull mode"), paced at `fps` (0 = as fast as the caller asks). That
+saves the per-frame hand-off between threads (most of the cost of a cheap frame on one core), decodes nothing
+for nobody, and skips no frame of a file (a consumer slower than the file's frame rate plays it slower than
+real time). Both modes share one state machine (Camera._step): failures (open error, read error or timeout,
+end of file without loop, vanished file) close the source and reopen it after an exponential backoff with
+full jitter; in pull mode the backoff never holds `latest()` past its timeout.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import re
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import cv2
 import numpy as np
@@ -33,7 +38,7 @@ import numpy as np
 from agent.config import CameraConfig
 from agent.errors import CameraError
 from agent.synthetic import PREFIX as SYNTHETIC_PREFIX
-from agent.synthetic import SourceSpecError, SyntheticSource
+from agent.synthetic import SourceSpecError, SyntheticSource, synthetic_is_live
 
 log = logging.getLogger(__name__)
 
@@ -42,21 +47,22 @@ WARN_INTERVAL_S = 30.0
 _FPS_WINDOW = 30
 
 
-@dataclass(frozen=True)
-class Frame:
+class Frame(NamedTuple):
     """One captured frame: uint8 HxWx3 BGR (or HxWx1 gray), capture time (epoch s), per-camera sequence
-    number (monotonic across reopens), the true class when the source knows it (synthetic), camera name."""
+    number (monotonic across reopens), the true class when the source knows it (synthetic), camera name.
+    A NamedTuple: one is made per frame, and it is several times cheaper to build than a frozen dataclass."""
 
     image: np.ndarray
     ts: float
     seq: int
     truth: int | None = None
-    camera: str = field(default="")
+    camera: str = ""
 
 
 class FrameSource(Protocol):
-    """What the grabber reads. `grab()` advances (False on failure or end, reason in `.error`);
-    `retrieve()` decodes the grabbed frame. `live` sources are drained continuously, others are paced."""
+    """What a Camera reads. `grab()` advances (False on failure or end, reason in `.error`); `retrieve()` decodes
+    the grabbed frame. `live` agrees with source_is_live(cfg.source), which picks the camera's mode before
+    anything is opened."""
 
     live: bool
     error: str | None
@@ -72,6 +78,18 @@ def has_gstreamer() -> bool:
     info = cv2.getBuildInformation()
     match = re.search(r"GStreamer:\s*(\S+)", info)
     return bool(match) and match.group(1).upper() != "NO"  # type: ignore[union-attr]
+
+
+def source_is_live(source: str) -> bool:
+    """Whether a source runs on its own clock (devices, streams, pipelines, synthetic with live=1: a grabber
+    thread drains it) or delivers frames on demand (files, other synthetic sources: read on the consumer's thread).
+    """
+    if source.startswith(SYNTHETIC_PREFIX):
+        try:
+            return synthetic_is_live(source)
+        except SourceSpecError:
+            return False  # opening it fails for good, on the consumer's first read
+    return source.isdigit() or source.startswith(("/dev/video", "gst:")) or "://" in source
 
 
 def redact(source: str) -> str:
@@ -174,23 +192,32 @@ class CaptureSource:
 def open_source(cfg: CameraConfig) -> FrameSource:
     """Open the source a camera config names. Raises CameraError (SourceSpecError when retrying is futile)."""
     if cfg.source.startswith(SYNTHETIC_PREFIX):
-        return SyntheticSource(cfg.source, loop=cfg.loop, width=cfg.width, height=cfg.height)
+        return SyntheticSource(cfg.source, loop=cfg.loop, width=cfg.width, height=cfg.height, fps=cfg.fps)
     return CaptureSource(cfg)
 
 
 class Camera:
-    """One camera: a grabber thread, the newest frame, and a status for health reports."""
+    """One camera: its source (read by a grabber thread when live, by `latest()` otherwise), the newest frame,
+    and a status for health reports."""
 
     def __init__(self, cfg: CameraConfig, *, backoff_min_s: float = 0.5, backoff_max_s: float = 30.0,
                  opener: Any = None) -> None:
         self.cfg = cfg
         self.name = cfg.name
+        self.live = source_is_live(cfg.source)
         self.backoff_min_s = backoff_min_s
         self.backoff_max_s = backoff_max_s
         self._opener = opener or open_source
-        self._cond = threading.Condition()
+        self._interval = 1.0 / cfg.fps if cfg.fps > 0 else 0.0
+        self._cond = threading.Condition()  # guards the frame and the statistics
+        self._reader = threading.Lock()  # held while reading, opening or closing the source: one reader at a time
         self._stop = threading.Event()
+        self._running = False
         self._thread: threading.Thread | None = None
+        self._source: FrameSource | None = None
+        self._attempt = 0
+        self._reopen_at = -math.inf
+        self._due = -math.inf  # when the next frame may be decoded (fps limit)
         self._frame: Frame | None = None
         self._returned_seq = -1
         self._seq = 0
@@ -208,17 +235,23 @@ class Camera:
     # -- consumer side ----------------------------------------------------------------------------------
 
     def start(self) -> Camera:
-        """Start the grabber thread (the first open happens on it; status() says 'reopening' until then)."""
-        if self._thread is not None:
+        """Arm the camera; a live one starts its grabber thread. The first open happens on the grabber thread or
+        in the first `latest()` call; status() says 'reopening' until then."""
+        if self._running:
             return self
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name=f"camera-{self.name}", daemon=True)
-        self._thread.start()
+        self._running = True
+        if self.live:
+            self._thread = threading.Thread(target=self._run, name=f"camera-{self.name}", daemon=True)
+            self._thread.start()
         return self
 
     def latest(self, timeout: float = 1.0) -> Frame | None:
-        """The newest frame not returned before, waiting up to `timeout` seconds; None if none arrived."""
+        """The newest frame not returned before (live) or the next frame read now (pull mode), waiting up to
+        `timeout` seconds; None if none could be had in time, and at once after stop()."""
         deadline = time.monotonic() + timeout
+        if not self.live:
+            return self._pull(deadline)
         with self._cond:
             while self._frame is None or self._frame.seq <= self._returned_seq:
                 remaining = deadline - time.monotonic()
@@ -258,8 +291,10 @@ class Camera:
         return self._state
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop the grabber and release the source (waits up to `timeout` for a blocked read)."""
+        """Stop reading and release the source. Waits up to `timeout` for a grabber blocked in a read; a
+        `latest()` caller mid-read is not waited for: it closes the source itself when its read returns."""
         self._stop.set()
+        self._running = False
         with self._cond:
             self._cond.notify_all()
         if self._thread is not None:
@@ -267,6 +302,7 @@ class Camera:
             if self._thread.is_alive():
                 log.warning("Camera %s: grabber did not stop within %.1f s (blocked read)", self.name, timeout)
             self._thread = None
+        self._release()
 
     def __enter__(self) -> Camera:
         return self.start()
@@ -274,72 +310,144 @@ class Camera:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    # -- grabber thread ---------------------------------------------------------------------------------
+    # -- reading: the grabber thread (live) or latest() (pull mode), one state machine ---------------------
 
     def _run(self) -> None:
-        attempt = 0
-        source: FrameSource | None = None
-        while not self._stop.is_set():
-            if source is None:
-                try:
-                    source = self._opener(self.cfg)
-                except SourceSpecError as exc:
-                    self._set_state(STATE_FAILED, str(exc))
-                    log.error("Camera %s: %s", self.name, exc)
-                    return
-                except Exception as exc:  # OpenCV and OS errors alike: retry later
-                    attempt = self._backoff(attempt, str(exc))
-                    continue
-                log.info("Camera %s: opened %s", self.name, redact(self.cfg.source))
-            try:
-                ok = self._read_one(source)
-                error = source.error
-            except Exception as exc:
-                ok, error = False, f"{type(exc).__name__}: {exc}"
-            if ok:
-                if self._state != STATE_OPEN:
-                    self._set_state(STATE_OPEN, None)
-                attempt = 0
-                continue
-            try:
-                source.close()
-            except Exception:
-                pass
-            source = None
-            if self._stop.is_set():
-                break
-            attempt = self._backoff(attempt, error or "Read failed")
-        if source is not None:
-            source.close()
+        with self._reader:
+            while not self._stop.is_set() and self._state != STATE_FAILED:
+                self._step(math.inf)
+        self._release()
 
-    def _read_one(self, source: FrameSource) -> bool:
-        interval = 1.0 / self.cfg.fps if self.cfg.fps > 0 else 0.0
-        last = self._times[-1] if self._times else 0.0
-        if source.live:
-            # Drain the driver's queue continuously; decode only when the fps limit allows.
+    def _pull(self, deadline: float) -> Frame | None:
+        """Pull mode: read the next frame on the caller's thread, stepping until one is read or `deadline`."""
+        if self._stop.is_set():
+            return None
+        if not self._running:  # not started: nothing to read, but no busy loop for a caller that polls
+            self._sleep_until(deadline)
+            return None
+        if not self._reader.acquire(blocking=False) and not self._reader.acquire(
+                timeout=max(0.0, deadline - time.monotonic())):
+            return None
+        try:
+            while not self._stop.is_set():
+                frame = self._step(deadline)
+                if frame is not None or time.monotonic() >= deadline:
+                    return frame
+            return None
+        finally:
+            self._reader.release()
+            self._release()
+
+    def _step(self, deadline: float) -> Frame | None:
+        """One step, with the reader lock held: open the source when its reopen is due, read one frame, or record
+        a failure and schedule the reopen. Waits (on the stop event) for the reopen or the fps pacing, but not
+        past `deadline` (monotonic; infinite for the grabber). Returns the frame read, if any."""
+        if self._state == STATE_FAILED:
+            self._sleep_until(deadline)
+            return None
+        source = self._source
+        if source is None:
+            if self._reopen_at > deadline:
+                self._sleep_until(deadline)
+                return None
+            if not self._sleep_until(self._reopen_at):
+                return None
+            try:
+                source = self._source = self._opener(self.cfg)
+            except SourceSpecError as exc:
+                self._set_state(STATE_FAILED, str(exc))
+                log.error("Camera %s: %s", self.name, exc)
+                return None
+            except Exception as exc:  # OpenCV and OS errors alike: retry later
+                self._fail(str(exc))
+                return None
+            log.info("Camera %s: opened %s", self.name, redact(self.cfg.source))
+        if not self.live:  # pull mode: pace at fps, on the caller's thread and within its timeout
+            if self._due > deadline:
+                self._sleep_until(deadline)
+                return None
+            if not self._sleep_until(self._due):
+                return None
+            self._due = time.monotonic() + self._interval
+        try:
+            frame = self._read(source)
+            error = source.error
+        except Exception as exc:
+            frame, error = None, f"{type(exc).__name__}: {exc}"
+        if frame is not None:
+            if self._state != STATE_OPEN:
+                self._set_state(STATE_OPEN, None)
+            self._attempt = 0
+            return frame
+        self._close()
+        if not self._stop.is_set():
+            self._fail(error or "Read failed")
+        return None
+
+    def _read(self, source: FrameSource) -> Frame | None:
+        """Grab, decode and publish one frame; None when the source failed (reason in source.error)."""
+        if self.live:
+            # Drain the driver's queue continuously; decode only when the fps limit allows. The limit is a
+            # schedule, not a minimum gap since the last decode: a camera running at (a multiple of) `fps` would
+            # otherwise have most frames arrive a hair early and be dropped, decoding well below `fps`.
             while True:
                 if not source.grab():
-                    return False
-                if self._stop.is_set() or time.monotonic() - last >= interval:
+                    return None
+                now = time.monotonic()
+                if now >= self._due or self._stop.is_set():
                     break
-        else:
-            wait = last + interval - time.monotonic()
-            if wait > 0 and self._stop.wait(wait):
-                return True
-            if not source.grab():
-                return False
+            self._due = max(self._due + self._interval, now)
+        elif not source.grab():
+            return None
         image, truth = source.retrieve()
         now = time.monotonic()
         with self._cond:
             if self._frame is not None and self._frame.seq > self._returned_seq:
                 self._skipped += 1
-            self._frame = Frame(image=image, ts=time.time(), seq=self._seq, truth=truth, camera=self.name)
+            frame = Frame(image=image, ts=time.time(), seq=self._seq, truth=truth, camera=self.name)
+            self._frame = frame
             self._seq += 1
             self._frames += 1
             self._times.append(now)
             self._size = (int(image.shape[1]), int(image.shape[0]))
-            self._cond.notify_all()
-        return True
+            if self.live:
+                self._cond.notify_all()  # wake latest()
+            else:
+                self._returned_seq = frame.seq  # pull mode: the caller reading it takes it
+        return frame
+
+    def _sleep_until(self, t: float) -> bool:
+        """Wait on the stop event until monotonic time `t` (forever when infinite); False once stopping."""
+        wait = t - time.monotonic()
+        if wait <= 0:
+            return not self._stop.is_set()
+        return not self._stop.wait(None if math.isinf(wait) else wait)
+
+    def _fail(self, error: str) -> None:
+        """Record a failure and schedule the reopen after an exponential backoff with full jitter."""
+        with self._cond:
+            self._reopens += 1
+        self._set_state(STATE_REOPENING, error)
+        self._warn("Camera %s: %s; reopening (attempt %d)", self.name, error, self._attempt + 1)
+        ceiling = min(self.backoff_max_s, self.backoff_min_s * (2 ** min(self._attempt, 30)))
+        self._reopen_at = time.monotonic() + random.uniform(0.0, ceiling)
+        self._attempt += 1
+
+    def _close(self) -> None:
+        source, self._source = self._source, None
+        if source is not None:
+            try:
+                source.close()
+            except Exception:
+                log.debug("Camera %s: closing the source failed", self.name, exc_info=True)
+
+    def _release(self) -> None:
+        """Close the source once stopping, unless a reader holds it: that reader calls this again when done."""
+        if self._stop.is_set() and self._reader.acquire(blocking=False):
+            try:
+                self._close()
+            finally:
+                self._reader.release()
 
     def _set_state(self, state: str, error: str | None) -> None:
         with self._cond:
@@ -348,16 +456,6 @@ class Camera:
                 self._error = error
             if error is not None:
                 self._last_error = error
-
-    def _backoff(self, attempt: int, error: str) -> int:
-        """Record the failure, sleep with exponential backoff and full jitter, return the next attempt number."""
-        with self._cond:
-            self._reopens += 1
-        self._set_state(STATE_REOPENING, error)
-        self._warn("Camera %s: %s; reopening (attempt %d)", self.name, error, attempt + 1)
-        ceiling = min(self.backoff_max_s, self.backoff_min_s * (2 ** min(attempt, 30)))
-        self._stop.wait(random.uniform(0.0, ceiling))
-        return attempt + 1
 
     def _warn(self, msg: str, *args: object) -> None:
         """At most one warning per WARN_INTERVAL_S per camera; the rest are counted and summarised."""

@@ -8,7 +8,11 @@
     synthetic:fail?after=N               N frames of bars, then a read failure (reopen tests)
     synthetic:stall?after=N              N frames of bars, then the read hangs (a stuck driver; watchdog tests)
 
-Common query keys: width, height (noise/bars/static/fail; defaults from the camera config or 160x120).
+Common query keys: width, height (noise/bars/static/fail/stall; defaults from the camera config or 160x120);
+live=0|1 on every kind: 1 makes the source behave like a V4L2 camera (its grab() waits for the next tick of a
+clock at the camera fps, and agent.camera drains it on a grabber thread: the newest frame wins, untaken frames
+count as skipped; for tests and benchmarks of that path); 0, the default, has the consumer read frames on demand
+like a file. `stall` defaults to live=1: a stuck driver is a live camera's failure.
 Fashion-MNIST is read from the Debian package `dataset-fashion-mnist` (gzip IDX files) with numpy only.
 """
 
@@ -19,6 +23,7 @@ import gzip
 import os
 import struct
 import threading
+import time
 from pathlib import Path
 from urllib.parse import parse_qsl
 
@@ -86,25 +91,33 @@ def parse_spec(source: str) -> tuple[str, dict[str, str]]:
     return kind, dict(parse_qsl(query, keep_blank_values=True))
 
 
+def synthetic_is_live(source: str) -> bool:
+    """The `live` parameter of a synthetic source (default: only `stall` is live). Raises SourceSpecError."""
+    kind, params = parse_spec(source)
+    return bool(_int(params, "live", int(kind == "stall"), source, 0, 1))
+
+
 class SyntheticSource:
-    """A FrameSource (see agent.camera) generating frames; not live: the grabber paces it at the camera fps."""
+    """A FrameSource (see agent.camera) generating frames; read on demand unless its query says live=1, in which
+    case `fps` (the camera's) clocks it like a sensor (0 = no clock: a new frame whenever it is read)."""
 
-    live = False
-
-    def __init__(self, source: str, *, loop: bool = True, width: int = 0, height: int = 0) -> None:
+    def __init__(self, source: str, *, loop: bool = True, width: int = 0, height: int = 0, fps: float = 0.0) -> None:
         self.kind, params = parse_spec(source)
         allowed = {"noise": {"width", "height", "seed"}, "bars": {"width", "height"},
                    "static": {"width", "height"}, "fail": {"width", "height", "after"},
                    "stall": {"width", "height", "after"},
-                   "fashion-mnist": {"split", "scale", "shuffle", "seed", "root"}}[self.kind]
+                   "fashion-mnist": {"split", "scale", "shuffle", "seed", "root"}}[self.kind] | {"live"}
         unknown = sorted(set(params) - allowed)
         if unknown:
             raise SourceSpecError(f"Synthetic source {source!r}: unknown parameter(s) {', '.join(unknown)}; "
                                   f"{self.kind} accepts {', '.join(sorted(allowed))}")
+        self.live = synthetic_is_live(source)
         self.loop = loop
         self.width = _int(params, "width", width or 160, source, 8)
         self.height = _int(params, "height", height or 120, source, 8)
         self.error: str | None = None
+        self._period = 1.0 / fps if self.live and fps > 0 else 0.0
+        self._tick: float | None = None
         self._index = 0
         self._image: np.ndarray | None = None
         self._truth: int | None = None
@@ -122,6 +135,8 @@ class SyntheticSource:
             self._static = _bars(self.width, self.height, 0)
 
     def grab(self) -> bool:
+        if self._period:
+            self._wait_for_tick()
         if self.kind == "stall" and self._index >= self._after:
             threading.Event().wait(STALL_S)  # hang like a stuck driver: no frame, no error
             self.error = f"Synthetic source stalled after {self._after} frames (as configured)"
@@ -137,6 +152,19 @@ class SyntheticSource:
         self._image = None
         self._index += 1
         return True
+
+    def _wait_for_tick(self) -> None:
+        """A live source's sensor clock: block until its next tick; a reader that fell behind gets the frame
+        "buffered" at the latest tick at once (the ones in between are gone, as with a driver buffer of 1)."""
+        now = time.monotonic()
+        if self._tick is None:
+            self._tick = now
+            return
+        self._tick += self._period
+        if self._tick > now:
+            time.sleep(self._tick - now)
+        else:
+            self._tick += (now - self._tick) // self._period * self._period
 
     def retrieve(self) -> tuple[np.ndarray, int | None]:
         if self._image is None:
@@ -169,7 +197,8 @@ def _bars(width: int, height: int, offset: int) -> np.ndarray:
     return frame
 
 
-def _int(params: dict[str, str], key: str, default: int, source: str, minimum: int) -> int:
+def _int(params: dict[str, str], key: str, default: int, source: str, minimum: int,
+         maximum: int | None = None) -> int:
     if key not in params:
         return default
     try:
@@ -178,4 +207,6 @@ def _int(params: dict[str, str], key: str, default: int, source: str, minimum: i
         raise SourceSpecError(f"Synthetic source {source!r}: {key} must be an integer, got {params[key]!r}") from None
     if value < minimum:
         raise SourceSpecError(f"Synthetic source {source!r}: {key} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise SourceSpecError(f"Synthetic source {source!r}: {key} must be <= {maximum}, got {value}")
     return value

@@ -1,19 +1,24 @@
-"""Camera sources and the grabber: synthetic kinds, video files (looped or not), reopen after failures and a
-vanished file, newest-frame semantics, and clear errors for unusable sources."""
+"""Camera sources and both reading modes: synthetic kinds, video files (looped or not), reopen after failures
+and a vanished file, newest-frame semantics of live sources, pull mode (no thread, no skipped frame, fps pacing,
+timeouts honoured while backing off) for the others, and clear errors for unusable sources."""
 
 from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from agent.camera import Camera, has_gstreamer, open_source, redact
+from agent import camera as camera_module
+from agent import synthetic
+from agent.camera import Camera, Frame, has_gstreamer, open_source, redact, source_is_live
 from agent.config import CameraConfig
 from agent.errors import CameraError
 from agent.synthetic import SourceSpecError, SyntheticSource, load_fashion_mnist, read_idx
@@ -28,6 +33,34 @@ def _wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.01)
     return predicate()
+
+
+@contextmanager
+def _consumer(cam: Camera) -> Iterator[list[Frame]]:
+    """A background consumer calling cam.latest() in a loop (pull-mode frames flow only when asked for)."""
+    frames: list[Frame] = []
+    done = threading.Event()
+
+    def consume() -> None:
+        while not done.is_set():
+            frame = cam.latest(timeout=0.05)
+            if frame is not None:
+                frames.append(frame)
+            elif done.wait(0.005):  # latest() returns None at once once the camera is stopped
+                break
+
+    thread = threading.Thread(target=consume, name="test-consumer", daemon=True)
+    thread.start()
+    try:
+        yield frames
+    finally:
+        done.set()
+        thread.join(5.0)
+        assert not thread.is_alive()
+
+
+def _camera_threads(name: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == f"camera-{name}"]
 
 
 def _frames(source: SyntheticSource, n: int) -> list[tuple[np.ndarray, int | None]]:
@@ -102,6 +135,32 @@ def test_fail_source_fails_after_n_frames() -> None:
     assert "after 3 frames" in (src.error or "")
 
 
+def test_live_parameter_on_every_kind() -> None:
+    for kind in synthetic.KINDS:
+        assert SyntheticSource(f"synthetic:{kind}?live=1").live
+        assert not SyntheticSource(f"synthetic:{kind}?live=0").live
+    assert not SyntheticSource("synthetic:bars").live and SyntheticSource("synthetic:stall").live
+    with pytest.raises(SourceSpecError, match="live must be <= 1"):
+        SyntheticSource("synthetic:bars?live=2")
+    for live, fps in ((1, 50.0), (0, 1.0)):  # a live source is clocked like a sensor; on demand means unclocked
+        src = SyntheticSource(f"synthetic:bars?live={live}", fps=fps)
+        t0 = time.monotonic()
+        _frames(src, 6)
+        elapsed = time.monotonic() - t0
+        assert (0.09 < elapsed < 0.3) if live else elapsed < 0.05
+
+
+@pytest.mark.parametrize(("source", "live"), [
+    ("0", True), ("/dev/video2", True), ("rtsp://cam/stream", True), ("http://cam/mjpg", True),
+    ("gst:videotestsrc ! appsink", True), ("/srv/clips/door.mp4", False), ("clip.avi", False),
+    ("synthetic:bars", False), ("synthetic:bars?live=1", True), ("synthetic:fashion-mnist?shuffle=1&live=0", False),
+    ("synthetic:stall", True), ("synthetic:stall?after=3&live=0", False),
+    ("synthetic:rainbow", False), ("synthetic:bars?live=yes", False),  # bad specs fail on the first read
+])
+def test_source_is_live(source: str, live: bool) -> None:
+    assert source_is_live(source) is live
+
+
 @pytest.mark.parametrize(("source", "message"), [
     ("synthetic:rainbow", "kind 'rainbow' is unknown"),
     ("synthetic:fail?after=x", "after must be an integer"),
@@ -114,17 +173,21 @@ def test_bad_synthetic_specs_are_permanent_errors(source: str, message: str) -> 
     assert message in str(info.value)
     cam = Camera(CameraConfig(source=source), **FAST).start()
     try:
-        assert _wait_for(lambda: cam.status()["state"] == "failed")
-        assert message in cam.status()["error"]
+        for _ in range(2):  # the first call fails for good; later calls wait out their timeout, no busy loop
+            t0 = time.monotonic()
+            assert cam.latest(timeout=0.1) is None
+            assert 0.08 < time.monotonic() - t0 < 0.4
+        assert cam.status()["state"] == "failed" and message in cam.status()["error"]
     finally:
         cam.stop()
 
 
-# -- grabber --------------------------------------------------------------------------------------------
+# -- live sources: the grabber thread -------------------------------------------------------------------
 
-def test_latest_returns_each_frame_once_and_the_newest() -> None:
-    cam = Camera(CameraConfig(source="synthetic:bars", fps=100), **FAST).start()
+def test_live_source_gives_the_newest_frame_and_counts_skipped() -> None:
+    cam = Camera(CameraConfig(name="live", source="synthetic:bars?live=1", fps=100), **FAST).start()
     try:
+        assert len(_camera_threads("live")) == 1
         seqs = []
         for _ in range(20):
             frame = cam.latest(timeout=2.0)
@@ -135,12 +198,74 @@ def test_latest_returns_each_frame_once_and_the_newest() -> None:
         before = cam.status()["frames"]
         frame = cam.latest(timeout=1.0)
         assert frame is not None and frame.seq >= before - 2  # the newest, not the oldest queued
-        assert frame.camera == "cam0" and abs(frame.ts - time.time()) < 1.0
+        assert frame.camera == "live" and abs(frame.ts - time.time()) < 1.0
         status = cam.status()
         assert status["skipped"] >= 20 and status["state"] == "open" and status["error"] is None
         assert 20 < status["fps"] < 130 and status["width"] == 160 and status["height"] == 120
     finally:
         cam.stop()
+    assert not _camera_threads("live")
+
+
+@pytest.mark.parametrize("camera_fps", [20.0, 60.0])
+def test_live_fps_limit_decodes_at_fps_when_the_camera_runs_at_a_multiple(camera_fps: float) -> None:
+    cam = Camera(CameraConfig(source="synthetic:bars?live=1", fps=20),
+                 opener=lambda cfg: SyntheticSource(cfg.source, fps=camera_fps), **FAST).start()
+    try:
+        time.sleep(2.0)  # no consumer needed: a live camera is drained regardless
+        frames = cam.status()["frames"]
+    finally:
+        cam.stop()
+    assert 34 <= frames <= 45  # ~40; a minimum gap since the last decode gave 20 (20 fps) and 30 (60 fps)
+
+
+def test_stall_source_is_live_and_hangs_its_grabber_not_the_consumer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(synthetic, "STALL_S", 1.0)  # the stuck read gives up soon after the test, ending the thread
+    cam = Camera(CameraConfig(name="stall", source="synthetic:stall?after=3", fps=100), **FAST).start()
+    try:
+        assert cam.live and len(_camera_threads("stall")) == 1
+        assert [f.seq for f in iter(lambda: cam.latest(timeout=0.3), None)] == [0, 1, 2]  # then it hangs
+        assert cam.status()["state"] == "open"  # a stuck driver reports nothing; the watchdog notices
+    finally:
+        cam.stop(timeout=0.1)
+    assert not Camera(CameraConfig(source="synthetic:stall?live=0")).live
+
+
+# -- pull mode: files and synthetic sources -------------------------------------------------------------
+
+def test_pull_mode_delivers_every_frame_to_a_slow_consumer_without_a_thread() -> None:
+    cam = Camera(CameraConfig(name="pull", source="synthetic:bars", fps=100), **FAST).start()
+    try:
+        assert not cam.live and not _camera_threads("pull")
+        assert cam.status()["frames"] == 0  # nothing read for nobody
+        seqs = []
+        for _ in range(4):
+            frame = cam.latest(timeout=1.0)
+            assert frame is not None and frame.camera == "pull" and abs(frame.ts - time.time()) < 1.0
+            seqs.append(frame.seq)
+            time.sleep(0.2)  # a slow consumer
+        status = cam.status()
+        assert not _camera_threads("pull")
+    finally:
+        cam.stop()
+    assert seqs == [0, 1, 2, 3]
+    assert status["skipped"] == 0 and status["frames"] == 4 and status["state"] == "open"
+    assert status["width"] == 160 and status["height"] == 120
+
+
+def test_pull_mode_paces_at_fps_and_fps_0_is_unpaced() -> None:
+    def frames_in(fps: float, seconds: float) -> int:
+        cam = Camera(CameraConfig(source="synthetic:noise", fps=fps), **FAST).start()
+        try:
+            n, t0 = 0, time.monotonic()
+            while time.monotonic() - t0 < seconds:
+                n += cam.latest(timeout=0.5) is not None
+            return n
+        finally:
+            cam.stop()
+
+    assert 10 <= frames_in(20, 1.0) <= 23  # paced, not thousands (loose: shared CI cores)
+    assert frames_in(0, 0.2) > 200
 
 
 def test_latest_times_out_without_a_new_frame() -> None:
@@ -148,40 +273,115 @@ def test_latest_times_out_without_a_new_frame() -> None:
     try:
         assert cam.latest(timeout=2.0) is not None
         t0 = time.monotonic()
-        assert cam.latest(timeout=0.1) is None
+        assert cam.latest(timeout=0.1) is None  # the next frame is due in 0.5 s
         assert 0.08 < time.monotonic() - t0 < 0.4
+        assert cam.latest(timeout=1.0) is not None
     finally:
         cam.stop()
-    assert cam.latest(timeout=0.5) is None  # stopped: returns at once
 
 
-def test_fps_limit_paces_synthetic_sources() -> None:
-    cam = Camera(CameraConfig(source="synthetic:noise", fps=20), **FAST).start()
+def test_latest_honours_its_timeout_while_the_source_backs_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(camera_module.random, "uniform", lambda low, high: high)  # no jitter: reopen in 1.0 s
+    cam = Camera(CameraConfig(source="synthetic:fail?after=2", fps=0), backoff_min_s=1.0, backoff_max_s=5.0).start()
     try:
-        time.sleep(1.0)
-        assert 10 <= cam.status()["frames"] <= 23  # paced, not thousands (loose: shared CI cores)
+        assert [f.seq for f in (cam.latest(timeout=1.0), cam.latest(timeout=1.0)) if f] == [0, 1]
+        failed = time.monotonic()
+        calls = 0
+        while time.monotonic() - failed < 0.7:
+            t0 = time.monotonic()
+            assert cam.latest(timeout=0.1) is None  # the first call fails the read; the rest wait, within 0.1 s
+            assert 0.08 < time.monotonic() - t0 < 0.4
+            calls += 1
+        status = cam.status()
+        assert status["state"] == "reopening" and status["reopens"] == 1 and calls >= 3
+        assert "Synthetic failure" in status["error"]
+        frame = cam.latest(timeout=2.0)  # the reopen falls within this call
+        assert frame is not None and frame.seq == 2  # seq goes on across reopens
+        assert 0.9 < time.monotonic() - failed < 1.6
+        assert cam.status()["state"] == "open" and cam.status()["reopens"] == 1
     finally:
         cam.stop()
+
+
+class _RecordingSource:
+    """A pull-mode FrameSource whose reads take 5 ms, recording closes and whether one happened mid-read."""
+
+    live = False
+
+    def __init__(self) -> None:
+        self.error: str | None = None
+        self.reading = False
+        self.closes: list[bool] = []
+
+    def grab(self) -> bool:
+        self.reading = True
+        time.sleep(0.005)
+        self.reading = False
+        return True
+
+    def retrieve(self) -> tuple[np.ndarray, int | None]:
+        return np.zeros((4, 4, 3), np.uint8), None
+
+    def close(self) -> None:
+        self.closes.append(self.reading)
+
+
+class _RecordingOpener:
+    def __init__(self) -> None:
+        self.sources: list[_RecordingSource] = []
+
+    def __call__(self, cfg: CameraConfig) -> _RecordingSource:
+        self.sources.append(_RecordingSource())
+        return self.sources[-1]
+
+
+def test_stop_releases_the_source_and_latest_returns_none_at_once() -> None:
+    opener = _RecordingOpener()
+    cam = Camera(CameraConfig(source="clip.avi", fps=0), opener=opener, **FAST).start()
+    assert cam.latest(timeout=1.0) is not None
+    cam.stop()
+    assert [s.closes for s in opener.sources] == [[False]]  # released by stop(): no reader held it
+    t0 = time.monotonic()
+    assert cam.latest(timeout=1.0) is None
+    assert time.monotonic() - t0 < 0.05
+    assert len(opener.sources) == 1  # not reopened
+
+
+def test_stop_from_another_thread_while_the_consumer_reads() -> None:
+    opener = _RecordingOpener()
+    cam = Camera(CameraConfig(source="clip.avi", fps=0), opener=opener, **FAST)
+    seqs: list[int] = []
+    for _ in range(5):
+        cam.start()
+        with _consumer(cam) as frames:
+            assert _wait_for(lambda: len(frames) >= 10 and opener.sources[-1].reading)
+            cam.stop()  # mid-read (almost surely: reads take 5 ms): the reader closes the source when it returns
+            stopped = len(frames)
+            time.sleep(0.05)
+            assert len(frames) <= stopped + 1  # at most the read in progress completes
+        assert opener.sources[-1].closes == [False]  # closed once, never under a reader
+        seqs += [f.seq for f in frames]
+    assert len(opener.sources) == 5 and cam.status()["reopens"] == 0
+    assert seqs == list(range(len(seqs)))  # seq goes on across restarts, no frame skipped
 
 
 def test_failing_camera_is_reopened_with_backoff(caplog: pytest.LogCaptureFixture) -> None:
     cam = Camera(CameraConfig(source="synthetic:fail?after=5", fps=200), **FAST)
-    states: list[str] = []
+    seqs: list[int] = []
     with caplog.at_level(logging.WARNING, logger="agent.camera"):
         cam.start()
         try:
             deadline = time.monotonic() + 3.0
-            while time.monotonic() < deadline and cam.status()["reopens"] < 3:
-                state = cam.status()["state"]
-                if not states or states[-1] != state:
-                    states.append(state)
-                time.sleep(0.002)
-            assert _wait_for(lambda: cam.status()["state"] == "open")
+            while time.monotonic() < deadline and len(seqs) < 16:  # 3 failures, then the 16th frame
+                frame = cam.latest(timeout=0.05)
+                if frame is not None:
+                    seqs.append(frame.seq)
             status = cam.status()
         finally:
             cam.stop()
-    assert status["reopens"] >= 3 and status["frames"] >= 15
-    assert "reopening" in states and states.index("reopening") < len(states) - 1  # reopening → open again
+    assert seqs == list(range(16))  # frames flow again after each reopen, seq goes on
+    assert status["reopens"] == 3 and status["state"] == "open" and status["error"] is None
+    assert "Synthetic failure after 5 frames" in (status["last_error"] or "")
     # per-frame warnings are rate-limited: one log line for several failures
     assert len([r for r in caplog.records if "reopening" in r.getMessage()]) == 1
 
@@ -199,36 +399,42 @@ def test_video_file_loops(video: Path) -> None:
         status = cam.status()
     finally:
         cam.stop()
-    assert status["frames"] > 6 and status["reopens"] == 0 and status["state"] == "open"
-    assert levels.count(0) >= 2  # the first frame came round again
-    assert shape == (48, 64, 3)
+    assert levels == [0, 1, 2, 3, 4, 5] * 2 + [0, 1]  # every frame in order, round again
+    assert status["frames"] == 14 and status["skipped"] == 0 and status["reopens"] == 0
+    assert status["state"] == "open" and shape == (48, 64, 3)
 
 
 def test_video_file_without_loop_reopens_at_the_end(video: Path) -> None:
     cam = Camera(CameraConfig(source=str(video), loop=False, fps=200), **FAST).start()
     try:
-        assert _wait_for(lambda: cam.status()["reopens"] >= 1)
-        assert "End of video file" in (cam.status()["last_error"] or "")
-        assert _wait_for(lambda: cam.status()["frames"] > 6)  # replayed after reopening
+        levels = []
+        while len(levels) < 12:
+            frame = cam.latest(timeout=2.0)
+            assert frame is not None
+            levels.append(_level(frame.image))
+        status = cam.status()
     finally:
         cam.stop()
+    assert levels == [0, 1, 2, 3, 4, 5] * 2  # replayed after reopening
+    assert status["reopens"] == 1 and "End of video file" in (status["last_error"] or "")
 
 
 def test_vanished_video_file_reopens_when_it_returns(video: Path, tmp_path: Path) -> None:
     cam = Camera(CameraConfig(source=str(video), loop=True, fps=100), **FAST).start()
     aside = tmp_path / "aside.avi"
     try:
-        assert cam.latest(timeout=2.0) is not None
-        video.rename(aside)
-        assert _wait_for(lambda: cam.status()["state"] == "reopening", timeout=4.0)
-        assert "vanished" in cam.status()["error"] or "does not exist" in cam.status()["error"]
-        frames = cam.status()["frames"]
-        time.sleep(0.2)
-        assert cam.status()["frames"] == frames  # nothing delivered while it is gone
-        aside.rename(video)
-        assert _wait_for(lambda: cam.status()["state"] == "open", timeout=4.0)
-        assert _wait_for(lambda: cam.status()["frames"] > frames)
-        assert cam.status()["reopens"] >= 1
+        with _consumer(cam) as received:
+            assert _wait_for(lambda: len(received) > 0)
+            video.rename(aside)
+            assert _wait_for(lambda: cam.status()["state"] == "reopening", timeout=4.0)
+            assert "vanished" in cam.status()["error"] or "does not exist" in cam.status()["error"]
+            frames = cam.status()["frames"]
+            time.sleep(0.2)
+            assert cam.status()["frames"] == frames  # nothing delivered while it is gone
+            aside.rename(video)
+            assert _wait_for(lambda: cam.status()["state"] == "open", timeout=4.0)
+            assert _wait_for(lambda: cam.status()["frames"] > frames)
+            assert cam.status()["reopens"] >= 1
     finally:
         cam.stop()
 
