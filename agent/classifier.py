@@ -14,7 +14,7 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -27,10 +27,9 @@ from agent.runtimes import CodesEngine, Engine, load_engine
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Result:
+class Result(NamedTuple):
     """One classified frame: `top` as [{"label", "index", "score"}], raw logits (classes,), and
-    `latency_ms` with keys pre, infer, post, total."""
+    `latency_ms` with keys pre, infer, post, total. A NamedTuple: cheap to build once per frame."""
 
     top: list[dict[str, Any]]
     logits: np.ndarray

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from agent.config import MotionConfig, PublishConfig
-from agent.postprocess import MotionGate, PublishPolicy, softmax, top_k
+from agent.postprocess import SMALL_HEAD, MotionGate, PublishPolicy, softmax, top_k
 from agent.synthetic import SyntheticSource
 
 LABELS = ("a", "b", "c", "d")
@@ -33,6 +34,31 @@ def test_top_k_min_score_filters() -> None:
     logits = np.log(np.array([0.6, 0.3, 0.08, 0.02]))
     assert [t["label"] for t in top_k(logits, LABELS, 4, min_score=0.25)] == ["a", "b"]
     assert top_k(logits, LABELS, 4, min_score=0.7) == []
+
+
+@pytest.mark.parametrize("classes", [3, 10, SMALL_HEAD, SMALL_HEAD + 1, 1000])
+def test_top_k_matches_a_sorted_softmax_on_both_paths(classes: int) -> None:
+    """Few classes take a plain-Python path, many take numpy: both give the reference ranking and scores."""
+    rng = np.random.default_rng(classes)
+    labels = tuple(f"c{i}" for i in range(classes))
+    for logits in (rng.normal(size=classes).astype(np.float32), np.zeros(classes, np.float32)):  # zeros: all tie
+        probs = np.exp(logits.astype(np.float64) - logits.max())
+        probs /= probs.sum()
+        reference = sorted(range(classes), key=lambda i: (-probs[i], i))[:5]
+        top = top_k(logits[None, :], labels, 5)
+        assert [t["index"] for t in top] == reference
+        assert [t["label"] for t in top] == [labels[i] for i in reference]
+        np.testing.assert_allclose([t["score"] for t in top], probs[reference], rtol=1e-5)
+        assert all(type(t["index"]) is int and type(t["score"]) is float for t in top)  # JSON-ready
+
+
+@pytest.mark.parametrize("classes", [4, SMALL_HEAD + 1])
+def test_a_nan_logit_gives_no_prediction_rather_than_nan_scores(classes: int) -> None:
+    labels = tuple(f"c{i}" for i in range(classes))
+    for where in (0, classes - 1):
+        logits = np.linspace(0.0, 1.0, classes)
+        logits[where] = np.nan
+        assert top_k(logits, labels, 2) == []  # an empty top list is never published (PublishPolicy)
 
 
 def _top(label: str) -> list[dict[str, object]]:
