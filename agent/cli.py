@@ -272,11 +272,13 @@ class _DemoViewer:
               f"{'accuracy':>8}", flush=True)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        import json
+        from agent.contract.topics import decode_predictions
 
-        if self.count >= self.frames:
-            return
-        doc = json.loads(msg.payload)
+        for doc in decode_predictions(msg.payload):
+            if self.count < self.frames:
+                self._show(doc)
+
+    def _show(self, doc: dict[str, Any]) -> None:
         self.delays.append(max(0.0, time.time() - float(doc["frame_ts"])) * 1e3)
         top = doc["top"][0]
         truth = doc.get("truth")

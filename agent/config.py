@@ -134,6 +134,9 @@ class PublishConfig:
     expiry_s: int = _opt(0, check=_NON_NEG_INT)  # MQTT 5 message expiry, 0 = none
     buffer: int = _opt(10000, check=_POS_INT)
     spool_dir: str = _opt("", path=True)
+    # 1: one JSON object per predictions message. N >= 2: each message is a JSON array of up to N predictions
+    # (whatever is queued when the sender runs: one at a time at camera rates, batches at thousands per second).
+    batch_max: int = _opt(1, check=(lambda v: 1 <= v <= 1000, "an integer from 1 to 1000"))
 
 
 @dataclass(frozen=True)

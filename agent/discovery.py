@@ -58,11 +58,14 @@ class Sensor:
     diagnostic: bool = False
 
 
+# A predictions payload is one object, or an array of them with publish.batch_max >= 2: use the newest.
+_NEWEST = "{% set p = value_json if value_json is mapping else value_json[-1] %}"
+
 SENSORS: tuple[Sensor, ...] = (
     Sensor("top_label", "Top label", "predictions",
-           "{{ value_json.top[0].label if value_json.top else 'none' }}", icon="mdi:label-outline"),
+           _NEWEST + "{{ p.top[0].label if p.top else 'none' }}", icon="mdi:label-outline"),
     Sensor("top_score", "Top score", "predictions",
-           "{{ ((value_json.top[0].score * 100) | round(1)) if value_json.top else 0 }}",
+           _NEWEST + "{{ ((p.top[0].score * 100) | round(1)) if p.top else 0 }}",
            unit="%", state_class="measurement", icon="mdi:percent-outline"),
     Sensor("fps", "Frames per second", "health",
            "{{ (value_json.fps | round(1)) if value_json.fps is number else none }}",

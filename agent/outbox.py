@@ -15,9 +15,9 @@ import os
 import struct
 import threading
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +28,9 @@ _HEADER = struct.Struct("<QBBIHI")
 _COMPACT_BYTES = 4 * 1024 * 1024
 
 
-@dataclass(frozen=True)
-class Message:
-    """One outgoing message; `id` increases by one per message and orders the outbox."""
+class Message(NamedTuple):
+    """One outgoing message; `id` increases by one per message and orders the outbox. A NamedTuple: one is
+    made per published prediction, and a tuple is several times cheaper to build than a frozen dataclass."""
 
     id: int
     topic: str
@@ -78,15 +78,14 @@ class Outbox:
     def add_listener(self, event: threading.Event) -> None:
         """`event` is set whenever a message is put (lets a sender sleep on one event for several sources)."""
         with self._lock:
-            self._listeners.append(event)
+            self._listeners = [*self._listeners, event]  # copy-on-write: put() iterates it without the lock
 
     def put(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, expiry_s: int = 0,
             spool: bool | None = None) -> int:
         """Append a message (never blocks); returns its id. Drops the oldest message when full."""
         spool = (qos >= 1 and not retain) if spool is None else spool
         with self._lock:
-            msg = Message(self._next_id, topic, payload, qos, retain, int(expiry_s),
-                          spooled=bool(spool and self._spool))
+            msg = Message(self._next_id, topic, payload, qos, retain, int(expiry_s), bool(spool and self._spool))
             self._next_id += 1
             head_dropped = False
             if len(self._items) >= self.capacity:
@@ -99,40 +98,65 @@ class Outbox:
                 self._spool.append(msg)
             if head_dropped and self._spool is not None:
                 self._sync_mark()
-            self._cond.notify_all()
-            listeners = list(self._listeners)
+            listeners = self._listeners
         for event in listeners:
-            event.set()
+            if not event.is_set():  # Event.set takes a lock; a sender not yet awake needs no second call
+                event.set()
         return msg.id
 
-    def take(self, limit: int, timeout: float = 0.0) -> list[Message]:
-        """Up to `limit` messages not yet handed out, oldest first (waits up to `timeout` for one)."""
+    def take(self, limit: int) -> list[Message]:
+        """Up to `limit` messages not yet handed out, oldest first."""
         with self._lock:
-            if self._cursor >= len(self._items) and timeout > 0:
-                self._cond.wait(timeout)
             out: list[Message] = []
             while self._cursor < len(self._items) and len(out) < limit:
                 out.append(self._items[self._cursor])
                 self._cursor += 1
             return out
 
+    def take_run(self, batches: Mapping[str, int]) -> list[Message]:
+        """The next message not yet handed out, plus the messages directly after it that can share one publish:
+        same topic, qos, retain and expiry, up to `batches[topic]` in all (1 for topics not in `batches`)."""
+        with self._lock:
+            if self._cursor >= len(self._items):
+                return []
+            first = self._items[self._cursor]
+            self._cursor += 1
+            run = [first]
+            limit = batches.get(first.topic, 1)
+            while len(run) < limit and self._cursor < len(self._items):
+                msg = self._items[self._cursor]
+                if (msg.topic, msg.qos, msg.retain, msg.expiry_s) != (first.topic, first.qos, first.retain,
+                                                                      first.expiry_s):
+                    break
+                run.append(msg)
+                self._cursor += 1
+            return run
+
+    def ack_all(self, msg_ids: Iterable[int]) -> int:
+        """`ack` several messages (one publish that carried a batch); returns how many were still held."""
+        with self._lock:
+            return sum(self._ack(msg_id) for msg_id in msg_ids)
+
     def ack(self, msg_id: int) -> bool:
         """The message was delivered: remove it. False when it is unknown (already dropped or acked)."""
         with self._lock:
-            for i, msg in enumerate(self._items):
-                if msg.id == msg_id:
-                    del self._items[i]
-                    if i < self._cursor:
-                        self._cursor -= 1
-                    self.delivered += 1
-                    if msg.spooled and i == 0 and self._spool is not None:
-                        self._sync_mark()
-                    if not self._items:
-                        self._cond.notify_all()
-                    return True
-                if msg.id > msg_id:
-                    break
-            return False
+            return self._ack(msg_id)
+
+    def _ack(self, msg_id: int) -> bool:
+        for i, msg in enumerate(self._items):
+            if msg.id == msg_id:
+                del self._items[i]
+                if i < self._cursor:
+                    self._cursor -= 1
+                self.delivered += 1
+                if msg.spooled and i == 0 and self._spool is not None:
+                    self._sync_mark()
+                if not self._items:
+                    self._cond.notify_all()
+                return True
+            if msg.id > msg_id:
+                break
+        return False
 
     def rewind(self) -> None:
         """Make every unacknowledged message due again (after a lost connection), oldest first."""

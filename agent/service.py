@@ -46,6 +46,7 @@ class Agent:
     def __init__(self, config: AgentConfig, *, classifier: Classifier | None = None) -> None:
         self.config = config
         self.topics = T.DeviceTopics(config.prefix, config.device_id)
+        self._predictions_topic = self.topics.predictions  # built once: it is used for every frame
         self.boot = uuid.uuid4().hex[:12]  # random per process start: consumers tell restarts apart
         self.outbox = Outbox(config.publish.buffer, config.publish.spool_dir or None)
         self.monitor = HealthMonitor(config.device_id)
@@ -62,6 +63,7 @@ class Agent:
         self._ready_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._warned: dict[str, float] = {}
+        self._encoders: dict[str, tuple[Classifier, T.PredictionEncoder]] = {}
         self.last_frame: Frame | None = None
         self.last_top: list[dict[str, Any]] | None = None
         self.updater: Any = None
@@ -70,7 +72,8 @@ class Agent:
         self.started = time.time()
         # The Will is rebuilt for each connection, so `offline` names the model that was running.
         self.link = MqttLink(config.broker, self.topics, will=lambda: self._status_bytes(T.STATUS_OFFLINE),
-                             outbox=self.outbox, online=lambda: self._status_bytes(T.STATUS_ONLINE))
+                             outbox=self.outbox, online=lambda: self._status_bytes(T.STATUS_ONLINE),
+                             batches={self.topics.predictions: config.publish.batch_max})
 
     # ------------------------------------------------------------------------------------------ model
     @property
@@ -209,8 +212,8 @@ class Agent:
                 self._warn(f"crash-{cam.name}", "Camera %s: frame %d failed unexpectedly: %r", cam.name, frame.seq,
                            exc)
 
-    def process(self, camera: str, frame: Frame) -> dict[str, Any] | None:
-        """One frame through gate → classifier → policy → outbox; returns the prediction if published."""
+    def process(self, camera: str, frame: Frame) -> bytes | None:
+        """One frame through gate → classifier → policy → outbox; returns the prediction's payload if published."""
         mon = self.monitor
         mon.record_frame()
         self.last_frame = frame
@@ -230,25 +233,27 @@ class Agent:
             result = clf.classify(frame.image)
         mon.record_inferred(result.latency_ms)
         self.last_top = result.top
-        if self._mark_ready(f"Classifying with {clf.name} {clf.version}"):
+        if not self._ready and self._mark_ready(f"Classifying with {clf.name} {clf.version}"):
             log.info("First frame classified (%.1f ms); ready", result.latency_ms["total"])
         self.notifier.frame()
-        if not self.policy.should_publish(result.top, time.time(), key=camera):
+        now = time.time()
+        if not self.policy.should_publish(result.top, now, key=camera):
             return None
-        doc: dict[str, Any] = {
-            "ts": round(time.time(), 4), "frame_ts": round(frame.ts, 4), "seq": next(self._seq), "boot": self.boot,
-            "device": self.config.device_id, "camera": camera,
-            "model": {"name": clf.name, "version": clf.version},
-            "top": [{"label": t["label"], "index": int(t["index"]), "score": round(float(t["score"]), 5)}
-                    for t in result.top],
-            "latency_ms": {k: round(v, 3) for k, v in result.latency_ms.items()},
-        }
-        if frame.truth is not None:
-            doc["truth"] = int(frame.truth)
+        payload = self._encoder(camera, clf)(seq=next(self._seq), ts=now, frame_ts=frame.ts, top=result.top,
+                                             latency_ms=result.latency_ms, truth=frame.truth)
         pub = self.config.publish
-        self.outbox.put(self.topics.predictions, T.encode(doc), qos=pub.qos, retain=False, expiry_s=pub.expiry_s)
+        self.outbox.put(self._predictions_topic, payload, pub.qos, False, pub.expiry_s)
         mon.record_published()
-        return doc
+        return payload
+
+    def _encoder(self, camera: str, clf: Classifier) -> T.PredictionEncoder:
+        """The prediction encoder of this camera and model (made again after a model swap)."""
+        cached = self._encoders.get(camera)
+        if cached is None or cached[0] is not clf:
+            cached = (clf, T.PredictionEncoder(boot=self.boot, device=self.config.device_id, camera=camera,
+                                               model_name=clf.name, model_version=clf.version, labels=clf.labels))
+            self._encoders[camera] = cached
+        return cached[1]
 
     def _mark_ready(self, status: str) -> bool:
         """Send READY=1 once per process; True the first time."""

@@ -135,7 +135,8 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
 
 
 @pytest.mark.parametrize(("doc", "expected"), [
-    ({"device_id": "d", "publish": {"mod": "every"}}, "publish.mod: unknown key; known keys: buffer, expiry_s"),
+    ({"device_id": "d", "publish": {"mod": "every"}},
+     "publish.mod: unknown key; known keys: batch_max, buffer, expiry_s"),
     ({"device_id": "d", "broker": {"tls": {"verify": True}}}, "broker.tls.verify: unknown key; known keys: ca_file"),
     ({"device_id": "d", "camera": [{}, {"name": "b", "sourc": "x"}]}, "camera[1].sourc: unknown key"),
     ({"device_id": "d", "cameras": []}, "cameras: unknown key; known keys: "),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from agent.contract import topics
@@ -41,3 +43,54 @@ def test_payload_encoding_round_trips_and_model_states_are_checked() -> None:
         topics.model_state_payload("pi-1", "exploded")
     with pytest.raises(ValueError):
         topics.decode(b"[1, 2]")
+
+
+def _reference(seq: int, ts: float, frame_ts: float, top: list[dict[str, object]], latency: dict[str, float],
+               truth: int | None) -> dict[str, object]:
+    """The prediction document as the schema in docs/MQTT.md defines it, built the slow, obvious way."""
+    doc: dict[str, object] = {
+        "boot": "b00t", "camera": "cam \"0\" 5%", "device": "pi-1", "frame_ts": round(frame_ts, 4), "seq": seq,
+        "model": {"name": "fashion", "version": "1.0.0"}, "ts": round(ts, 4),
+        "top": [{"index": t["index"], "label": t["label"], "score": round(float(t["score"]), 5)} for t in top],  # type: ignore[arg-type]
+        "latency_ms": {k: round(v, 3) for k, v in latency.items()},
+    }
+    if truth is not None:
+        doc["truth"] = truth
+    return doc
+
+
+def test_prediction_encoder_writes_the_documented_document() -> None:
+    labels = ("T-shirt/top", "100% cotton", 'Quote"d %s', "Ünïcode")
+    enc = topics.PredictionEncoder(boot="b00t", device="pi-1", camera='cam "0" 5%', model_name="fashion",
+                                   model_version="1.0.0", labels=labels)
+    top = [{"label": labels[2], "index": 2, "score": 0.912345678}, {"label": labels[3], "index": 3, "score": 1e-9}]
+    latency = {"pre": 0.01234, "infer": 0.1, "post": 0.0049, "total": 0.11724}
+    for truth in (3, None):
+        raw = enc(seq=41, ts=1795524688.78321, frame_ts=1795524688.7801, top=top, latency_ms=latency, truth=truth)
+        doc = json.loads(raw)
+        assert doc == _reference(41, 1795524688.78321, 1795524688.7801, top, latency, truth)
+        assert set(doc) >= topics.PREDICTION_KEYS and list(doc) == sorted(doc)  # keys sorted, like encode()
+        assert topics.decode_predictions(raw) == [doc]
+    assert json.loads(enc(seq=0, ts=1.0, frame_ts=1.0, top=[], latency_ms={}, truth=None))["top"] == []
+
+
+def test_prediction_encoder_never_writes_invalid_json_for_non_finite_numbers() -> None:
+    enc = topics.PredictionEncoder(boot="b", device="d", camera="c", model_name="m", model_version="1",
+                                   labels=("a", "b"))
+    raw = enc(seq=1, ts=2.0, frame_ts=float("nan"), top=[{"label": "a", "index": 0, "score": float("nan")}],
+              latency_ms={"infer": float("inf"), "total": 1.0})
+    def refuse(token: str) -> None:
+        raise AssertionError(f"{token} is not JSON")
+
+    doc = json.loads(raw, parse_constant=refuse)  # strict: no NaN / Infinity tokens, which many parsers reject
+    assert doc["frame_ts"] is None and doc["top"][0]["score"] is None and doc["latency_ms"]["infer"] is None
+
+
+def test_decode_predictions_reads_objects_and_batches() -> None:
+    one = {"seq": 1}
+    assert topics.decode_predictions(json.dumps(one)) == [one]
+    assert topics.decode_predictions(json.dumps([one, {"seq": 2}])) == [one, {"seq": 2}]
+    assert topics.decode_predictions(b"[]") == []
+    for bad in (b"[1, 2]", b'"text"', b"not json"):
+        with pytest.raises(ValueError):
+            topics.decode_predictions(bad)

@@ -119,6 +119,10 @@ def test_templates_render_real_payloads() -> None:
     assert render(docs["top_label"]["value_template"], prediction) == "Sneaker"
     assert render(docs["top_score"]["value_template"], prediction) == "97.3"
     assert render(docs["top_label"]["value_template"], {**prediction, "top": []}) == "none"
+    # publish.batch_max >= 2: the payload is an array of predictions; the sensors show the newest
+    older = {**prediction, "top": [{"label": "Bag", "index": 8, "score": 0.5}]}
+    assert render(docs["top_label"]["value_template"], [older, prediction]) == "Sneaker"
+    assert render(docs["top_score"]["value_template"], [older, prediction]) == "97.3"
     health = {"fps": 9.876, "latency_ms": {"p50": 0.6, "p95": 0.9, "infer_p50": 0.4321}}  # agent/health.py
     assert render(docs["fps"]["value_template"], health) == "9.9"
     assert render(docs["inference_latency"]["value_template"], health) == "0.43"

@@ -24,12 +24,12 @@ from tools.fleet.mqtt_client import ClientOptions, MqttClient, Received
 
 
 def _link(broker: Broker, device: str, *, protocol: str = "5", outbox: Outbox | None = None,
-          **broker_kw: object) -> MqttLink:
+          batches: dict[str, int] | None = None, **broker_kw: object) -> MqttLink:
     cfg = BrokerConfig(host=broker.host, port=broker.port, protocol=protocol, reconnect_min_s=0.05,
                        reconnect_max_s=0.3, **broker_kw)  # type: ignore[arg-type]
     topics = DeviceTopics("edgecv", device)
     will = encode(status_payload(device, "offline", "test", None))
-    return MqttLink(cfg, topics, will=will, outbox=outbox or Outbox(1000),
+    return MqttLink(cfg, topics, will=will, outbox=outbox if outbox is not None else Outbox(1000), batches=batches,
                     online=lambda: encode(status_payload(device, "online", "test", {"name": "m"})))
 
 
@@ -75,6 +75,33 @@ def test_online_in_order_then_stopped_without_will(shared_broker: Broker) -> Non
     sub.close()
 
 
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_batched_topic_arrives_as_json_arrays_in_order(shared_broker: Broker, protocol: str) -> None:
+    """With batches={predictions: 25} every predictions publish is a JSON array of at most 25 payloads, in
+    order, none lost or repeated; other topics keep one payload per message."""
+    device = f"dev-batch-{protocol.replace('.', '')}"
+    topic = f"edgecv/{device}/predictions"
+    sub = _sub(shared_broker, f"edgecv/{device}/#")
+    link = _link(shared_broker, device, protocol=protocol, batches={topic: 25}, outbox=Outbox(5000)).start()
+    try:
+        link.wait_connected(10)
+        for i in range(1000):  # far faster than one publish per message could go: runs of up to 25 form
+            link.publish(topic, json.dumps({"seq": i}).encode(), qos=1)
+        link.publish(f"edgecv/{device}/health", b'{"h":1}', qos=0)
+        assert link.outbox.wait_empty(10), (link.outbox.delivered, link.outbox.dropped, len(link.outbox))
+        assert (link.outbox.delivered, link.outbox.dropped) == (1001, 0)
+        msgs = _collect(sub, 1000, 10)
+        arrays = [json.loads(m.payload) for m in msgs if m.topic == topic]
+        health = [m.payload for m in msgs if m.topic.endswith("/health")]
+        assert all(isinstance(a, list) and 1 <= len(a) <= 25 for a in arrays)
+        assert [d["seq"] for a in arrays for d in a] == list(range(1000))
+        assert len(arrays) < 1000 / 2  # they were really batched
+        assert health == [b'{"h":1}']
+    finally:
+        link.stop(None)
+        sub.close()
+
+
 def test_refused_connack_is_a_clear_failure(tmp_path: Path) -> None:
     pwfile = tmp_path / "passwd"
     pwfile.write_text("")
@@ -111,11 +138,12 @@ def test_refused_connack_is_a_clear_failure(tmp_path: Path) -> None:
         broker.stop()
 
 
-def test_broker_restart_reconnects_republishes_online_and_delivers_buffered(tmp_path: Path) -> None:
+@pytest.mark.parametrize("batch", [1, 8])
+def test_broker_restart_reconnects_republishes_online_and_delivers_buffered(tmp_path: Path, batch: int) -> None:
     broker = persistent_broker(tmp_path).start()
     sub = durable_subscriber(broker, ["edgecv/dev-r/predictions"], "sub-r")
     subscribed = time.time()
-    link = _link(broker, "dev-r")
+    link = _link(broker, "dev-r", batches={"edgecv/dev-r/predictions": batch})
     got: list[str] = []
     link.subscribe("edgecv/dev-r/cmd/+", lambda topic, payload: got.append(payload.decode()))
     reconnects = threading.Event()
@@ -138,8 +166,12 @@ def test_broker_restart_reconnects_republishes_online_and_delivers_buffered(tmp_
         assert reconnects.wait(15), "on-connect callbacks did not run after the reconnect"
         assert link.outbox.wait_empty(10), "buffered messages were not acknowledged after the reconnect"
         sub = durable_subscriber(broker, ["edgecv/dev-r/predictions"], "sub-r")
-        msgs = _collect(sub, 50, 10)
-        assert [int(m.payload) for m in msgs] == list(range(50))
+        values = []
+        while len(values) < 50 and (msg := sub.get(10)) is not None:
+            doc = json.loads(msg.payload)
+            assert isinstance(doc, list) == (batch > 1) and (batch == 1 or len(doc) <= batch)
+            values += doc if isinstance(doc, list) else [doc]
+        assert values == list(range(50))
         # online is re-published after the reconnect (retained: the restarted broker had lost it)
         late = _sub(broker, "edgecv/dev-r/status")
         status = decode(late.wait_for(lambda m: m.retain, 5).payload)

@@ -29,6 +29,39 @@ def test_rewind_resends_unacked_oldest_first() -> None:
     assert [m.id for m in box.take(10)] == ids[1:]
 
 
+def test_take_run_joins_only_consecutive_compatible_messages_of_batched_topics() -> None:
+    box = Outbox(100)
+    for i in range(5):
+        box.put("p", f"a{i}".encode(), qos=1)
+    box.put("status", b"s", qos=1, retain=True)
+    box.put("p", b"b0", qos=1)
+    box.put("p", b"b1", qos=0)  # another qos: its own run
+    box.put("p", b"b2", qos=0)
+    batches = {"p": 3}
+    runs = []
+    while run := box.take_run(batches):
+        runs.append([m.payload for m in run])
+    assert runs == [[b"a0", b"a1", b"a2"], [b"a3", b"a4"], [b"s"], [b"b0"], [b"b1", b"b2"]]
+    assert box.take_run(batches) == [] and box.pending() == 0
+    assert [m.payload for m in Outbox(10).take_run(batches)] == []
+    plain = Outbox(10)
+    plain.put("p", b"x")
+    plain.put("p", b"y")
+    assert [m.payload for m in plain.take_run({})] == [b"x"]  # topics without a batch size go one by one
+
+
+def test_ack_all_removes_a_batch_and_rewind_hands_it_out_again() -> None:
+    box = Outbox(10)
+    ids = [box.put("p", str(i).encode()) for i in range(6)]
+    first = box.take_run({"p": 4})
+    assert [m.id for m in first] == ids[:4]
+    box.rewind()  # connection lost before the PUBACK: the same run is due again
+    assert [m.id for m in box.take_run({"p": 4})] == ids[:4]
+    assert box.ack_all(m.id for m in first) == 4
+    assert box.ack_all(ids[:4]) == 0  # a late duplicate PUBACK is harmless
+    assert len(box) == 2 and box.delivered == 4
+
+
 def test_full_drops_oldest_and_counts() -> None:
     box = Outbox(3)
     for i in range(5):

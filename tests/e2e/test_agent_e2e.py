@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -90,6 +91,24 @@ def test_predictions_status_and_health_follow_the_documented_schema(start_agent:
     final = collect(sub, lambda m: any(d["state"] == "stopped" for d in of_kind(m, "status")), 10, agent)
     assert of_kind(final, "status")[-1]["state"] == "stopped"
     assert not any(d["state"] == "offline" for d in of_kind(final, "status"))  # no Will after a clean exit
+    sub.close()
+
+
+def test_batched_predictions_carry_every_frame_in_order(start_agent: StartAgent, shared_broker: Broker) -> None:
+    """publish.batch_max = 50 with an unpaced camera: every predictions message is a JSON array of up to 50
+    documented predictions; together they hold consecutive seqs from 0 (nothing lost, nothing repeated)."""
+    agent = start_agent({"camera": [{"name": "cam0", "source": "synthetic:fashion-mnist", "fps": 0.0}],
+                         "publish": {"batch_max": 50}}, broker=shared_broker)
+    sub = subscriber(shared_broker, f"edgecv/{agent.device}/predictions")
+    msgs = collect(sub, lambda m: sum(len(json.loads(x.payload)) for x in m) >= 2000, 60, agent)
+    assert agent.stop() == 0
+    arrays: list[list[dict[str, Any]]] = [json.loads(m.payload) for m in msgs]
+    assert all(isinstance(a, list) and 1 <= len(a) <= 50 for a in arrays)
+    assert max(len(a) for a in arrays) > 1  # at thousands of frames per second, predictions were batched
+    preds = [p for a in arrays for p in a]
+    assert all(set(p) == PREDICTION_KEYS | {"truth"} for p in preds)
+    assert [p["seq"] for p in preds] == list(range(len(preds)))
+    assert len({p["boot"] for p in preds}) == 1
     sub.close()
 
 

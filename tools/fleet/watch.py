@@ -81,32 +81,37 @@ def watch(options: ClientOptions, flt: WatchFilter, *, as_json: bool = False, co
                 if wait <= 0:
                     break
                 msg = client.get(min(wait, 0.5))
-                if msg is not None and _handle(msg, flt, as_json, out):
-                    printed += 1
+                if msg is not None:
+                    printed += _handle(msg, flt, as_json, out, limit=None if count is None else count - printed)
         except KeyboardInterrupt:
             pass
     return printed
 
 
-def _handle(msg: Received, flt: WatchFilter, as_json: bool, out: TextIO) -> bool:
+def _handle(msg: Received, flt: WatchFilter, as_json: bool, out: TextIO, limit: int | None = None) -> int:
+    """Print the predictions in `msg` (one, or a batch from a device with publish.batch_max >= 2), at most
+    `limit`; returns how many were printed."""
     parsed = T.parse_device_topic(flt.prefix, msg.topic)
     if parsed is None:
-        return False
+        return 0
     device, kind = parsed
     try:
-        doc = msg.json() if msg.payload else {}
+        if kind == "status":
+            flt.note_status(device, msg.json() if msg.payload else {})
+            return 0
+        if kind != "predictions" or not flt.accepts(device):
+            return 0
+        docs = T.decode_predictions(msg.payload)
     except ValueError:
-        return False
-    if kind == "status":
-        flt.note_status(device, doc)
-        return False
-    if kind != "predictions" or not flt.accepts(device):
-        return False
-    if as_json:
-        print(json.dumps(doc, separators=(",", ":"), sort_keys=True), file=out, flush=True)
-    else:
-        print(format_row(doc), file=out, flush=True)
-    return True
+        return 0
+    docs = docs if limit is None else docs[:limit]
+    for doc in docs:
+        if as_json:
+            print(json.dumps(doc, separators=(",", ":"), sort_keys=True), file=out)
+        else:
+            print(format_row(doc), file=out)
+    out.flush()
+    return len(docs)
 
 
 def run_watch(options: ClientOptions, prefix: str, devices: Sequence[str], group: str | None, as_json: bool,
