@@ -291,9 +291,9 @@ class MqttLink:
         self._session_ended.set()
 
     def _on_publish_cb(self, client: paho.Client, gen: int, mid: int, reason: Any, properties: Any) -> None:
-        # Called with paho's internal lock held: only hand the ack to the sender thread.
+        # Called with paho's internal lock held: only hand the ack to the sender thread, which polls for acks
+        # while publishes are in flight (no wake-up per PUBACK).
         self._acks.put((gen, mid, bool(getattr(reason, "is_failure", False))))
-        self._wake.set()
 
     def _on_message_cb(self, client: paho.Client, gen: int, message: MQTTMessage) -> None:
         with self._lock:
@@ -323,16 +323,18 @@ class MqttLink:
     def _send_loop(self) -> None:
         inflight: dict[int, list[int]] = {}  # paho mid -> outbox ids it carried, for the current connection only
         gen = -1
-        last_send = 0.0
+        busy = False
         while not self._sender_stop.is_set():
-            self._wake.wait(0.5)
-            since = time.monotonic() - last_send
-            if since < COALESCE_S:
-                # Messages are coming fast: at most one round of sending per COALESCE_S, so one wake-up sends
-                # what accumulated (fewer thread switches on a single core, fuller batches); at low rates each
-                # message still goes out at once.
-                time.sleep(COALESCE_S - since)
-            last_send = time.monotonic()
+            if busy:
+                # The last round sent something: let messages accumulate for COALESCE_S before the next round.
+                # Puts during this sleep only set the event (no thread wakes), so at high rates a round costs one
+                # wake-up and sends everything queued as one batch; a message arriving after a quiet spell still
+                # goes out at once.
+                time.sleep(COALESCE_S)
+            else:
+                # PUBACKs do not wake this thread (one wake-up fewer per publish): while publishes are in flight
+                # it polls for their acknowledgements every COALESCE_S.
+                self._wake.wait(COALESCE_S if inflight else 0.5)
             self._wake.clear()
             with self._lock:
                 client, current = self._client, self._generation
@@ -351,14 +353,14 @@ class MqttLink:
                     if failed:
                         self._warn("puback", "Broker rejected a publish (PUBACK failure); dropping it")
                     self.outbox.ack_all(msg_ids)
+            busy = False
             if client is None or not self.connected.is_set():
                 continue
             while len(inflight) < self.max_inflight:
                 run = self.outbox.take_run(self.batches)
                 if not run or not self._send(client, run, inflight):
                     break
-            if self.outbox.pending() and len(inflight) < self.max_inflight and self.connected.is_set():
-                self._wake.set()
+                busy = True
 
     def _send(self, client: paho.Client, run: list[Message], inflight: dict[int, list[int]]) -> bool:
         """One publish for `run` (one message, or a batch for a topic in `batches`); False if not connected."""
