@@ -195,11 +195,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """VmRSS (or RssAnon / RssFile) of a process, MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def file_huge_pages_mb() -> float:
+    """Page-cache memory held in large folios (/proc/meminfo FileHugePages). Freshly written files (a new pip
+    install) can sit in the page cache as 2 MB folios, and mapping a shared library then makes whole folios
+    resident: RssFile, and so VmRSS, grows by tens of MB with no change in the agent (measured: 93 -> 122 MB for
+    LiteRT, back to 93 MB after the page cache was dropped). RssAnon does not depend on it."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("FileHugePages:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 class Subscriber:
@@ -334,6 +346,7 @@ def follow(work: Path, port: int, bundle: Path, runtime: str, seconds: float, fp
         seqs = [d["seq"] for _, d in got]
         out = {"cpu": 100 * (c1 - c0) / (t1 - t0), "p50": lat[len(lat) // 2], "p99": lat[int(0.99 * (len(lat) - 1))],
                "infer": infer, "rss": samples[-1][1], "rate": len(got) / (t1 - t0),
+               "rss_anon": rss_mb(proc.pid, "RssAnon"), "rss_file": rss_mb(proc.pid, "RssFile"),
                "device_p99": on_device[int(0.99 * (len(on_device) - 1))], "load": os.getloadavg()[0],
                "gaps": (max(seqs) - min(seqs) + 1) - len(set(seqs)) if seqs else 0}
         if rss_samples:
@@ -403,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
                     row.infer_ms, row.cpu_30fps, row.lat_p50, row.lat_p99, row.rss = (
                         f["infer"], f["cpu"], f["p50"], f["p99"], f["rss"])
                     row.extra = {"bare_infer_ms": bare["infer_ms"], "rate_30fps": f["rate"], "gaps": f["gaps"],
+                                 "rss_anon": f["rss_anon"], "rss_file": f["rss_file"],
                                  "device_p99": f["device_p99"], "load": f["load"]}
                     rows.append(row)
             soak_bundle, soak_rt = bundles[0][1], bundle_runtimes(bundles[0][1])[-1]
@@ -421,14 +435,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_table(rows: list[Row], soak: dict[str, Any], soak_rt: str, soak_s: float, notes: list[str]) -> None:
     header = ("bundle", "runtime", "bare fps", "agent fps", "agent/bare", "batched fps", "batched/bare", "infer ms",
-              "CPU @30fps", "lat p50 ms", "lat p99 ms", "p99 target", "on-device p99", "RSS MB", "load")
+              "CPU @30fps", "lat p50 ms", "lat p99 ms", "p99 target", "on-device p99", "RSS MB", "anon+file MB", "load")
     lines = [header]
     for r in rows:
         target = r.infer_ms + 10.0
         lines.append((r.bundle, r.runtime, f"{r.bare_fps:.0f}", f"{r.agent_fps:.0f}", f"{100 * r.ratio:.0f} %",
                       f"{r.batched_fps:.0f}", f"{100 * r.ratio_batched:.0f} %",
                       f"{r.infer_ms:.3f}", f"{r.cpu_30fps:.1f} %", f"{r.lat_p50:.2f}", f"{r.lat_p99:.2f}",
-                      f"≤ {target:.1f}", f"{r.extra['device_p99']:.2f}", f"{r.rss:.0f}", f"{r.extra['load']:.1f}"))
+                      f"≤ {target:.1f}", f"{r.extra['device_p99']:.2f}", f"{r.rss:.0f}",
+                      f"{r.extra['rss_anon']:.0f}+{r.extra['rss_file']:.0f}", f"{r.extra['load']:.1f}"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     print()
     for line in lines:
@@ -437,6 +452,8 @@ def print_table(rows: list[Row], soak: dict[str, Any], soak_rt: str, soak_s: flo
           f"{soak['rss_last']:.1f} MB at the end ({soak['growth']:+.2f} %); CPU {soak['cpu']:.1f} %, "
           f"latency p50 {soak['p50']:.2f} / p99 {soak['p99']:.2f} ms (on-device p99 {soak['device_p99']:.2f}), "
           f"seq gaps {soak['gaps']}")
+    print(f"RSS = VmRSS = RssAnon + RssFile (+ shmem); page cache in large folios (FileHugePages) at the end: "
+          f"{file_huge_pages_mb():.0f} MB — when it is large, RssFile of the shared libraries is inflated")
     print("lat = frame capture → subscriber (loopback); on-device = frame capture → prediction queued in the outbox; "
           "load = 1-min load average of the machine at the end of the 30 fps run")
     print(f"agent fps: one prediction per MQTT message (publish.batch_max = 1, the default); batched: "
