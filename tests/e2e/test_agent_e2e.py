@@ -284,6 +284,25 @@ def test_watch_prints_predictions_filtered_by_device_and_group(start_agent: Star
     assert agent.stop() == 0
 
 
+def test_watch_unpacks_batched_predictions_and_stops_at_count(start_agent: StartAgent,
+                                                              shared_broker: Broker) -> None:
+    """A device with publish.batch_max = 20 at an unpaced camera: `edgecv watch --json --count 45` prints
+    exactly 45 predictions, one per line, consecutive seqs, although they arrived as arrays."""
+    agent = start_agent({"camera": [{"name": "cam0", "source": "synthetic:fashion-mnist", "fps": 0.0}],
+                         "publish": {"batch_max": 20}}, broker=shared_broker)
+    exe = Path(sys.executable).parent / "edgecv"
+    edgecv = [str(exe)] if exe.exists() else [sys.executable, "-m", "tools.cli"]
+    proc = subprocess.run([*edgecv, "watch", "--broker", f"{shared_broker.host}:{shared_broker.port}", "--json",
+                           "--device", agent.device, "--count", "45", "--timeout", "30"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    docs = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(docs) == 45 and all(isinstance(d, dict) and set(d) >= PREDICTION_KEYS for d in docs)
+    seqs = [d["seq"] for d in docs]
+    assert seqs == list(range(seqs[0], seqs[0] + 45))
+    assert agent.stop() == 0
+
+
 def test_hot_swap_between_frames_loses_nothing(tmp_path: Path, shared_broker: Broker, fashion_bundle: Path) -> None:
     """In-process Agent: swap_classifier while frames flow; predictions switch model with no seq gap."""
     import dataclasses
