@@ -326,14 +326,18 @@ class MqttLink:
     def _send_loop(self) -> None:
         inflight: dict[int, list[int]] = {}  # paho mid -> outbox ids it carried, for the current connection only
         gen = -1
-        sent = 0  # messages sent in the last round
+        sent, publishes, drained = 0, 0, False  # the last round: messages, publishes, whether it emptied the outbox
         while not self._sender_stop.is_set():
             if sent:
                 # The last round sent something: let messages accumulate for COALESCE_S before the next round.
                 # Puts during this sleep only set the event (no thread wakes), so at high rates a round costs one
                 # wake-up and sends everything queued as one batch; a message arriving after a quiet spell still
                 # goes out at once.
-                time.sleep(FLOOD_COALESCE_S if sent >= FLOOD_MESSAGES else COALESCE_S)
+                # The long pause only after a round that emptied the outbox in few publishes (batches): then the
+                # in-flight window cannot be what limits the rate. One message per publish, or a round cut short by
+                # the window, comes back after COALESCE_S.
+                flood = sent >= FLOOD_MESSAGES and drained and 2 * publishes <= self.max_inflight
+                time.sleep(FLOOD_COALESCE_S if flood else COALESCE_S)
             else:
                 # PUBACKs do not wake this thread (one wake-up fewer per publish): while publishes are in flight
                 # it polls for their acknowledgements every COALESCE_S.
@@ -356,14 +360,18 @@ class MqttLink:
                     if failed:
                         self._warn("puback", "Broker rejected a publish (PUBACK failure); dropping it")
                     self.outbox.ack_all(msg_ids)
-            sent = 0
+            sent, publishes, drained = 0, 0, False
             if client is None or not self.connected.is_set():
                 continue
             while len(inflight) < self.max_inflight:
                 run = self.outbox.take_run(self.batches)
-                if not run or not self._send(client, run, inflight):
+                if not run:
+                    drained = True
+                    break
+                if not self._send(client, run, inflight):
                     break
                 sent += len(run)
+                publishes += 1
 
     def _send(self, client: paho.Client, run: list[Message], inflight: dict[int, list[int]]) -> bool:
         """One publish for `run` (one message, or a batch for a topic in `batches`); False if not connected."""
