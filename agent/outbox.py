@@ -1,7 +1,7 @@
 """A bounded, in-order buffer of outgoing MQTT messages between the camera loop and the network.
 
-The camera loop `put`s and never blocks; the link's sender `take`s messages in order, and `ack`s each one
-once the broker acknowledged it (PUBACK for QoS >= 1). After a lost connection `rewind` makes every
+The camera loop `put`s and never blocks; the link's sender takes messages in order (`take_run`) and
+`ack`s each one once the broker acknowledged it (PUBACK for QoS >= 1). After a lost connection `rewind` makes every
 unacknowledged message due again, oldest first. When the buffer is full the oldest message is dropped and
 counted. With a `spool_dir`, spoolable messages (QoS >= 1, not retained: predictions) are also appended to a
 log on disk, so what was buffered survives an agent restart; the log is compacted as messages are acked.
@@ -103,15 +103,6 @@ class Outbox:
             if not event.is_set():  # Event.set takes a lock; a sender not yet awake needs no second call
                 event.set()
         return msg.id
-
-    def take(self, limit: int) -> list[Message]:
-        """Up to `limit` messages not yet handed out, oldest first."""
-        with self._lock:
-            out: list[Message] = []
-            while self._cursor < len(self._items) and len(out) < limit:
-                out.append(self._items[self._cursor])
-                self._cursor += 1
-            return out
 
     def take_run(self, batches: Mapping[str, int]) -> list[Message]:
         """The next message not yet handed out, plus the messages directly after it that can share one publish:

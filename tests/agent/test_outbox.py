@@ -5,15 +5,23 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from agent.outbox import Outbox
+from agent.outbox import Message, Outbox
+
+
+def take(box: Outbox, limit: int) -> list[Message]:
+    """Up to `limit` messages not yet handed out, oldest first, one publish's worth at a time (no batching)."""
+    out: list[Message] = []
+    while len(out) < limit and (run := box.take_run({})):
+        out += run
+    return out
 
 
 def test_fifo_order_and_ack_removes() -> None:
     box = Outbox(10)
     ids = [box.put("t", f"m{i}".encode()) for i in range(5)]
-    taken = box.take(3)
+    taken = take(box, 3)
     assert [m.payload for m in taken] == [b"m0", b"m1", b"m2"]
-    assert box.take(10)[0].payload == b"m3"
+    assert take(box, 10)[0].payload == b"m3"
     assert len(box) == 5  # nothing leaves before it is acknowledged
     assert box.ack(ids[0]) and box.ack(ids[1])
     assert not box.ack(ids[0])  # acking twice is harmless
@@ -23,10 +31,10 @@ def test_fifo_order_and_ack_removes() -> None:
 def test_rewind_resends_unacked_oldest_first() -> None:
     box = Outbox(10)
     ids = [box.put("t", bytes([i])) for i in range(4)]
-    box.take(4)
+    take(box, 4)
     box.ack(ids[0])
     box.rewind()
-    assert [m.id for m in box.take(10)] == ids[1:]
+    assert [m.id for m in take(box, 10)] == ids[1:]
 
 
 def test_take_run_joins_only_consecutive_compatible_messages_of_batched_topics() -> None:
@@ -67,16 +75,16 @@ def test_full_drops_oldest_and_counts() -> None:
     for i in range(5):
         box.put("t", str(i).encode())
     assert box.dropped == 2
-    assert [m.payload for m in box.take(10)] == [b"2", b"3", b"4"]
+    assert [m.payload for m in take(box, 10)] == [b"2", b"3", b"4"]
 
 
 def test_drop_while_handed_out_keeps_cursor_consistent() -> None:
     box = Outbox(3)
     for i in range(3):
         box.put("t", str(i).encode())
-    assert [m.payload for m in box.take(2)] == [b"0", b"1"]
+    assert [m.payload for m in take(box, 2)] == [b"0", b"1"]
     box.put("t", b"3")  # drops "0", which was already handed out
-    assert [m.payload for m in box.take(10)] == [b"2", b"3"]
+    assert [m.payload for m in take(box, 10)] == [b"2", b"3"]
 
 
 def test_put_never_blocks_and_wakes_listener() -> None:
@@ -99,7 +107,7 @@ def test_spool_survives_restart_and_skips_acked(tmp_path: Path) -> None:
 
     again = Outbox(100, spool_dir=tmp_path)
     assert again.restored == 4
-    restored = again.take(100)
+    restored = take(again, 100)
     assert [m.payload for m in restored] == [b"p2", b"p3", b"p4", b"p5"]
     assert all(m.topic == "edgecv/d/predictions" and m.qos == 1 for m in restored)
     new_id = again.put("edgecv/d/predictions", b"new")
@@ -109,7 +117,7 @@ def test_spool_survives_restart_and_skips_acked(tmp_path: Path) -> None:
     again.close()
 
     third = Outbox(100, spool_dir=tmp_path)
-    assert [m.payload for m in third.take(100)] == [b"new"]
+    assert [m.payload for m in take(third, 100)] == [b"new"]
     third.close()
 
 
@@ -120,7 +128,7 @@ def test_spool_ignores_torn_tail(tmp_path: Path) -> None:
     with open(tmp_path / "outbox.log", "ab") as fh:
         fh.write(b"\x07\x00\x00")  # a record cut short by a crash
     again = Outbox(10, spool_dir=tmp_path)
-    assert [m.payload for m in again.take(10)] == [b"complete"]
+    assert [m.payload for m in take(again, 10)] == [b"complete"]
     again.close()
 
 
@@ -131,5 +139,5 @@ def test_spool_respects_capacity_on_restore(tmp_path: Path) -> None:
     box.close()
     small = Outbox(4, spool_dir=tmp_path)
     assert small.dropped == 6
-    assert [m.payload for m in small.take(10)] == [b"6", b"7", b"8", b"9"]
+    assert [m.payload for m in take(small, 10)] == [b"6", b"7", b"8", b"9"]
     small.close()
