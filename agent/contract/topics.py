@@ -144,8 +144,11 @@ class PredictionEncoder:
     def __init__(self, *, boot: str, device: str, camera: str, model_name: str, model_version: str,
                  labels: tuple[str, ...] | list[str]) -> None:
         d = json.dumps
+        self._identity = {"boot": boot, "camera": camera, "device": device,
+                          "model": {"name": model_name, "version": model_version}}
         self._head = f'{{"boot":{d(boot)},"camera":{d(camera)},"device":{d(device)},"frame_ts":'
         self._model = f',"model":{{"name":{d(model_name)},"version":{d(model_version)}}},"seq":'
+        self._label_names = tuple(labels)
         self._labels = [d(label) for label in labels]
         # (number of top entries, latency keys, truth given) -> (template, latency keys in sorted order)
         self._templates: dict[tuple[int, tuple[str, ...], bool], tuple[str, list[str]]] = {}
@@ -186,10 +189,8 @@ class PredictionEncoder:
     def _with_nulls(self, seq: int, ts: float, frame_ts: float, top: list[dict[str, Any]],
                     latency_ms: dict[str, float], truth: int | None) -> bytes:
         """The same document through json, with every non-finite number as null."""
-        head = json.loads(self._head + "0" + self._model + "0}")
-        doc = {"boot": head["boot"], "camera": head["camera"], "device": head["device"], "model": head["model"],
-               "seq": seq, "ts": _finite(ts, 4), "frame_ts": _finite(frame_ts, 4),
-               "top": [{"index": t["index"], "label": json.loads(self._labels[t["index"]]),
+        doc = {**self._identity, "seq": seq, "ts": _finite(ts, 4), "frame_ts": _finite(frame_ts, 4),
+               "top": [{"index": t["index"], "label": self._label_names[t["index"]],
                         "score": _finite(t["score"], 5)} for t in top],
                "latency_ms": {k: _finite(v, 3) for k, v in latency_ms.items()}}
         if truth is not None:

@@ -84,6 +84,9 @@ def test_prediction_encoder_never_writes_invalid_json_for_non_finite_numbers() -
 
     doc = json.loads(raw, parse_constant=refuse)  # strict: no NaN / Infinity tokens, which many parsers reject
     assert doc["frame_ts"] is None and doc["top"][0]["score"] is None and doc["latency_ms"]["infer"] is None
+    assert doc == {"boot": "b", "camera": "c", "device": "d", "model": {"name": "m", "version": "1"}, "seq": 1,
+                   "ts": 2.0, "frame_ts": None, "top": [{"index": 0, "label": "a", "score": None}],
+                   "latency_ms": {"infer": None, "total": 1.0}}  # the rest of the document is intact
 
 
 def test_decode_predictions_reads_objects_and_batches() -> None:
