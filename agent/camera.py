@@ -61,10 +61,9 @@ class Frame(NamedTuple):
 
 class FrameSource(Protocol):
     """What a Camera reads. `grab()` advances (False on failure or end, reason in `.error`); `retrieve()` decodes
-    the grabbed frame. `live` agrees with source_is_live(cfg.source), which picks the camera's mode before
-    anything is opened."""
+    the grabbed frame. Whether it is drained by a grabber thread is decided from the source string
+    (source_is_live), before anything is opened."""
 
-    live: bool
     error: str | None
 
     def grab(self) -> bool: ...
