@@ -208,9 +208,11 @@ class Camera:
         self.backoff_max_s = backoff_max_s
         self._opener = opener or open_source
         self._interval = 1.0 / cfg.fps if cfg.fps > 0 else 0.0
-        self._cond = threading.Condition()  # guards the frame and the statistics
+        self._lock = threading.Lock()  # guards the frame and the statistics (entered directly on the hot path)
+        self._cond = threading.Condition(self._lock)  # ... and wakes latest() of a live camera
         self._reader = threading.Lock()  # held while reading, opening or closing the source: one reader at a time
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # waited on for backoff and pacing
+        self._stopping = False  # the same, read once or twice per frame: an attribute costs less than is_set()
         self._running = False
         self._thread: threading.Thread | None = None
         self._source: FrameSource | None = None
@@ -229,7 +231,7 @@ class Camera:
         self._times: deque[float] = deque(maxlen=_FPS_WINDOW)
         self._last_warn = -WARN_INTERVAL_S
         self._suppressed = 0
-        self._size: tuple[int, int] | None = None
+        self._shape: tuple[int, ...] | None = None  # of the newest frame
 
     # -- consumer side ----------------------------------------------------------------------------------
 
@@ -239,6 +241,7 @@ class Camera:
         if self._running:
             return self
         self._stop.clear()
+        self._stopping = False
         self._running = True
         if self.live:
             self._thread = threading.Thread(target=self._run, name=f"camera-{self.name}", daemon=True)
@@ -280,8 +283,8 @@ class Camera:
                 "reopens": self._reopens,
                 "frames": self._frames,
                 "skipped": self._skipped,
-                "width": self._size[0] if self._size else None,
-                "height": self._size[1] if self._size else None,
+                "width": int(self._shape[1]) if self._shape else None,
+                "height": int(self._shape[0]) if self._shape else None,
                 "last_frame_ts": self._frame.ts if self._frame else None,
             }
 
@@ -292,6 +295,7 @@ class Camera:
     def stop(self, timeout: float = 5.0) -> None:
         """Stop reading and release the source. Waits up to `timeout` for a grabber blocked in a read; a
         `latest()` caller mid-read is not waited for: it closes the source itself when its read returns."""
+        self._stopping = True
         self._stop.set()
         self._running = False
         with self._cond:
@@ -319,7 +323,7 @@ class Camera:
 
     def _pull(self, deadline: float) -> Frame | None:
         """Pull mode: read the next frame on the caller's thread, stepping until one is read or `deadline`."""
-        if self._stop.is_set():
+        if self._stopping:
             return None
         if not self._running:  # not started: nothing to read, but no busy loop for a caller that polls
             self._sleep_until(deadline)
@@ -328,14 +332,15 @@ class Camera:
                 timeout=max(0.0, deadline - time.monotonic())):
             return None
         try:
-            while not self._stop.is_set():
+            while not self._stopping:
                 frame = self._step(deadline)
                 if frame is not None or time.monotonic() >= deadline:
                     return frame
             return None
         finally:
             self._reader.release()
-            self._release()
+            if self._stopping:
+                self._release()
 
     def _step(self, deadline: float) -> Frame | None:
         """One step, with the reader lock held: open the source when its reopen is due, read one frame, or record
@@ -361,7 +366,7 @@ class Camera:
                 self._fail(str(exc))
                 return None
             log.info("Camera %s: opened %s", self.name, redact(self.cfg.source))
-        if not self.live:  # pull mode: pace at fps, on the caller's thread and within its timeout
+        if self._interval and not self.live:  # pull mode: pace at fps, on the caller's thread, within its timeout
             if self._due > deadline:
                 self._sleep_until(deadline)
                 return None
@@ -379,7 +384,7 @@ class Camera:
             self._attempt = 0
             return frame
         self._close()
-        if not self._stop.is_set():
+        if not self._stopping:
             self._fail(error or "Read failed")
         return None
 
@@ -393,25 +398,26 @@ class Camera:
                 if not source.grab():
                     return None
                 now = time.monotonic()
-                if now >= self._due or self._stop.is_set():
+                if now >= self._due or self._stopping:
                     break
             self._due = max(self._due + self._interval, now)
         elif not source.grab():
             return None
         image, truth = source.retrieve()
         now = time.monotonic()
-        with self._cond:
-            if self._frame is not None and self._frame.seq > self._returned_seq:
-                self._skipped += 1
-            frame = Frame(image=image, ts=time.time(), seq=self._seq, truth=truth, camera=self.name)
-            self._frame = frame
+        with self._lock:
+            frame = Frame(image, time.time(), self._seq, truth, self.name)
             self._seq += 1
             self._frames += 1
             self._times.append(now)
-            self._size = (int(image.shape[1]), int(image.shape[0]))
+            self._shape = image.shape
             if self.live:
+                if self._frame is not None and self._frame.seq > self._returned_seq:
+                    self._skipped += 1  # replaced before the consumer took it
+                self._frame = frame
                 self._cond.notify_all()  # wake latest()
             else:
+                self._frame = frame
                 self._returned_seq = frame.seq  # pull mode: the caller reading it takes it
         return frame
 
@@ -419,7 +425,7 @@ class Camera:
         """Wait on the stop event until monotonic time `t` (forever when infinite); False once stopping."""
         wait = t - time.monotonic()
         if wait <= 0:
-            return not self._stop.is_set()
+            return not self._stopping
         return not self._stop.wait(None if math.isinf(wait) else wait)
 
     def _fail(self, error: str) -> None:
@@ -442,7 +448,7 @@ class Camera:
 
     def _release(self) -> None:
         """Close the source once stopping, unless a reader holds it: that reader calls this again when done."""
-        if self._stop.is_set() and self._reader.acquire(blocking=False):
+        if self._stopping and self._reader.acquire(blocking=False):
             try:
                 self._close()
             finally:
