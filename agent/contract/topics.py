@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,10 +137,11 @@ def decode_predictions(data: bytes | str) -> list[dict[str, Any]]:
 
 class PredictionEncoder:
     """The `predictions` JSON of one (device, camera, model), written with a cached %-template instead of a dict
-    and json.dumps: it runs once per frame, and this is ~6x cheaper (2 µs instead of 12 µs on one EPYC core).
+    and json.dumps: it runs once per published frame, and this is several times cheaper (~2 µs instead of 12 µs).
 
     Same document as `encode` of the dict would give (keys sorted): ts and frame_ts to 0.1 ms, scores to 5
     decimals, latencies to 3; a non-finite number (a broken model's NaN score) becomes null, never invalid JSON.
+    Each top entry's constant part (index and label) is written once per label, not per prediction.
     """
 
     def __init__(self, *, boot: str, device: str, camera: str, model_name: str, model_version: str,
@@ -149,21 +152,26 @@ class PredictionEncoder:
         self._head = f'{{"boot":{d(boot)},"camera":{d(camera)},"device":{d(device)},"frame_ts":'
         self._model = f',"model":{{"name":{d(model_name)},"version":{d(model_version)}}},"seq":'
         self._label_names = tuple(labels)
-        self._labels = [d(label) for label in labels]
-        # (number of top entries, latency keys, truth given) -> (template, latency keys in sorted order)
-        self._templates: dict[tuple[int, tuple[str, ...], bool], tuple[str, list[str]]] = {}
+        # '{"index":3,"label":"Dress","score":' per label: the template then formats only the score
+        self._entries = [f'{{"index":{i},"label":{d(label)},"score":' for i, label in enumerate(labels)]
+        # (number of top entries, truth given, number of latency keys) -> (template, latency values getter)
+        self._templates: dict[tuple[int, bool, int], tuple[str, Callable[[dict[str, float]], tuple[float, ...]]]] = {}
 
-    def __call__(self, *, seq: int, ts: float, frame_ts: float, top: list[dict[str, Any]],
+    def __call__(self, seq: int, ts: float, frame_ts: float, top: list[dict[str, Any]],
                  latency_ms: dict[str, float], truth: int | None = None) -> bytes:
-        shape = (len(top), tuple(latency_ms), truth is not None)
-        template, keys = self._templates.get(shape) or self._template(shape)
-        values: list[Any] = [frame_ts]
-        values += [latency_ms[k] for k in keys]
-        values.append(seq)
-        labels = self._labels
+        shape = (len(top), truth is not None, len(latency_ms))
+        cached = self._templates.get(shape)
+        if cached is None:
+            cached = self._template(shape, latency_ms)
+        template, latencies = cached
+        try:
+            values = [frame_ts, *latencies(latency_ms), seq]
+        except KeyError:  # other latency keys than the template was made for (same number of them)
+            template, latencies = self._template(shape, latency_ms)
+            values = [frame_ts, *latencies(latency_ms), seq]
+        entries = self._entries
         for t in top:
-            i = t["index"]
-            values += (i, labels[i], t["score"])
+            values += (entries[t["index"]], t["score"])
         if truth is not None:
             values.append(truth)
         values.append(ts)
@@ -172,19 +180,21 @@ class PredictionEncoder:
             return self._with_nulls(seq, ts, frame_ts, top, latency_ms, truth)
         return text.encode()
 
-    def _template(self, shape: tuple[int, tuple[str, ...], bool]) -> tuple[str, list[str]]:
-        n_top, latency_keys, with_truth = shape
-        keys = sorted(latency_keys)
+    def _template(self, shape: tuple[int, bool, int], latency_ms: dict[str, float]) -> tuple[
+            str, Callable[[dict[str, float]], tuple[float, ...]]]:
+        n_top, with_truth, _ = shape
+        keys = sorted(latency_ms)
 
         def esc(text: str) -> str:
             return text.replace("%", "%%")
 
         latency = ",".join(f"{esc(json.dumps(k))}:%.3f" for k in keys)
-        tops = ",".join(['{"index":%d,"label":%s,"score":%.5f}'] * n_top)
+        tops = ",".join(["%s%.5f}"] * n_top)
         template = (esc(self._head) + '%.4f,"latency_ms":{' + latency + "}" + esc(self._model) + '%d,"top":[' + tops
                     + "]" + (',"truth":%d' if with_truth else "") + ',"ts":%.4f}')
-        self._templates[shape] = (template, keys)
-        return template, keys
+        getter = _values_getter(keys)
+        self._templates[shape] = (template, getter)
+        return template, getter
 
     def _with_nulls(self, seq: int, ts: float, frame_ts: float, top: list[dict[str, Any]],
                     latency_ms: dict[str, float], truth: int | None) -> bytes:
@@ -196,6 +206,16 @@ class PredictionEncoder:
         if truth is not None:
             doc["truth"] = truth
         return encode(doc)
+
+
+def _values_getter(keys: list[str]) -> Callable[[dict[str, float]], tuple[float, ...]]:
+    """d -> (d[k] for k in keys) as a tuple, in one C call (raises KeyError for a missing key)."""
+    if len(keys) == 1:
+        one = operator.itemgetter(keys[0])
+        return lambda d: (one(d),)
+    if not keys:
+        return lambda d: ()
+    return operator.itemgetter(*keys)
 
 
 def _finite(x: float, places: int) -> float | None:
