@@ -98,35 +98,80 @@ class Outbox:
                 self._spool.append(msg)
             if head_dropped and self._spool is not None:
                 self._sync_mark()
-            listeners = self._listeners
-        for event in listeners:
+        self.wake()
+        return msg.id
+
+    def put_many(self, topic: str, payloads: list[bytes], qos: int = 1, expiry_s: int = 0) -> None:
+        """`put` of several non-retained messages of one topic, in order, under one lock (batches of predictions).
+        Drops the oldest messages when full, counted as for `put`."""
+        if not payloads:
+            return
+        with self._lock:
+            items, spool, spooled = self._items, self._spool, qos >= 1 and self._spool is not None
+            expiry = int(expiry_s)
+            head_dropped = False
+            first = self._next_id
+            msgs = [Message(first + i, topic, payload, qos, False, expiry, spooled)
+                    for i, payload in enumerate(payloads)]
+            self._next_id = first + len(msgs)
+            if spooled:
+                spool.append_many(msgs)  # type: ignore[union-attr]
+            for msg in msgs:
+                if len(items) >= self.capacity:
+                    head_dropped = items.popleft().spooled or head_dropped
+                    self.dropped += 1
+                    if self._cursor > 0:
+                        self._cursor -= 1
+                items.append(msg)
+            if head_dropped and spool is not None:
+                self._sync_mark()
+        self.wake()
+
+    def wake(self) -> None:
+        """Set the listeners' events: something is ready for them (a put, or work staged for them elsewhere)."""
+        for event in self._listeners:
             if not event.is_set():  # Event.set takes a lock; a sender not yet awake needs no second call
                 event.set()
-        return msg.id
 
     def take_run(self, batches: Mapping[str, int]) -> list[Message]:
         """The next message not yet handed out, plus the messages directly after it that can share one publish:
         same topic, qos, retain and expiry, up to `batches[topic]` in all (1 for topics not in `batches`)."""
         with self._lock:
-            if self._cursor >= len(self._items):
+            items, cursor = self._items, self._cursor
+            if cursor >= len(items):
                 return []
-            first = self._items[self._cursor]
-            self._cursor += 1
-            run = [first]
+            first = items[cursor]
             limit = batches.get(first.topic, 1)
-            while len(run) < limit and self._cursor < len(self._items):
-                msg = self._items[self._cursor]
-                if (msg.topic, msg.qos, msg.retain, msg.expiry_s) != (first.topic, first.qos, first.retain,
-                                                                      first.expiry_s):
+            if limit == 1:
+                self._cursor = cursor + 1
+                return [first]
+            topic, qos, retain, expiry_s = first.topic, first.qos, first.retain, first.expiry_s
+            run = [first]
+            for i in range(cursor + 1, min(len(items), cursor + limit)):
+                msg = items[i]  # indexing, not islice: a deque is walked from its start, and cursor can be large
+                if msg.topic != topic or msg.qos != qos or msg.retain != retain or msg.expiry_s != expiry_s:
                     break
                 run.append(msg)
-                self._cursor += 1
+            self._cursor = cursor + len(run)
             return run
 
     def ack_all(self, msg_ids: Iterable[int]) -> int:
         """`ack` several messages (one publish that carried a batch); returns how many were still held."""
+        ids = list(msg_ids)
         with self._lock:
-            return sum(self._ack(msg_id) for msg_id in msg_ids)
+            # The usual case, in one pass: the oldest messages acknowledged in order.
+            items, k, spooled = self._items, 0, False
+            while k < len(ids) and items and items[0].id == ids[k]:
+                spooled = items.popleft().spooled or spooled
+                k += 1
+            if k:
+                self._cursor = max(0, self._cursor - k)
+                self.delivered += k
+                if spooled and self._spool is not None:
+                    self._sync_mark()
+                if not items:
+                    self._cond.notify_all()
+            return k + sum(self._ack(msg_id) for msg_id in ids[k:])
 
     def ack(self, msg_id: int) -> bool:
         """The message was delivered: remove it. False when it is unknown (already dropped or acked)."""
@@ -218,9 +263,11 @@ class _Spool:
         return out
 
     def append(self, msg: Message) -> None:
-        topic = msg.topic.encode()
-        self._fh.write(_HEADER.pack(msg.id, msg.qos, int(msg.retain), msg.expiry_s, len(topic), len(msg.payload))
-                       + topic + msg.payload)
+        self.append_many([msg])
+
+    def append_many(self, msgs: list[Message]) -> None:
+        """Write records and hand them to the OS (one write for a batch); fsync is left to close()."""
+        self._fh.write(b"".join(_record(msg) for msg in msgs))
         self._fh.flush()
 
     def mark(self, done: int, live: Callable[[], list[Message]]) -> None:
@@ -236,9 +283,7 @@ class _Spool:
         tmp = self.log_path.with_suffix(".tmp")
         with open(tmp, "wb") as fh:
             for msg in live:
-                topic = msg.topic.encode()
-                fh.write(_HEADER.pack(msg.id, msg.qos, int(msg.retain), msg.expiry_s, len(topic),
-                                      len(msg.payload)) + topic + msg.payload)
+                fh.write(_record(msg))
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.log_path)
@@ -252,3 +297,10 @@ class _Spool:
         self._fh.close()
         os.fsync(self._mark_fd)
         os.close(self._mark_fd)
+
+
+def _record(msg: Message) -> bytes:
+    """One spool record: header, topic, payload."""
+    topic = msg.topic.encode()
+    header = _HEADER.pack(msg.id, msg.qos, int(msg.retain), msg.expiry_s, len(topic), len(msg.payload))
+    return header + topic + msg.payload
