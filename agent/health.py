@@ -1,7 +1,7 @@
 """Run-time statistics of the agent and the periodic `health` payload built from them.
 
-The camera loop records what happens to each frame (taken, skipped, inferred with its latencies, published,
-failed); `payload()` turns the counters into the health message (topics.HEALTH_KEYS): rates over the last
+Each camera loop records what happens to each frame (skipped, inferred with its latencies, published, failed) in
+its own FrameCounters; `payload()` sums them into the health message (topics.HEALTH_KEYS): rates over the last
 interval, latency percentiles, the process's CPU share (from /proc/self/stat deltas, percent of one core) and
 resident memory (/proc/self/statm), plus the SoC temperature and throttling state when the machine exposes them
 (agent/thermal.py). The same object serves the updater's probation checks (`errors`, `infer_ms_p50`).
@@ -56,88 +56,119 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[k]
 
 
+class FrameCounters:
+    """One camera loop's counts and latency windows; each frame the loop takes is counted once, as skipped,
+    inferred or failed.
+
+    Written only by that loop's thread, so without a lock: at thousands of frames per second a lock and a method
+    call per frame are a measurable share of an ~80 µs frame. Readers (the health thread, probation) only read
+    ints and copy deques, which are atomic under the GIL.
+
+    A classified frame is recorded by Agent.process itself, inline (a method call per frame costs ~0.6 µs there):
+    frames and inferred += 1, published += 1 if it went out, its "total" and "infer" latencies appended.
+    """
+
+    __slots__ = ("errors", "frames", "infer_ms", "inferred", "published", "skipped", "total_ms")
+
+    def __init__(self, window: int, probation_window: int) -> None:
+        self.frames = 0
+        self.inferred = 0
+        self.published = 0
+        self.errors = 0
+        self.skipped: dict[str, int] = {}
+        self.total_ms: deque[float] = deque(maxlen=window)  # since the last health payload
+        self.infer_ms: deque[float] = deque(maxlen=probation_window)  # newest N inferences, any report
+
+    def skip(self, reason: str) -> None:
+        self.frames += 1
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def error(self) -> None:
+        """A frame whose processing raised."""
+        self.frames += 1
+        self.errors += 1
+
+
 class HealthMonitor:
-    """Thread-safe counters and latency windows; `payload()` is called by the health timer."""
+    """Sums the camera loops' FrameCounters; `payload()` is called by the health timer."""
 
     def __init__(self, device: str, *, window: int = 2000, probation_window: int = 200,
                  thermal: bool = True, clock: Callable[[], float] = time.monotonic) -> None:
         self.device = device
         self._clock = clock
         self._lock = threading.Lock()
+        self._window, self._probation_window = window, probation_window
+        self._loops: list[FrameCounters] = []
         self.started = clock()
-        self.frames = 0
-        self.inferred = 0
-        self.skipped: dict[str, int] = {"motion": 0, "stale": 0}
-        self.published = 0
-        self._errors = 0
-        self._total_ms: deque[float] = deque(maxlen=window)  # since the last payload
-        self._infer_ms: deque[float] = deque(maxlen=probation_window)  # newest N inferences, any report
         self._last_t = self.started
         self._last_inferred = 0
         self._last_cpu = read_cpu_seconds()
         self._thermal = thermal
 
-    # --------------------------------------------------------------------------------- camera loop side
-    def record_frame(self) -> None:
+    def counters(self) -> FrameCounters:
+        """New counters for one camera loop (its thread alone writes them)."""
+        counters = FrameCounters(self._window, self._probation_window)
         with self._lock:
-            self.frames += 1
+            self._loops = [*self._loops, counters]  # copy-on-write: readers iterate without the lock
+        return counters
 
-    def record_skipped(self, reason: str) -> None:
-        with self._lock:
-            self.skipped[reason] = self.skipped.get(reason, 0) + 1
+    @property
+    def frames(self) -> int:
+        return sum(c.frames for c in self._loops)
 
-    def record_inferred(self, latency_ms: Mapping[str, float]) -> None:
-        with self._lock:
-            self.inferred += 1
-            self._total_ms.append(float(latency_ms["total"]))
-            self._infer_ms.append(float(latency_ms["infer"]))
+    @property
+    def inferred(self) -> int:
+        return sum(c.inferred for c in self._loops)
 
-    def record_published(self) -> None:
-        with self._lock:
-            self.published += 1
+    @property
+    def published(self) -> int:
+        return sum(c.published for c in self._loops)
 
-    def record_error(self) -> None:
-        with self._lock:
-            self._errors += 1
+    @property
+    def skipped(self) -> dict[str, int]:
+        out = {"motion": 0, "stale": 0}
+        for c in self._loops:
+            for reason, n in list(c.skipped.items()):
+                out[reason] = out.get(reason, 0) + n
+        return out
 
     # ------------------------------------------------------------------------------------- probation
     @property
     def errors(self) -> int:
-        """Inference errors since start (the updater compares before/after a swap)."""
-        with self._lock:
-            return self._errors
+        """Frames that failed since start (the updater compares before/after a swap)."""
+        return sum(c.errors for c in self._loops)
 
     @property
     def infer_ms_p50(self) -> float | None:
-        """Median inference time over the newest inferences (window restarts on `reset_infer_window`)."""
-        with self._lock:
-            values = list(self._infer_ms)
+        """Median inference time over each loop's newest inferences (window restarts on `reset_infer_window`)."""
+        values = [v for c in self._loops for v in list(c.infer_ms)]
         return percentile(values, 50)
 
     def reset_infer_window(self) -> None:
         """Forget inference times (called on a model swap so the median reflects the new model only)."""
-        with self._lock:
-            self._infer_ms.clear()
+        for c in self._loops:
+            c.infer_ms.clear()
 
     # --------------------------------------------------------------------------------------- payload
     def payload(self, *, dropped: int, queue_depth: int, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The health message (topics.HEALTH_KEYS, plus soc_temp_c/throttled when available, plus `extra`)."""
         t = self._clock()
         cpu = read_cpu_seconds()
-        with self._lock:
-            dt = max(1e-6, t - self._last_t)
-            fps = (self.inferred - self._last_inferred) / dt
-            totals = list(self._total_ms)
-            self._total_ms.clear()
-            infer = list(self._infer_ms)
-            self._last_t, self._last_inferred = t, self.inferred
-            doc: dict[str, Any] = {
-                "ts": now(), "device": self.device, "uptime_s": round(t - self.started, 1),
-                "fps": round(fps, 2), "frames": self.frames, "inferred": self.inferred,
-                "skipped": sum(self.skipped.values()), "skipped_by": dict(self.skipped),
-                "published": self.published, "dropped": dropped, "queue_depth": queue_depth,
-                "errors": self._errors,
-            }
+        loops = self._loops
+        inferred = sum(c.inferred for c in loops)
+        totals = [v for c in loops for v in _take_all(c.total_ms)]
+        infer = [v for c in loops for v in list(c.infer_ms)]
+        skipped = self.skipped
+        dt = max(1e-6, t - self._last_t)
+        fps = (inferred - self._last_inferred) / dt
+        self._last_t, self._last_inferred = t, inferred
+        doc: dict[str, Any] = {
+            "ts": now(), "device": self.device, "uptime_s": round(t - self.started, 1),
+            "fps": round(fps, 2), "frames": self.frames, "inferred": inferred,
+            "skipped": sum(skipped.values()), "skipped_by": skipped,
+            "published": self.published, "dropped": dropped, "queue_depth": queue_depth,
+            "errors": self.errors,
+        }
         cpu_percent = None
         if cpu is not None and self._last_cpu is not None:
             cpu_percent = round(100.0 * (cpu - self._last_cpu) / dt, 1)
@@ -152,6 +183,11 @@ class HealthMonitor:
         if extra:
             doc.update(extra)
         return doc
+
+
+def _take_all(values: deque[float]) -> list[float]:
+    """Empty a deque another thread appends to, losing nothing (popleft and append are atomic)."""
+    return [values.popleft() for _ in range(len(values))]
 
 
 def _r(value: float | None) -> float | None:

@@ -17,6 +17,8 @@
   publish whose payload is a JSON array of their payloads (each a JSON document), up to n per publish; every
   publish on that topic is an array, even of one. It costs no latency (only what is already queued is joined)
   and removes the per-message cost of paho and the PUBACK path at high rates.
+- `feed` (optional) runs on the sender thread at the start of every round, connected or not: the agent's
+  PredictionStream encodes the predictions its camera loops staged and puts them into the Outbox there.
 - Subscription handlers and on-connect callbacks run on a worker thread, not on paho's network thread.
 """
 
@@ -85,8 +87,9 @@ class MqttLink:
 
     def __init__(self, cfg: BrokerConfig, topics: DeviceTopics, *, will: bytes | Callable[[], bytes], outbox: Outbox,
                  online: Callable[[], bytes] | None = None, max_inflight: int = 100,
-                 batches: Mapping[str, int] | None = None) -> None:
+                 batches: Mapping[str, int] | None = None, feed: Callable[[], object] | None = None) -> None:
         self.cfg = cfg
+        self.feed = feed  # run on the sender thread before every round, connected or not (PredictionStream.drain)
         self.batches = {topic: n for topic, n in (batches or {}).items() if n > 1}
         self.topics = topics
         self.outbox = outbox
@@ -333,9 +336,9 @@ class MqttLink:
                 # Puts during this sleep only set the event (no thread wakes), so at high rates a round costs one
                 # wake-up and sends everything queued as one batch; a message arriving after a quiet spell still
                 # goes out at once.
-                # The long pause only after a round that emptied the outbox in few publishes (batches): then the
-                # in-flight window cannot be what limits the rate. One message per publish, or a round cut short by
-                # the window, comes back after COALESCE_S.
+                # The long pause only after a round that emptied the outbox using at most half the in-flight window:
+                # then the window cannot be what limits the rate. A round cut short by the window comes back after
+                # COALESCE_S.
                 flood = sent >= FLOOD_MESSAGES and drained and 2 * publishes <= self.max_inflight
                 time.sleep(FLOOD_COALESCE_S if flood else COALESCE_S)
             else:
@@ -343,6 +346,11 @@ class MqttLink:
                 # it polls for their acknowledgements every COALESCE_S.
                 self._wake.wait(COALESCE_S if inflight else 0.5)
             self._wake.clear()
+            if self.feed is not None:
+                try:
+                    self.feed()
+                except Exception:
+                    log.exception("Moving staged messages into the outbox failed")
             with self._lock:
                 client, current = self._client, self._generation
             if current != gen:

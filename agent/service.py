@@ -10,7 +10,6 @@ flushed for a few seconds, `stopped` is published retained and the link disconne
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
@@ -25,10 +24,11 @@ from agent.config import AgentConfig
 from agent.contract import topics as T
 from agent.contract.bundle import Bundle
 from agent.errors import EdgecvError, NoModelError
-from agent.health import HealthMonitor
+from agent.health import FrameCounters, HealthMonitor
 from agent.mqtt import MqttLink
 from agent.outbox import Outbox
 from agent.postprocess import MotionGate, PublishPolicy
+from agent.predictions import PredictionStream
 from agent.sdnotify import SystemdNotifier
 from agent.store import ModelStore
 
@@ -40,13 +40,24 @@ FLUSH_TIMEOUT_S = 3.0
 STATUS_CHECK_S = 1.0
 
 
+class _Loop:
+    """What one camera loop keeps between frames; only that loop's thread touches it."""
+
+    __slots__ = ("clf", "counts", "encoder", "name")
+
+    def __init__(self, name: str, counts: FrameCounters) -> None:
+        self.name = name
+        self.counts = counts
+        self.clf: Classifier | None = None  # the model `encoder` was made for
+        self.encoder: T.PredictionEncoder | None = None
+
+
 class Agent:
     """The running device agent. `run(stop)` blocks until `stop` is set and returns the exit code."""
 
     def __init__(self, config: AgentConfig, *, classifier: Classifier | None = None) -> None:
         self.config = config
         self.topics = T.DeviceTopics(config.prefix, config.device_id)
-        self._predictions_topic = self.topics.predictions  # built once: it is used for every frame
         self.boot = uuid.uuid4().hex[:12]  # random per process start: consumers tell restarts apart
         self.outbox = Outbox(config.publish.buffer, config.publish.spool_dir or None)
         self.monitor = HealthMonitor(config.device_id)
@@ -55,15 +66,14 @@ class Agent:
         self.cameras = [Camera(cam) for cam in config.cameras]
         self.policy = PublishPolicy(config.publish)
         self.motion = MotionGate(config.motion)
+        self._motion_gating = config.motion.enabled
         self.notifier = SystemdNotifier.from_env(stall_s=config.systemd.watchdog_stall_s)
         self._classifier = classifier
         self._classify_lock = threading.Lock()
-        self._seq = itertools.count()
         self._ready = False
         self._ready_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._warned: dict[str, float] = {}
-        self._encoders: dict[str, tuple[Classifier, T.PredictionEncoder]] = {}
         self.last_frame: Frame | None = None
         self.last_top: list[dict[str, Any]] | None = None
         self.updater: Any = None
@@ -71,9 +81,12 @@ class Agent:
         self.discovery: Any = None
         self.started = time.time()
         # The Will is rebuilt for each connection, so `offline` names the model that was running.
+        self.predictions = PredictionStream(self.outbox, self.topics.predictions, config.publish.qos,
+                                            config.publish.expiry_s)
         self.link = MqttLink(config.broker, self.topics, will=lambda: self._status_bytes(T.STATUS_OFFLINE),
                              outbox=self.outbox, online=lambda: self._status_bytes(T.STATUS_ONLINE),
-                             batches={self.topics.predictions: config.publish.batch_max})
+                             batches={self.topics.predictions: config.publish.batch_max},
+                             feed=self.predictions.drain)
 
     # ------------------------------------------------------------------------------------------ model
     @property
@@ -189,6 +202,7 @@ class Agent:
                     stop_fn()
                 except Exception:
                     log.exception("Stopping %s failed", type(ext).__name__)
+        self.predictions.drain()  # the loops have stopped: what they staged goes to the outbox (and its spool)
         self.link.stop(self._status_bytes(T.STATUS_STOPPED), flush_timeout=FLUSH_TIMEOUT_S)
         for cam in self.cameras:
             cam.stop()
@@ -198,62 +212,70 @@ class Agent:
 
     # ------------------------------------------------------------------------------------ camera loop
     def _camera_loop(self, cam: Camera, stop: threading.Event) -> None:
+        loop = _Loop(cam.name, self.monitor.counters())
         while not stop.is_set():
             frame = cam.latest(timeout=0.5)
             if frame is None:
                 continue
             try:
-                self.process(cam.name, frame)
+                self.process(loop, frame)
             except EdgecvError as exc:
-                self.monitor.record_error()
+                loop.counts.error()
                 self._warn(f"infer-{cam.name}", "Camera %s: frame %d failed: %s", cam.name, frame.seq, exc)
             except Exception as exc:  # keep the loop alive; the error counter feeds probation
-                self.monitor.record_error()
+                loop.counts.error()
                 self._warn(f"crash-{cam.name}", "Camera %s: frame %d failed unexpectedly: %r", cam.name, frame.seq,
                            exc)
 
-    def process(self, camera: str, frame: Frame) -> bytes | None:
-        """One frame through gate → classifier → policy → outbox; returns the prediction's payload if published."""
-        mon = self.monitor
-        mon.record_frame()
+    def process(self, loop: _Loop, frame: Frame) -> bool:
+        """One frame through gate → classifier → policy → prediction stream; True if it is to be published.
+
+        The daemon's per-frame path: at thousands of frames per second every step here costs throughput, so the
+        JSON is written later, in batches, by the PredictionStream (drained on the MQTT sender thread), and the
+        counters are the loop's own (no lock).
+        """
+        counts = loop.counts
         self.last_frame = frame
         if time.time() - frame.ts > STALE_FRAME_S:
-            mon.record_skipped("stale")
-            return None
-        if self.config.motion.enabled and self.motion.is_static(frame.image, key=camera):
-            mon.record_skipped("motion")
+            counts.skip("stale")
+            return False
+        if self._motion_gating and self.motion.is_static(frame.image, key=loop.name):
+            counts.skip("motion")
             self.notifier.frame()  # frames flow and the loop is alive: a static scene must not trip the watchdog
-            return None
+            return False
         with self._classify_lock:
             clf = self._classifier
             if clf is None:  # a fresh device waiting for its first push
-                mon.record_skipped("no_model")
+                counts.skip("no_model")
                 self.notifier.frame()  # frames flow; the loop is alive
-                return None
+                return False
             result = clf.classify(frame.image)
-        mon.record_inferred(result.latency_ms)
-        self.last_top = result.top
+        top = self.last_top = result.top
         if not self._ready and self._mark_ready(f"Classifying with {clf.name} {clf.version}"):
             log.info("First frame classified (%.1f ms); ready", result.latency_ms["total"])
         self.notifier.frame()
         now = time.time()
-        if not self.policy.should_publish(result.top, now, key=camera):
-            return None
-        payload = self._encoder(camera, clf)(seq=next(self._seq), ts=now, frame_ts=frame.ts, top=result.top,
-                                             latency_ms=result.latency_ms, truth=frame.truth)
-        pub = self.config.publish
-        self.outbox.put(self._predictions_topic, payload, pub.qos, False, pub.expiry_s)
-        mon.record_published()
-        return payload
+        latency = result.latency_ms
+        publish = self.policy.should_publish(top, now, key=loop.name)
+        if publish:
+            encoder = loop.encoder
+            if encoder is None or loop.clf is not clf:
+                encoder = self._new_encoder(loop, clf)
+            self.predictions.stage(encoder, now, frame.ts, top, latency, frame.truth)
+            counts.published += 1
+        # FrameCounters.inferred_one, inlined (it runs for every frame); nothing below can raise
+        counts.frames += 1
+        counts.inferred += 1
+        counts.total_ms.append(latency["total"])
+        counts.infer_ms.append(latency["infer"])
+        return publish
 
-    def _encoder(self, camera: str, clf: Classifier) -> T.PredictionEncoder:
+    def _new_encoder(self, loop: _Loop, clf: Classifier) -> T.PredictionEncoder:
         """The prediction encoder of this camera and model (made again after a model swap)."""
-        cached = self._encoders.get(camera)
-        if cached is None or cached[0] is not clf:
-            cached = (clf, T.PredictionEncoder(boot=self.boot, device=self.config.device_id, camera=camera,
-                                               model_name=clf.name, model_version=clf.version, labels=clf.labels))
-            self._encoders[camera] = cached
-        return cached[1]
+        loop.clf = clf
+        loop.encoder = T.PredictionEncoder(boot=self.boot, device=self.config.device_id, camera=loop.name,
+                                           model_name=clf.name, model_version=clf.version, labels=clf.labels)
+        return loop.encoder
 
     def _mark_ready(self, status: str) -> bool:
         """Send READY=1 once per process; True the first time."""
@@ -272,7 +294,7 @@ class Agent:
         for cam in self.cameras:
             st = cam.status()
             cams[cam.name] = {"state": st.get("state"), "fps": st.get("fps"), "reopens": st.get("reopens")}
-        return self.monitor.payload(dropped=self.outbox.dropped, queue_depth=len(self.outbox),
+        return self.monitor.payload(dropped=self.outbox.dropped, queue_depth=len(self.outbox) + len(self.predictions),
                                     extra={"boot": self.boot, "cameras": cams, "model": self.model_info()})
 
     def _health_loop(self, stop: threading.Event) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from agent.contract.topics import HEALTH_KEYS
-from agent.health import HealthMonitor, percentile, read_cpu_seconds, read_rss_mb
+from agent.health import FrameCounters, HealthMonitor, percentile, read_cpu_seconds, read_rss_mb
 
 
 class FakeClock:
@@ -16,21 +16,31 @@ class FakeClock:
         return self.t
 
 
+def _classified(counts: FrameCounters, latency_ms: dict[str, float], published: bool) -> None:
+    """What Agent.process records for a classified frame (it does this inline)."""
+    counts.frames += 1
+    counts.inferred += 1
+    counts.published += published
+    counts.total_ms.append(latency_ms["total"])
+    counts.infer_ms.append(latency_ms["infer"])
+
+
 def test_payload_has_the_documented_keys_and_counts() -> None:
     clock = FakeClock()
     mon = HealthMonitor("pi-1", clock=clock, thermal=False)
+    cam0, cam1 = mon.counters(), mon.counters()  # two camera loops: the payload sums them
     for i in range(100):
-        mon.record_frame()
+        counts = cam0 if i < 50 else cam1
         if i % 10 == 0:
-            mon.record_skipped("motion")
+            counts.skip("motion")
             continue
-        mon.record_inferred({"pre": 0.1, "infer": float(i), "post": 0.1, "total": float(i) + 1})
-        mon.record_published()
-    mon.record_error()
+        _classified(counts, {"pre": 0.1, "infer": float(i), "post": 0.1, "total": float(i) + 1}, published=i % 3 > 0)
+    cam1.error()
     clock.t += 10.0
     doc = mon.payload(dropped=7, queue_depth=3)
     assert set(doc) >= HEALTH_KEYS
-    assert (doc["frames"], doc["inferred"], doc["skipped"], doc["published"]) == (100, 90, 10, 90)
+    # every frame counted once: 10 skipped + 90 inferred (60 of them published) + 1 that raised
+    assert (doc["frames"], doc["inferred"], doc["skipped"], doc["published"]) == (101, 90, 10, 60)
     assert doc["skipped_by"] == {"motion": 10, "stale": 0}
     assert (doc["dropped"], doc["queue_depth"], doc["errors"]) == (7, 3, 1)
     assert doc["fps"] == 9.0 and doc["uptime_s"] == 10.0
@@ -70,14 +80,15 @@ def test_proc_readers_and_rss() -> None:
 
 def test_probation_statistics_and_window_reset() -> None:
     mon = HealthMonitor("pi-1", thermal=False, probation_window=5)
+    counts = mon.counters()
     assert mon.infer_ms_p50 is None
     for ms in (1, 2, 3, 100, 100, 100, 100):
-        mon.record_inferred({"pre": 0, "infer": ms, "post": 0, "total": ms})
+        _classified(counts, {"pre": 0, "infer": ms, "post": 0, "total": ms}, published=True)
     assert mon.infer_ms_p50 == 100  # only the newest 5
     mon.reset_infer_window()
     assert mon.infer_ms_p50 is None
-    mon.record_error()
-    mon.record_error()
+    counts.error()
+    mon.counters().error()
     assert mon.errors == 2
 
 

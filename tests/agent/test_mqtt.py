@@ -8,29 +8,32 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 
 from agent.config import BrokerConfig
-from agent.contract.topics import DeviceTopics, decode, encode, status_payload
+from agent.contract.topics import DeviceTopics, PredictionEncoder, decode, decode_predictions, encode, status_payload
 from agent.errors import MqttError
 from agent.mqtt import Backoff, MqttLink
 from agent.outbox import Outbox
+from agent.predictions import PredictionStream
 from tests.broker import Broker
 from tests.e2e.conftest import durable_subscriber, persistent_broker, wait_for_autosave
 from tools.fleet.mqtt_client import ClientOptions, MqttClient, Received
 
 
 def _link(broker: Broker, device: str, *, protocol: str = "5", outbox: Outbox | None = None,
-          batches: dict[str, int] | None = None, **broker_kw: object) -> MqttLink:
+          batches: dict[str, int] | None = None, feed: Callable[[], object] | None = None,
+          **broker_kw: object) -> MqttLink:
     cfg = BrokerConfig(host=broker.host, port=broker.port, protocol=protocol, reconnect_min_s=0.05,
                        reconnect_max_s=0.3, **broker_kw)  # type: ignore[arg-type]
     topics = DeviceTopics("edgecv", device)
     will = encode(status_payload(device, "offline", "test", None))
     return MqttLink(cfg, topics, will=will, outbox=outbox if outbox is not None else Outbox(1000), batches=batches,
-                    online=lambda: encode(status_payload(device, "online", "test", {"name": "m"})))
+                    online=lambda: encode(status_payload(device, "online", "test", {"name": "m"})), feed=feed)
 
 
 def _sub(broker: Broker, flt: str) -> MqttClient:
@@ -97,6 +100,37 @@ def test_batched_topic_arrives_as_json_arrays_in_order(shared_broker: Broker, pr
         assert [d["seq"] for a in arrays for d in a] == list(range(1000))
         assert len(arrays) < 1000 / 2  # they were really batched
         assert health == [b'{"h":1}']
+    finally:
+        link.stop(None)
+        sub.close()
+
+
+def test_the_sender_publishes_what_camera_loops_staged(shared_broker: Broker) -> None:
+    """Predictions staged in a PredictionStream (never put into the outbox by the caller) are encoded and sent by
+    the link's sender through its `feed` hook, in order, as JSON arrays on the batched topic."""
+    device = "dev-feed"
+    topic = f"edgecv/{device}/predictions"
+    sub = _sub(shared_broker, topic)
+    outbox = Outbox(5000)
+    stream = PredictionStream(outbox, topic, qos=1)
+    link = _link(shared_broker, device, batches={topic: 50}, outbox=outbox, feed=stream.drain).start()
+    enc = PredictionEncoder(boot="b", device=device, camera="cam0", model_name="m", model_version="1",
+                            labels=("a", "b"))
+    try:
+        link.wait_connected(10)
+        for i in range(500):
+            stream.stage(enc, 1000.0 + i, 999.0 + i, [{"label": "b", "index": 1, "score": 0.75}],
+                         {"infer": 0.1, "total": 0.2}, None)
+        msgs: list[Received] = []
+        docs: list[dict[str, object]] = []
+        deadline = time.monotonic() + 10
+        while len(docs) < 500 and (msg := sub.get(max(0.0, deadline - time.monotonic()))) is not None:
+            msgs.append(msg)
+            docs += decode_predictions(msg.payload)
+        assert [d["seq"] for d in docs] == list(range(500))
+        assert all(d["top"] == [{"index": 1, "label": "b", "score": 0.75}] for d in docs)
+        assert len(msgs) < 500  # batched
+        assert outbox.wait_empty(5) and len(stream) == 0
     finally:
         link.stop(None)
         sub.close()
