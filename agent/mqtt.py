@@ -52,9 +52,12 @@ log = logging.getLogger(__name__)
 Handler = Callable[[str, bytes], None]
 CONNACK_TIMEOUT_S = 10.0
 COALESCE_S = 0.005  # at most one round of sending per 5 ms while messages come faster than that
-# ... and per 20 ms once a round carries this many messages (> ~13,000 per second): latency no consumer of such a
-# stream notices, and a quarter of the rounds (each costs ~0.3 ms of CPU in paho, the sender and thread switches).
-FLOOD_MESSAGES, FLOOD_COALESCE_S = 64, 0.02
+# ... and per 20 ms once a round carries this many messages (a stream above ~1,600 per second; it stays in this mode
+# down to ~400 per second). A round costs ~0.1 ms of CPU whatever it carries (sender and paho wake-ups, thread
+# switches, caches refilled after inference): at 200 rounds per second that was 4-6 % of the throughput of a
+# 64x64 model on one core (docs/BENCHMARKS.md). 20 ms is latency no consumer of such a stream notices; a camera-rate
+# stream (one message per round) keeps the 5 ms rounds.
+FLOOD_MESSAGES, FLOOD_COALESCE_S = 8, 0.02
 
 
 @dataclass
