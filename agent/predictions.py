@@ -2,10 +2,10 @@
 
 A camera loop only appends a small record per published frame (no JSON, no lock). The MQTT sender thread, at
 the start of each of its rounds, encodes everything staged and puts it into the Outbox in one go (`drain`).
-Why: right after an inference has swept the CPU caches, encoding and queueing one prediction cost 9.5 µs on one
-Xeon core; the same work done 50 predictions in a row, with the code and data hot, 7 µs, and with this module's
-batch loop less (docs/BENCHMARKS.md). At thousands of frames per second that is the difference between the
-agent keeping ~80 % or ~85+ % of a bare inference loop's throughput on one core.
+Why: right after an inference has swept the CPU caches, encoding and queueing each prediction on the loop cost
+~9.5 µs on one Xeon core; staged, then encoded and queued 50 at a time with the code and data hot, ~3 µs of the
+sender's time plus ~1 µs to stage (docs/BENCHMARKS.md). With an ~80 µs frame that is several points of the
+throughput a bare inference loop reaches on the same core.
 
 `seq` is given here, on the draining thread, so it follows the Outbox order exactly even with several cameras.
 The stage is bounded: past STAGE_MAX records (a stalled sender), the camera loop that staged the last one drains

@@ -191,7 +191,8 @@ class Agent:
         self.discovery = HomeAssistantDiscovery(self).start()
 
     def _shutdown(self) -> None:
-        log.info("Stopping: finishing the current frames and flushing %d buffered message(s)", len(self.outbox))
+        log.info("Stopping: finishing the current frames and flushing %d buffered message(s)",
+                 len(self.outbox) + len(self.predictions))
         self.notifier.stopping()
         for thread in self._threads:
             thread.join(timeout=10)
