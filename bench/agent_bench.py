@@ -16,7 +16,8 @@ tools: torch → ONNX/int8 QDQ and int8 TFLite), in each installed runtime:
   each message a JSON array of the predictions queued when the sender runs).
 - CPU share of one core following a 30 fps camera (target ≤ 25 %), from /proc/<pid>/stat.
 - frame → subscriber latency p50/p99 on loopback at 30 fps (target p99 ≤ inference + 10 ms).
-- steady-state RSS (target ≤ 120 MB onnxruntime, ≤ 100 MB LiteRT), from /proc/<pid>/status.
+- steady-state RSS (target ≤ 120 MB onnxruntime, ≤ 100 MB LiteRT), from /proc/<pid>/status (--drop-caches: with
+  the page cache dropped first, so freshly installed libraries in large folios do not inflate RssFile).
 - RSS growth over a 10-minute run at 30 fps (--quick: 60 s), first sample after 1/6 of the run (target < 5 %).
 """
 
@@ -203,6 +204,20 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float:
     return float("nan")
 
 
+def drop_page_cache(notes: list[str]) -> None:
+    """`sync; echo 1 > /proc/sys/vm/drop_caches` (root only). Shared libraries that were just installed sit in the
+    page cache in large folios, and mapping them then makes whole folios resident: measured RssFile +12 to +30 MB
+    on a freshly set-up machine, gone after dropping the cache. Dropping it before each RSS measurement makes the
+    figure the agent's, not the install's."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    except OSError as exc:
+        note = f"--drop-caches: could not drop the page cache ({exc.strerror}); RSS may include large file folios"
+        if note not in notes:
+            notes.append(note)
+
+
 def file_huge_pages_mb() -> float:
     """Page-cache memory held in large folios (/proc/meminfo FileHugePages). Freshly written files (a new pip
     install) can sit in the page cache as 2 MB folios, and mapping a shared library then makes whole folios
@@ -384,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", type=Path, help="default bundle (default models/fashion-mnist/)")
     parser.add_argument("--no-rgb64", action="store_true", help="skip the 64x64 RGB bundle")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--drop-caches", action="store_true",
+                        help="drop the page cache before each RSS measurement (needs root; see drop_page_cache)")
     parser.add_argument("--qos", type=int, choices=(0, 1), default=1,
                         help="QoS of the agent's predictions (default 1; 0 shows the cost of the PUBACK path)")
     args = parser.parse_args(argv)
@@ -412,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
                     row.bare_fps = bare["fps"]
                     row.agent_fps = throughput(work, port, path, rt, window)
                     row.batched_fps = throughput(work, port, path, rt, window, batch_max=BATCH_MAX)
+                    if args.drop_caches:
+                        drop_page_cache(notes)
                     f = follow(work, port, path, rt, follow_s)
                     row.infer_ms, row.cpu_30fps, row.lat_p50, row.lat_p99, row.rss = (
                         f["infer"], f["cpu"], f["p50"], f["p99"], f["rss"])
@@ -421,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(row)
             soak_bundle, soak_rt = bundles[0][1], bundle_runtimes(bundles[0][1])[-1]
             print(f"… soak {soak_s:.0f} s ({bundles[0][0]} / {soak_rt}, 30 fps)", file=sys.stderr, flush=True)
+            if args.drop_caches:
+                drop_page_cache(notes)
             soak = follow(work, port, soak_bundle, soak_rt, soak_s, rss_samples=True)
         finally:
             broker.terminate()
