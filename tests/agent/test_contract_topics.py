@@ -97,3 +97,19 @@ def test_decode_predictions_reads_objects_and_batches() -> None:
     for bad in (b"[1, 2]", b'"text"', b"not json"):
         with pytest.raises(ValueError):
             topics.decode_predictions(bad)
+
+
+def test_prediction_encoder_follows_changing_latency_keys_and_top_lengths() -> None:
+    enc = topics.PredictionEncoder(boot="b", device="d", camera="c", model_name="m", model_version="1",
+                                   labels=("a", "b", "c"))
+    top3 = [{"label": "c", "index": 2, "score": 0.5}, {"label": "a", "index": 0, "score": 0.3},
+            {"label": "b", "index": 1, "score": 0.2}]
+    for top, latency in (
+        (top3, {"pre": 1.0, "infer": 2.0}),
+        (top3, {"decode": 3.0, "infer": 4.0}),  # same number of keys, other names: a new template
+        (top3[:1], {"decode": 5.0, "infer": 6.0}),  # fewer entries (min_score filtered the rest)
+        (top3, {"pre": 7.0, "infer": 8.0}),  # back to the first shape
+    ):
+        doc = json.loads(enc(3, 10.0, 9.0, top, latency, None))
+        assert doc["latency_ms"] == latency
+        assert doc["top"] == [{"index": t["index"], "label": t["label"], "score": t["score"]} for t in top]
