@@ -86,46 +86,38 @@ class Outbox:
         spool = (qos >= 1 and not retain) if spool is None else spool
         with self._lock:
             msg = Message(self._next_id, topic, payload, qos, retain, int(expiry_s), bool(spool and self._spool))
-            self._next_id += 1
-            head_dropped = False
-            if len(self._items) >= self.capacity:
-                head_dropped = self._items.popleft().spooled
-                self.dropped += 1
-                if self._cursor > 0:
-                    self._cursor -= 1
-            self._items.append(msg)
-            if msg.spooled and self._spool is not None:
-                self._spool.append(msg)
-            if head_dropped and self._spool is not None:
-                self._sync_mark()
+            self._admit([msg])
         self.wake()
         return msg.id
 
     def put_many(self, topic: str, payloads: list[bytes], qos: int = 1, expiry_s: int = 0) -> None:
-        """`put` of several non-retained messages of one topic, in order, under one lock (batches of predictions).
-        Drops the oldest messages when full, counted as for `put`."""
+        """`put` of several non-retained messages of one topic, in order, under one lock and with one spool write
+        (batches of predictions). Drops the oldest messages when full, counted as for `put`."""
         if not payloads:
             return
         with self._lock:
-            items, spool, spooled = self._items, self._spool, qos >= 1 and self._spool is not None
-            expiry = int(expiry_s)
-            head_dropped = False
-            first = self._next_id
-            msgs = [Message(first + i, topic, payload, qos, False, expiry, spooled)
-                    for i, payload in enumerate(payloads)]
-            self._next_id = first + len(msgs)
-            if spooled:
-                spool.append_many(msgs)  # type: ignore[union-attr]
-            for msg in msgs:
-                if len(items) >= self.capacity:
-                    head_dropped = items.popleft().spooled or head_dropped
-                    self.dropped += 1
-                    if self._cursor > 0:
-                        self._cursor -= 1
-                items.append(msg)
-            if head_dropped and spool is not None:
-                self._sync_mark()
+            first, spooled, expiry = self._next_id, qos >= 1 and self._spool is not None, int(expiry_s)
+            self._admit([Message(first + i, topic, payload, qos, False, expiry, spooled)
+                         for i, payload in enumerate(payloads)])
         self.wake()
+
+    def _admit(self, msgs: list[Message]) -> None:
+        """With the lock held: append messages numbered from _next_id, spool the spoolable ones, drop the oldest
+        beyond capacity (counted; the cursor follows)."""
+        self._next_id = msgs[-1].id + 1
+        spooled = [m for m in msgs if m.spooled]
+        if spooled and self._spool is not None:
+            self._spool.append_many(spooled)
+        items, head_dropped = self._items, False
+        for msg in msgs:
+            if len(items) >= self.capacity:
+                head_dropped = items.popleft().spooled or head_dropped
+                self.dropped += 1
+                if self._cursor > 0:
+                    self._cursor -= 1
+            items.append(msg)
+        if head_dropped and self._spool is not None:
+            self._sync_mark()
 
     def wake(self) -> None:
         """Set the listeners' events: something is ready for them (a put, or work staged for them elsewhere)."""
@@ -261,9 +253,6 @@ class _Spool:
         if pos != len(data) or (out and len(data) > _COMPACT_BYTES // 4) or (not out and data):
             self._rewrite(out)
         return out
-
-    def append(self, msg: Message) -> None:
-        self.append_many([msg])
 
     def append_many(self, msgs: list[Message]) -> None:
         """Write records and hand them to the OS (one write for a batch); fsync is left to close()."""
