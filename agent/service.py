@@ -40,7 +40,7 @@ FLUSH_TIMEOUT_S = 3.0
 STATUS_CHECK_S = 1.0
 
 
-class _Loop:
+class LoopState:
     """What one camera loop keeps between frames; only that loop's thread touches it."""
 
     __slots__ = ("clf", "counts", "encoder", "name")
@@ -213,7 +213,7 @@ class Agent:
 
     # ------------------------------------------------------------------------------------ camera loop
     def _camera_loop(self, cam: Camera, stop: threading.Event) -> None:
-        loop = _Loop(cam.name, self.monitor.counters())
+        loop = LoopState(cam.name, self.monitor.counters())
         while not stop.is_set():
             frame = cam.latest(timeout=0.5)
             if frame is None:
@@ -228,7 +228,7 @@ class Agent:
                 self._warn(f"crash-{cam.name}", "Camera %s: frame %d failed unexpectedly: %r", cam.name, frame.seq,
                            exc)
 
-    def process(self, loop: _Loop, frame: Frame) -> bool:
+    def process(self, loop: LoopState, frame: Frame) -> bool:
         """One frame through gate → classifier → policy → prediction stream; True if it is to be published.
 
         The daemon's per-frame path: at thousands of frames per second every step here costs throughput, so the
@@ -271,7 +271,7 @@ class Agent:
         counts.infer_ms.append(latency["infer"])
         return publish
 
-    def _new_encoder(self, loop: _Loop, clf: Classifier) -> T.PredictionEncoder:
+    def _new_encoder(self, loop: LoopState, clf: Classifier) -> T.PredictionEncoder:
         """The prediction encoder of this camera and model (made again after a model swap)."""
         loop.clf = clf
         loop.encoder = T.PredictionEncoder(boot=self.boot, device=self.config.device_id, camera=loop.name,
