@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from agent.contract.bundle import Bundle
-from agent.errors import IncompatibleBundleError, RuntimeUnavailableError
-from agent.preprocess import Preprocessor
-from agent.runtimes import RUNTIME_FOR_FORMAT, available_runtimes, open_engine
+from edgecv.agent.contract.bundle import Bundle
+from edgecv.agent.errors import IncompatibleBundleError, RuntimeUnavailableError
+from edgecv.agent.preprocess import Preprocessor
+from edgecv.agent.runtimes import RUNTIME_FOR_FORMAT, available_runtimes, open_engine
 
 log = logging.getLogger(__name__)
 

@@ -35,10 +35,10 @@ from typing import Any, NamedTuple, Protocol
 import cv2
 import numpy as np
 
-from agent.config import CameraConfig
-from agent.errors import CameraError
-from agent.synthetic import PREFIX as SYNTHETIC_PREFIX
-from agent.synthetic import SourceSpecError, SyntheticSource, synthetic_is_live
+from edgecv.agent.config import CameraConfig
+from edgecv.agent.errors import CameraError
+from edgecv.agent.synthetic import PREFIX as SYNTHETIC_PREFIX
+from edgecv.agent.synthetic import SourceSpecError, SyntheticSource, synthetic_is_live
 
 log = logging.getLogger(__name__)
 

@@ -18,11 +18,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from agent.contract.bundle import Bundle, load_bundle
-from agent.errors import IncompatibleBundleError, InferenceError, SelfTestError
-from agent.postprocess import top_k as rank
-from agent.preprocess import Preprocessor
-from agent.runtimes import CodesEngine, Engine, load_engine
+from edgecv.agent.contract.bundle import Bundle, load_bundle
+from edgecv.agent.errors import IncompatibleBundleError, InferenceError, SelfTestError
+from edgecv.agent.postprocess import top_k as rank
+from edgecv.agent.preprocess import Preprocessor
+from edgecv.agent.runtimes import CodesEngine, Engine, load_engine
 
 log = logging.getLogger(__name__)
 

@@ -22,12 +22,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from agent import __version__
-from agent.errors import ConfigError, EdgecvError, MqttError
+from edgecv.agent import __version__
+from edgecv.agent.errors import ConfigError, EdgecvError, MqttError
+from edgecv.agent.resources import demo_bundle
 
-log = logging.getLogger("agent.cli")
+log = logging.getLogger("edgecv.agent.cli")
 
-DEFAULT_DEMO_BUNDLE = Path(__file__).resolve().parents[1] / "models" / "fashion-mnist"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--frames", type=int, default=200, help="stop after this many predictions (default 200)")
     demo.add_argument("--fps", type=float, default=20.0, help="camera frame rate (default 20)")
     demo.add_argument("--runtime", default="auto", help="auto, onnxruntime or litert")
-    demo.add_argument("--bundle", type=Path, default=None, help=f"bundle (default {DEFAULT_DEMO_BUNDLE})")
+    demo.add_argument("--bundle", type=Path, default=None, help="bundle (default: the shipped Fashion-MNIST bundle)")
     demo.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     demo.set_defaults(handler=cmd_demo)
     return parser
@@ -99,8 +99,8 @@ def _stop_on_signals() -> threading.Event:
 
 # --------------------------------------------------------------------------------------------------- run
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.config import load_config
-    from agent.service import Agent
+    from edgecv.agent.config import load_config
+    from edgecv.agent.service import Agent
 
     config = load_config(args.config)
     if not getattr(args, "debug", False):
@@ -111,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from agent.config import load_config
+    from edgecv.agent.config import load_config
 
     cfg = load_config(args.config)
     password = cfg.broker.resolve_password()
@@ -136,8 +136,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------- bench
 def cmd_bench(args: argparse.Namespace) -> int:
-    from agent.benchmark import benchmark_bundle, format_table
-    from agent.contract.bundle import load_bundle, open_bundle
+    from edgecv.agent.benchmark import benchmark_bundle, format_table
+    from edgecv.agent.contract.bundle import load_bundle, open_bundle
 
     try:
         threads = [int(t) for t in str(args.threads).split(",") if t.strip()]
@@ -157,14 +157,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
-    from agent.config import parse_config
-    from agent.service import Agent
+    from edgecv.agent.config import parse_config
+    from edgecv.agent.service import Agent
 
-    bundle = (args.bundle or DEFAULT_DEMO_BUNDLE).resolve()
+    bundle = (args.bundle or demo_bundle()).resolve()
     if not (bundle / "manifest.json").is_file() and not bundle.is_file():
         raise EdgecvError(f"Demo bundle {bundle} not found; build it with 'edgecv optimize' or pass --bundle")
     if not getattr(args, "debug", False):
-        logging.getLogger("agent").setLevel(logging.WARNING)  # the predictions table is the output
+        logging.getLogger("edgecv.agent").setLevel(logging.WARNING)  # the predictions table is the output
     with _demo_broker(args.broker) as (host, port), tempfile.TemporaryDirectory(prefix="edgecv-demo-") as tmp:
         device = f"demo-{os.getpid()}"
         config = parse_config({
@@ -272,7 +272,7 @@ class _DemoViewer:
               f"{'accuracy':>8}", flush=True)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        from agent.contract.topics import decode_predictions
+        from edgecv.agent.contract.topics import decode_predictions
 
         for doc in decode_predictions(msg.payload):
             if self.count < self.frames:

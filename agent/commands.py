@@ -19,13 +19,13 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-import agent as agent_pkg
-from agent.contract import topics as T
-from agent.errors import EdgecvError
+from edgecv.agent import __version__ as AGENT_VERSION
+from edgecv.agent.contract import topics as T
+from edgecv.agent.errors import EdgecvError
 
 if TYPE_CHECKING:
-    from agent.service import Agent
-    from agent.updater import Updater
+    from edgecv.agent.service import Agent
+    from edgecv.agent.updater import Updater
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class CommandHandler:
         return {"name": clf.name, "version": clf.version, "sha256": clf.bundle.manifest_sha256}
 
     def _cmd_ping(self, request: dict[str, Any]) -> dict[str, Any]:
-        return {"agent_version": agent_pkg.__version__, "model": self._model(),
+        return {"agent_version": AGENT_VERSION, "model": self._model(),
                 "uptime_s": round(time.monotonic() - self.started, 3)}
 
     def _cmd_reload(self, request: dict[str, Any]) -> dict[str, Any]:

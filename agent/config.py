@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.contract.topics import DEFAULT_PREFIX, check_level
-from agent.errors import ConfigError
+from edgecv.agent.contract.topics import DEFAULT_PREFIX, check_level
+from edgecv.agent.errors import ConfigError
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 PROTOCOLS = ("5", "3.1.1")

@@ -28,11 +28,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from agent import __version__
-from agent.contract.topics import STATUS_ONLINE, DeviceTopics
+from edgecv.agent import __version__
+from edgecv.agent.contract.topics import STATUS_ONLINE, DeviceTopics
 
 if TYPE_CHECKING:
-    from agent.config import AgentConfig
+    from edgecv.agent.config import AgentConfig
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from agent.contract.topics import now
+from edgecv.agent.contract.topics import now
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def _r(value: float | None) -> float | None:
 def _thermal_readings() -> dict[str, Any]:
     """soc_temp_c and throttled from agent/thermal.py; absent values are left out."""
     try:
-        from agent import thermal
+        from edgecv.agent import thermal
     except ImportError:  # pragma: no cover - thermal.py ships with the agent
         return {}
     out: dict[str, Any] = {}

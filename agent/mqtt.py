@@ -40,12 +40,12 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.contract.topics import DeviceTopics
-from agent.errors import MqttError
-from agent.outbox import Message, Outbox
+from edgecv.agent.contract.topics import DeviceTopics
+from edgecv.agent.errors import MqttError
+from edgecv.agent.outbox import Message, Outbox
 
 if TYPE_CHECKING:
-    from agent.config import BrokerConfig
+    from edgecv.agent.config import BrokerConfig
 
 log = logging.getLogger(__name__)
 

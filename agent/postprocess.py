@@ -11,7 +11,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from agent.config import MotionConfig, PublishConfig
+from edgecv.agent.config import MotionConfig, PublishConfig
 
 MOTION_WIDTH = 64  # frames are compared at this width: cheap, and insensitive to sensor noise
 

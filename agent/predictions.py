@@ -19,8 +19,8 @@ import threading
 from collections import deque
 from typing import Any
 
-from agent.contract.topics import PredictionEncoder
-from agent.outbox import Outbox
+from edgecv.agent.contract.topics import PredictionEncoder
+from edgecv.agent.outbox import Outbox
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import cv2
 import numpy as np
 
-from agent.contract.bundle import InputSpec
+from edgecv.agent.contract.bundle import InputSpec
 
 
 class Preprocessor:

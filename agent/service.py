@@ -17,20 +17,20 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import agent as agent_pkg
-from agent.camera import Camera, Frame
-from agent.classifier import Classifier
-from agent.config import AgentConfig
-from agent.contract import topics as T
-from agent.contract.bundle import Bundle
-from agent.errors import EdgecvError, NoModelError
-from agent.health import FrameCounters, HealthMonitor
-from agent.mqtt import MqttLink
-from agent.outbox import Outbox
-from agent.postprocess import MotionGate, PublishPolicy
-from agent.predictions import PredictionStream
-from agent.sdnotify import SystemdNotifier
-from agent.store import ModelStore
+from edgecv.agent import __version__ as AGENT_VERSION
+from edgecv.agent.camera import Camera, Frame
+from edgecv.agent.classifier import Classifier
+from edgecv.agent.config import AgentConfig
+from edgecv.agent.contract import topics as T
+from edgecv.agent.contract.bundle import Bundle
+from edgecv.agent.errors import EdgecvError, NoModelError
+from edgecv.agent.health import FrameCounters, HealthMonitor
+from edgecv.agent.mqtt import MqttLink
+from edgecv.agent.outbox import Outbox
+from edgecv.agent.postprocess import MotionGate, PublishPolicy
+from edgecv.agent.predictions import PredictionStream
+from edgecv.agent.sdnotify import SystemdNotifier
+from edgecv.agent.store import ModelStore
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class Agent:
 
     def load_model(self) -> Classifier:
         """The active model from the store (seeded from model.bundle when empty), loaded in its runtime."""
-        from agent.updater import load_keyring
+        from edgecv.agent.updater import load_keyring
 
         cfg = self.config
         keyring = load_keyring(cfg.security.keyring)
@@ -131,7 +131,7 @@ class Agent:
                 "runtime": clf.engine.name}
 
     def status_payload(self, state: str) -> dict[str, Any]:
-        doc = T.status_payload(self.config.device_id, state, agent_pkg.__version__, self.model_info(),
+        doc = T.status_payload(self.config.device_id, state, AGENT_VERSION, self.model_info(),
                                {cam.name: cam.status() for cam in self.cameras}, groups=self.config.groups)
         doc.update(boot=self.boot, dropped=self.outbox.dropped)
         return doc
@@ -182,9 +182,9 @@ class Agent:
 
     def _start_extensions(self) -> None:
         """The updater (pushes), remote commands and Home Assistant discovery all hang off the link."""
-        from agent.commands import CommandHandler
-        from agent.discovery import HomeAssistantDiscovery
-        from agent.updater import Updater
+        from edgecv.agent.commands import CommandHandler
+        from edgecv.agent.discovery import HomeAssistantDiscovery
+        from edgecv.agent.updater import Updater
 
         self.updater = Updater(self).start()
         self.commands = CommandHandler(self, self.updater).start()

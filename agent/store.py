@@ -26,15 +26,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.contract.bundle import (
+from edgecv.agent.contract.bundle import (
     DEFAULT_MAX_BUNDLE_BYTES,
     Bundle,
     extract_archive,
     load_bundle,
     verify_bundle,
 )
-from agent.contract.signing import Keyring
-from agent.errors import BundleError, NoModelError, StoreError, UnsafeArchiveError
+from edgecv.agent.contract.signing import Keyring
+from edgecv.agent.errors import BundleError, NoModelError, StoreError, UnsafeArchiveError
 
 log = logging.getLogger(__name__)
 

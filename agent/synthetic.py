@@ -30,7 +30,7 @@ from urllib.parse import parse_qsl
 import cv2
 import numpy as np
 
-from agent.errors import CameraError
+from edgecv.agent.errors import CameraError
 
 PREFIX = "synthetic:"
 KINDS = ("noise", "bars", "static", "fashion-mnist", "fail", "stall")

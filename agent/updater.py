@@ -27,12 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import agent
-from agent.classifier import Classifier, run_selftest
-from agent.contract import topics as T
-from agent.contract.bundle import Bundle
-from agent.contract.signing import Keyring
-from agent.contract.transfer import (
+from edgecv.agent import __version__ as AGENT_VERSION
+from edgecv.agent.classifier import Classifier, run_selftest
+from edgecv.agent.contract import topics as T
+from edgecv.agent.contract.bundle import Bundle
+from edgecv.agent.contract.signing import Keyring
+from edgecv.agent.contract.transfer import (
     COMPLETE,
     FAILED,
     Ack,
@@ -41,11 +41,11 @@ from agent.contract.transfer import (
     TransferError,
     parse_push_topic,
 )
-from agent.errors import BundleError, EdgecvError, IncompatibleBundleError, StoreError
-from agent.runtimes import candidates
+from edgecv.agent.errors import BundleError, EdgecvError, IncompatibleBundleError, StoreError
+from edgecv.agent.runtimes import candidates
 
 if TYPE_CHECKING:
-    from agent.service import Agent
+    from edgecv.agent.service import Agent
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +73,9 @@ def parse_version(text: str) -> tuple[int, ...]:
 def check_compatible(bundle: Bundle, runtime: str = "auto") -> None:
     """Raise IncompatibleBundleError unless this agent can run the bundle."""
     m = bundle.manifest
-    if parse_version(m.min_agent_version) > parse_version(agent.__version__):
+    if parse_version(m.min_agent_version) > parse_version(AGENT_VERSION):
         raise IncompatibleBundleError(f"Bundle {m.name} {m.version} needs agent {m.min_agent_version} or newer; "
-                                      f"this agent is {agent.__version__}: upgrade edgecv on the device")
+                                      f"this agent is {AGENT_VERSION}: upgrade edgecv on the device")
     if not candidates(bundle, runtime):
         arts = ", ".join(f"{a.format}/{a.precision}" for a in m.artifacts)
         raise IncompatibleBundleError(f"No runtime on this device can run bundle {m.name} {m.version} (artifacts: "

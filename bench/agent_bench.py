@@ -51,13 +51,13 @@ def rgb64_bundle(out: Path) -> Path:
         return out
     import numpy as np
 
-    from agent.contract.bundle import InputSpec
-    from agent.preprocess import Preprocessor
-    from tools.bundler import build_bundle
-    from tools.export_onnx import export_onnx
-    from tools.model import build_model
-    from tools.quantize_onnx import quantize_onnx_int8
-    from tools.quantize_tflite import export_tflite_int8
+    from edgecv.agent.contract.bundle import InputSpec
+    from edgecv.agent.preprocess import Preprocessor
+    from edgecv.tools.bundler import build_bundle
+    from edgecv.tools.export_onnx import export_onnx
+    from edgecv.tools.model import build_model
+    from edgecv.tools.quantize_onnx import quantize_onnx_int8
+    from edgecv.tools.quantize_tflite import export_tflite_int8
 
     spec = InputSpec(width=64, height=64, channels=3, color="RGB", layout="NCHW", mean=(0.5,), std=(0.25,))
     model = build_model(spec, 10, seed=0).eval()
@@ -99,8 +99,8 @@ def default_bundle(note: list[str]) -> Path:
 
 
 def bundle_runtimes(bundle: Path) -> list[str]:
-    from agent.contract.bundle import load_bundle
-    from agent.runtimes import available_runtimes
+    from edgecv.agent.contract.bundle import load_bundle
+    from edgecv.agent.runtimes import available_runtimes
 
     fmts = {a.format for a in load_bundle(bundle).manifest.artifacts}
     out = []
@@ -139,7 +139,7 @@ def start_broker(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
 
 def agent_exe() -> list[str]:
     exe = Path(sys.executable).parent / "edgecv-agent"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "agent.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "edgecv.agent.cli"]
 
 
 _n = iter(range(10**6))
@@ -282,8 +282,8 @@ def bare_loop(bundle: Path, runtime: str, seconds: float) -> dict[str, float]:
 def _bare_main(bundle: str, runtime: str, seconds: float) -> None:
     import numpy as np
 
-    from agent.classifier import Classifier
-    from agent.synthetic import SyntheticSource
+    from edgecv.agent.classifier import Classifier
+    from edgecv.agent.synthetic import SyntheticSource
 
     clf = Classifier.load(Path(bundle), runtime=runtime, threads=1)
     src = SyntheticSource("synthetic:fashion-mnist?shuffle=1")

@@ -142,15 +142,15 @@ def say(msg: str) -> None:
 
 def run(work: Path, epochs: int, ft: int, structured: float, limit: int | None, runs: int, seed: int,
         json_out: Path | None) -> int:
-    from tools.datasets import default_input_spec, load_splits, to_model_input
-    from tools.evaluate import gzip_size, run_logits
-    from tools.export_onnx import export_onnx
-    from tools.model import build_model
-    from tools.pipeline import machine_info
-    from tools.prune import channel_prune, magnitude_prune
-    from tools.quantize_onnx import quantize_onnx_int8
-    from tools.quantize_tflite import export_tflite_fp32, export_tflite_int8
-    from tools.train import TrainConfig, train
+    from edgecv.tools.datasets import default_input_spec, load_splits, to_model_input
+    from edgecv.tools.evaluate import gzip_size, run_logits
+    from edgecv.tools.export_onnx import export_onnx
+    from edgecv.tools.model import build_model
+    from edgecv.tools.pipeline import machine_info
+    from edgecv.tools.prune import channel_prune, magnitude_prune
+    from edgecv.tools.quantize_onnx import quantize_onnx_int8
+    from edgecv.tools.quantize_tflite import export_tflite_fp32, export_tflite_int8
+    from edgecv.tools.train import TrainConfig, train
 
     started = time.perf_counter()
     splits = load_splits("fashion-mnist", seed=seed, limit=limit)
@@ -203,7 +203,7 @@ def run(work: Path, epochs: int, ft: int, structured: float, limit: int | None, 
             add(name, "tflite", "int8", export_tflite_int8(model, spec, calib, work / f"{slug}.int8.tflite"))
         say(f"exported {name}")
 
-    from agent.runtimes import open_engine
+    from edgecv.agent.runtimes import open_engine
 
     for row in rows.values():
         p = Path(row.path)
@@ -227,7 +227,7 @@ def run(work: Path, epochs: int, ft: int, structured: float, limit: int | None, 
 
 def measure_latencies(rows: dict[str, Row], sample: np.ndarray, runs: int, rounds: int = 10) -> None:
     """Median single-image latency of every row, in interleaved rounds so load affects all models alike."""
-    from agent.runtimes import open_engine
+    from edgecv.agent.runtimes import open_engine
 
     engines = {k: open_engine(Path(r.path), r.fmt, threads=1) for k, r in rows.items()}
     bare = {k: _bare_invoke(Path(r.path)) for k, r in rows.items() if r.fmt == "tflite"}
@@ -276,8 +276,8 @@ def _bare_invoke(path: Path) -> Any:
 def retime(json_path: Path, runs: int) -> int:
     import os
 
-    from tools.datasets import default_input_spec, load_splits, to_model_input
-    from tools.pipeline import machine_info
+    from edgecv.tools.datasets import default_input_spec, load_splits, to_model_input
+    from edgecv.tools.pipeline import machine_info
 
     doc = json.loads(json_path.read_text())
     rows = {f"{r['variant']}/{r['fmt']}" + (" int8" if r["precision"] == "int8" else ""): Row(**r)
@@ -308,8 +308,8 @@ def retime(json_path: Path, runs: int) -> int:
 
 def build_bundles(work: Path, spec: Any, splits: Any, rows: dict[str, Row]) -> dict[str, dict[str, Any]]:
     """Real signed .edgecv archives: both int8 artifacts, and the single LiteRT one a LiteRT device needs."""
-    from agent.contract.signing import generate_private_key
-    from tools.bundler import build_bundle, dataset_to_frames, pack
+    from edgecv.agent.contract.signing import generate_private_key
+    from edgecv.tools.bundler import build_bundle, dataset_to_frames, pack
 
     key = generate_private_key()
     frames = dataset_to_frames(splits.test.images[:8])

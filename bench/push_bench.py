@@ -27,11 +27,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent.contract.signing import generate_private_key, write_keypair  # noqa: E402
+from edgecv.agent.contract.signing import generate_private_key, write_keypair  # noqa: E402
+from edgecv.tools.fleet.mqtt_client import ClientOptions, MqttClient, Received  # noqa: E402
+from edgecv.tools.fleet.push import Pusher  # noqa: E402
 from tests.broker import Broker  # noqa: E402
 from tests.bundle_factory import make_archive  # noqa: E402
-from tools.fleet.mqtt_client import ClientOptions, MqttClient, Received  # noqa: E402
-from tools.fleet.push import Pusher  # noqa: E402
 
 
 def agent_toml(device: str, port: int, store: Path, seed: Path, ring: Path, fps: float, groups: list[str]) -> str:

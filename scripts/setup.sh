@@ -27,5 +27,7 @@ wheel=$(ls /opt/wheels/torch-2.13.0+cpu-*.whl 2>/dev/null | head -n1 || true)
 if ! "$venv/bin/python" -c "import torch" >/dev/null 2>&1 && [ -n "$wheel" ]; then
   "$venv/bin/pip" install -q -c "$here/constraints.txt" "$wheel"
 fi
-"$venv/bin/pip" install -q -c "$here/constraints.txt" -e "$here[tools,litert,dev]"
+# Strict editable mode: the package-dir mapping (agent/ → edgecv.agent, tools/ → edgecv.tools) becomes a tree of
+# links that mypy can read too; a new module file needs this line again (every run of this script does it).
+"$venv/bin/pip" install -q -c "$here/constraints.txt" --config-settings editable_mode=strict -e "$here[tools,litert,dev]"
 echo "$venv"

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.contract.bundle import (
+from edgecv.agent.contract.bundle import (
     InputSpec,
     Manifest,
     SelfTest,

@@ -1,5 +1,5 @@
 """edgecv workstation tools: data → train → prune → int8 ONNX/TFLite → signed bundle; fleet client."""
 
-from agent import __version__
+from edgecv.agent import __version__
 
 __all__ = ["__version__"]

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.contract.bundle import (
+from edgecv.agent.contract.bundle import (
     BUNDLE_SUFFIX,
     MANIFEST_NAME,
     SIGNATURE_NAME,
@@ -34,8 +34,8 @@ from agent.contract.bundle import (
     sign_bundle,
     write_manifest,
 )
-from agent.contract.signing import load_private_key
-from agent.errors import BundleError
+from edgecv.agent.contract.signing import load_private_key
+from edgecv.agent.errors import BundleError
 
 log = logging.getLogger(__name__)
 

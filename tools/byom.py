@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.contract.bundle import Bundle, InputSpec
-from tools.errors import DatasetError, ExportError
+from edgecv.agent.contract.bundle import Bundle, InputSpec
+from edgecv.tools.errors import DatasetError, ExportError
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def load_calibration_images(root: Path, spec: InputSpec, limit: int | None = Non
 
     Returns (images, labels or None, class names or None); labels only when sub-folders name classes.
     """
-    from tools.datasets import IMAGE_SUFFIXES, load_image_folder, read_image, resize_image, scan_image_folder
+    from edgecv.tools.datasets import IMAGE_SUFFIXES, load_image_folder, read_image, resize_image, scan_image_folder
 
     root = Path(root)
     if not root.is_dir():
@@ -191,11 +191,11 @@ def quantize_byom(onnx_path: Path, calib_dir: Path, labels_path: Path, out_dir: 
                   max_eval: int = 2000, latency_runs: int = 200,
                   progress: Callable[[str], None] | None = None) -> ByomResult:
     """Quantize a user's fp32 ONNX classifier and build an edgecv bundle of it at `out_dir`."""
-    from agent.preprocess import Preprocessor
-    from tools.bundler import build_bundle, choose_selftest_frames
-    from tools.datasets import to_model_input
-    from tools.evaluate import agreement, evaluate_artifact, run_logits
-    from tools.quantize_onnx import quantize_onnx_int8
+    from edgecv.agent.preprocess import Preprocessor
+    from edgecv.tools.bundler import build_bundle, choose_selftest_frames
+    from edgecv.tools.datasets import to_model_input
+    from edgecv.tools.evaluate import agreement, evaluate_artifact, run_logits
+    from edgecv.tools.quantize_onnx import quantize_onnx_int8
 
     say = progress or (lambda msg: log.info("%s", msg))
     onnx_path = Path(onnx_path)
@@ -220,7 +220,7 @@ def quantize_byom(onnx_path: Path, calib_dir: Path, labels_path: Path, out_dir: 
     say(f"Calibration: {len(calib_x)} images from {calib_dir}; evaluation on {len(eval_x)} images{held_out}"
         f"{' with labels from class folders' if eval_y is not None else ' (no class folders: agreement only)'}")
 
-    from agent.runtimes import open_engine
+    from edgecv.agent.runtimes import open_engine
 
     fp32_engine = open_engine(onnx_path, "onnx")
     probe = fp32_engine.run(x[:1])
@@ -267,7 +267,7 @@ def _selftest(images: np.ndarray, preprocess: Callable[[np.ndarray], np.ndarray]
               reference: Callable[[np.ndarray], np.ndarray], candidates: dict[str, Callable[[np.ndarray], np.ndarray]],
               choose: Callable[..., tuple[np.ndarray, list[int]]]) -> tuple[np.ndarray, list[int]]:
     """Self-test frames with a clear margin; with few or hard images, accept fewer frames and a smaller margin."""
-    from agent.errors import BundleError
+    from edgecv.agent.errors import BundleError
 
     last: Exception | None = None
     for count, margin in ((8, 0.3), (4, 0.2), (2, 0.1), (1, 0.05)):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
-from tools.errors import ExportError
+from edgecv.tools.errors import ExportError
 
 log = logging.getLogger(__name__)
 

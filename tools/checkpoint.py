@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from agent.contract.bundle import InputSpec
-from agent.errors import BundleFormatError
-from tools.errors import TrainingError
-from tools.model import EdgeCNN, model_from_arch
+from edgecv.agent.contract.bundle import InputSpec
+from edgecv.agent.errors import BundleFormatError
+from edgecv.tools.errors import TrainingError
+from edgecv.tools.model import EdgeCNN, model_from_arch
 
 FORMAT = "edgecv.checkpoint/1"
 

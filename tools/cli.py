@@ -8,8 +8,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from agent import __version__
-from agent.errors import EdgecvError
+from edgecv.agent import __version__
+from edgecv.agent.errors import EdgecvError
 
 # Subcommand modules under tools/commands, in the order `--help` lists them.
 COMMANDS = ("train", "prune", "quantize", "optimize", "keys", "bundle", "push", "devices", "watch", "cmd",
@@ -27,9 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         try:
-            module = importlib.import_module(f"tools.commands.{name}")
+            module = importlib.import_module(f"edgecv.tools.commands.{name}")
         except ModuleNotFoundError as exc:
-            if exc.name != f"tools.commands.{name}":
+            if exc.name != f"edgecv.tools.commands.{name}":
                 raise
             continue  # command not built yet
         module.register(sub)

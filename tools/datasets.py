@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.contract.bundle import InputSpec
-from tools.errors import DatasetError
+from edgecv.agent.contract.bundle import InputSpec
+from edgecv.tools.errors import DatasetError
 
 log = logging.getLogger(__name__)
 

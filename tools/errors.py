@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.errors import EdgecvError
+from edgecv.agent.errors import EdgecvError
 
 
 class ToolsError(EdgecvError):

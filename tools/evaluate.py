@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.errors import InferenceError
-from agent.runtimes import Engine, open_engine
+from edgecv.agent.errors import InferenceError
+from edgecv.agent.runtimes import Engine, open_engine
 
 log = logging.getLogger(__name__)
 

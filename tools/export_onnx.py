@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tools.errors import ExportError
+from edgecv.tools.errors import ExportError
 
 if TYPE_CHECKING:
     import torch
 
-    from agent.contract.bundle import InputSpec
+    from edgecv.agent.contract.bundle import InputSpec
 
 log = logging.getLogger(__name__)
 

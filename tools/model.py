@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from agent.contract.bundle import InputSpec
-from tools.errors import TrainingError
+from edgecv.agent.contract.bundle import InputSpec
+from edgecv.tools.errors import TrainingError
 
 ARCH_KEYS = ("input", "convs", "dense", "dropout", "num_classes")
 KERNEL = 3

@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tools.errors import ExportError, ToolsError
-from tools.report import FlowStage, RunRecord, StageResult, human_bytes, write_report
+from edgecv.tools.errors import ExportError, ToolsError
+from edgecv.tools.report import FlowStage, RunRecord, StageResult, human_bytes, write_report
 
 if TYPE_CHECKING:
-    from agent.contract.bundle import Bundle, InputSpec
-    from tools.datasets import Splits
+    from edgecv.agent.contract.bundle import Bundle, InputSpec
+    from edgecv.tools.datasets import Splits
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +116,9 @@ def run_pipeline(cfg: OptimizeConfig, say: Say | None = None) -> PipelineResult:
 
     import torch
 
-    from tools.datasets import default_input_spec, load_splits, to_model_input
-    from tools.model import build_model, count_params, describe_arch
-    from tools.train import TrainConfig, format_epoch_row, train
+    from edgecv.tools.datasets import default_input_spec, load_splits, to_model_input
+    from edgecv.tools.model import build_model, count_params, describe_arch
+    from edgecv.tools.train import TrainConfig, format_epoch_row, train
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -157,7 +157,7 @@ def run_pipeline(cfg: OptimizeConfig, say: Say | None = None) -> PipelineResult:
     # 3. prune
     ft_cfg = TrainConfig(lr=1e-3, schedule="cosine", seed=cfg.seed, progress=cfg.progress, threads=cfg.threads)
     with clock("prune"):
-        from tools.prune import channel_prune, magnitude_prune, sparsity_report
+        from edgecv.tools.prune import channel_prune, magnitude_prune, sparsity_report
 
         if cfg.structured > 0:
             model, _arch, report = channel_prune(model, model.arch, splits, spec, cfg.structured,
@@ -198,20 +198,20 @@ def run_pipeline(cfg: OptimizeConfig, say: Say | None = None) -> PipelineResult:
     with clock("int8 ONNX"):
         int8_onnx = work / "model.int8.onnx"
         if cfg.max_drop is not None:
-            from tools.quantize_onnx import accuracy_aware_quantize
+            from edgecv.tools.quantize_onnx import accuracy_aware_quantize
 
             aaq = accuracy_aware_quantize(fp32, calib, x_val, y_val, cfg.max_drop, int8_onnx, method=cfg.method,
                                           progress=lambda m: log.debug("%s", m))
             record.model["int8_onnx_kept_float"] = aaq.kept_float
             clock.note(f"validation drop {aaq.drop * 100:+.2f} points, kept float: {aaq.kept_float or 'none'}")
         else:
-            from tools.quantize_onnx import quantize_onnx_int8
+            from edgecv.tools.quantize_onnx import quantize_onnx_int8
 
             quantize_onnx_int8(fp32, calib, int8_onnx, method=cfg.method)
 
     # 6. int8 TFLite
     with clock("int8 TFLite"):
-        from tools.quantize_tflite import export_tflite_int8
+        from edgecv.tools.quantize_tflite import export_tflite_int8
 
         int8_tflite = export_tflite_int8(model, spec, calib, work / "model.int8.tflite")
         clock.note(human_bytes(int8_tflite.stat().st_size))
@@ -253,7 +253,7 @@ def run_pipeline(cfg: OptimizeConfig, say: Say | None = None) -> PipelineResult:
 
 
 def default_name(data: str) -> str:
-    from tools.datasets import FASHION_MNIST
+    from edgecv.tools.datasets import FASHION_MNIST
 
     if str(data) == FASHION_MNIST:
         return FASHION_MNIST
@@ -328,19 +328,19 @@ def _spec_dict(spec: InputSpec) -> dict[str, Any]:
 
 def _save(path: Path, model: Any, spec: InputSpec, labels: list[str], history: list[dict[str, Any]],
           meta: dict[str, Any]) -> None:
-    from tools.checkpoint import save_checkpoint
+    from edgecv.tools.checkpoint import save_checkpoint
 
     save_checkpoint(path, model, spec, labels, model.arch, history, meta)
 
 
 def _export(model: Any, spec: InputSpec, out: Path) -> Path:
-    from tools.export_onnx import export_onnx
+    from edgecv.tools.export_onnx import export_onnx
 
     return export_onnx(model, spec, out)
 
 
 def _measure(stage: str, path: Path, fmt: str, x: np.ndarray, y: np.ndarray, latency_runs: int) -> StageResult:
-    from tools.evaluate import evaluate_artifact
+    from edgecv.tools.evaluate import evaluate_artifact
 
     ev = evaluate_artifact(path, fmt, x, y, threads=1, latency_runs=latency_runs)
     return StageResult(stage=stage, accuracy=round(ev.accuracy, 6), bytes=ev.bytes, gzip_bytes=ev.gzip_bytes,
@@ -368,8 +368,8 @@ def _feature_shape(model: Any, x: np.ndarray) -> tuple[int, ...]:
 
 
 def _logits_fn(path: Path, fmt: str) -> Callable[[np.ndarray], np.ndarray]:
-    from agent.runtimes import open_engine
-    from tools.evaluate import run_logits
+    from edgecv.agent.runtimes import open_engine
+    from edgecv.tools.evaluate import run_logits
 
     engine = open_engine(path, fmt, threads=1)
     return lambda x: run_logits(engine, x)
@@ -377,10 +377,10 @@ def _logits_fn(path: Path, fmt: str) -> Callable[[np.ndarray], np.ndarray]:
 
 def _bundle(cfg: OptimizeConfig, name: str, labels: list[str], spec: InputSpec, splits: Splits, fp32: Path,
             int8_onnx: Path, int8_tflite: Path, record: RunRecord, out: Path) -> tuple[Bundle, Path]:
-    from agent.contract.bundle import verify_bundle
-    from agent.contract.signing import Keyring, load_private_key
-    from agent.preprocess import Preprocessor
-    from tools.bundler import build_bundle, choose_selftest_frames, pack, read_selftest
+    from edgecv.agent.contract.bundle import verify_bundle
+    from edgecv.agent.contract.signing import Keyring, load_private_key
+    from edgecv.agent.preprocess import Preprocessor
+    from edgecv.tools.bundler import build_bundle, choose_selftest_frames, pack, read_selftest
 
     pre = Preprocessor(spec)
     candidates = {f"int8 {label}": _logits_fn(path, fmt)

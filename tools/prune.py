@@ -19,11 +19,11 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from agent.contract.bundle import InputSpec
-from tools.datasets import Splits
-from tools.errors import TrainingError
-from tools.model import EdgeCNN, count_flops, count_params, model_from_arch, validate_arch
-from tools.train import TrainConfig, evaluate_model, train
+from edgecv.agent.contract.bundle import InputSpec
+from edgecv.tools.datasets import Splits
+from edgecv.tools.errors import TrainingError
+from edgecv.tools.model import EdgeCNN, count_flops, count_params, model_from_arch, validate_arch
+from edgecv.tools.train import TrainConfig, evaluate_model, train
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def magnitude_prune(model: nn.Module, splits: Splits, spec: InputSpec, target_sp
     if not layers:
         raise TrainingError("Model has no Conv2d or Linear layers to prune")
     if cfg is not None:
-        from tools.train import apply_threads
+        from edgecv.tools.train import apply_threads
 
         apply_threads(cfg.threads)
     scored = _score_split(splits)
@@ -250,7 +250,7 @@ def channel_prune(model: nn.Module, arch: dict[str, Any], splits: Splits, spec: 
     if validate_arch(arch) != validate_arch(model.arch):
         raise TrainingError(f"Arch {arch} does not describe the given model ({model.arch})")
     if cfg is not None:
-        from tools.train import apply_threads
+        from edgecv.tools.train import apply_threads
 
         apply_threads(cfg.threads)
     scored = _score_split(splits)

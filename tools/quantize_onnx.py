@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.calibration import ArrayCalibrationReader
-from tools.errors import ExportError
+from edgecv.tools.calibration import ArrayCalibrationReader
+from edgecv.tools.errors import ExportError
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ def accuracy_aware_quantize(fp32_path: Path, calib: np.ndarray, x_eval: np.ndarr
     each time) until the bound holds or every candidate is float. `predict(path, x) -> top1` runs a model;
     by default onnxruntime through `tools.evaluate`. Returns the result with every measured drop.
     """
-    from tools.evaluate import predict_top1
+    from edgecv.tools.evaluate import predict_top1
 
     run = predict or (lambda path, x: predict_top1(path, "onnx", x))
     fp32_path, out = Path(fp32_path), Path(out)

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from agent.contract.bundle import InputSpec
-from tools.datasets import Dataset, Splits, to_model_input
-from tools.errors import TrainingError
+from edgecv.agent.contract.bundle import InputSpec
+from edgecv.tools.datasets import Dataset, Splits, to_model_input
+from edgecv.tools.errors import TrainingError
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from agent.contract.signing import Keyring, Signature, sign
-from agent.errors import BundleFormatError, IntegrityError, SignatureError, UnsafeArchiveError
+from edgecv.agent.contract.signing import Keyring, Signature, sign
+from edgecv.agent.errors import BundleFormatError, IntegrityError, SignatureError, UnsafeArchiveError
 
 SCHEMA = "edgecv.bundle/1"
 MANIFEST_NAME = "manifest.json"

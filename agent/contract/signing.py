@@ -18,7 +18,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from agent.errors import KeyFileError, SignatureError
+from edgecv.agent.errors import KeyFileError, SignatureError
 
 SIGNATURE_ALG = "ed25519"
 PUBLIC_KEY_SUFFIX = ".pub"

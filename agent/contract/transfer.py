@@ -37,9 +37,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from agent.contract.bundle import DEFAULT_MAX_BUNDLE_BYTES
-from agent.contract.topics import check_level
-from agent.errors import BundleError
+from edgecv.agent.contract.bundle import DEFAULT_MAX_BUNDLE_BYTES
+from edgecv.agent.contract.topics import check_level
+from edgecv.agent.errors import BundleError
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from agent.errors import IncompatibleBundleError, RuntimeUnavailableError
+from edgecv.agent.errors import IncompatibleBundleError, RuntimeUnavailableError
 
 if TYPE_CHECKING:
-    from agent.contract.bundle import Artifact, Bundle
+    from edgecv.agent.contract.bundle import Artifact, Bundle
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +93,10 @@ def open_engine(path: Path, fmt: str, threads: int = 1, runtime: str | None = No
     if not path.is_file():
         raise IncompatibleBundleError(f"Model file {path} does not exist")
     if wanted == ONNXRUNTIME:
-        from agent.runtimes.onnx import OnnxEngine
+        from edgecv.agent.runtimes.onnx import OnnxEngine
 
         return OnnxEngine(path, threads=threads, precision=precision)
-    from agent.runtimes.litert import LiteRtEngine
+    from edgecv.agent.runtimes.litert import LiteRtEngine
 
     return LiteRtEngine(path, threads=threads, precision=precision)
 

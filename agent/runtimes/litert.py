@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.errors import IncompatibleBundleError, InferenceError, RuntimeUnavailableError
-from agent.runtimes import require_classifier_io
+from edgecv.agent.errors import IncompatibleBundleError, InferenceError, RuntimeUnavailableError
+from edgecv.agent.runtimes import require_classifier_io
 
 log = logging.getLogger(__name__)
 

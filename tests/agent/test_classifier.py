@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.classifier import Classifier, run_selftest
-from agent.contract.bundle import MANIFEST_NAME, Bundle, load_bundle
-from agent.errors import IncompatibleBundleError, InferenceError, RuntimeUnavailableError, SelfTestError
-from agent.synthetic import FASHION_MNIST_LABELS, SyntheticSource
+from edgecv.agent.classifier import Classifier, run_selftest
+from edgecv.agent.contract.bundle import MANIFEST_NAME, Bundle, load_bundle
+from edgecv.agent.errors import IncompatibleBundleError, InferenceError, RuntimeUnavailableError, SelfTestError
+from edgecv.agent.synthetic import FASHION_MNIST_LABELS, SyntheticSource
 from tests.agent.conftest import TinyModel, make_bundle
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from agent.config import AgentConfig, CameraConfig, ConfigError, load_config, parse_config
+from edgecv.agent.config import AgentConfig, CameraConfig, ConfigError, load_config, parse_config
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "systemd" / "agent.example.toml"
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.contract import bundle as B
-from agent.contract.signing import Keyring, generate_private_key, sign
-from agent.errors import BundleFormatError, IntegrityError, SignatureError, UnsafeArchiveError
+from edgecv.agent.contract import bundle as B
+from edgecv.agent.contract.signing import Keyring, generate_private_key, sign
+from edgecv.agent.errors import BundleFormatError, IntegrityError, SignatureError, UnsafeArchiveError
 
 SPEC = B.InputSpec(width=28, height=28, channels=1, color="GRAY")
 
@@ -195,7 +195,7 @@ def test_garbage_signature_file_is_a_signature_error(tmp_path: Path) -> None:
 
 
 def test_keyring_from_directory_and_file(tmp_path: Path) -> None:
-    from agent.contract.signing import write_keypair
+    from edgecv.agent.contract.signing import write_keypair
 
     keys = [generate_private_key() for _ in range(2)]
     pubs = [write_keypair(k, tmp_path / "ring" / f"k{i}.key") for i, k in enumerate(keys)]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from agent.contract import topics
+from edgecv.agent.contract import topics
 
 
 def test_device_topics_build_the_documented_scheme() -> None:

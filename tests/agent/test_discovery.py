@@ -13,11 +13,11 @@ from typing import Any
 import jinja2
 import pytest
 
-from agent.config import BrokerConfig, parse_config
-from agent.contract.topics import DeviceTopics, encode, status_payload
-from agent.discovery import SENSORS, HomeAssistantDiscovery, discovery_messages, node_id
-from agent.mqtt import MqttLink
-from agent.outbox import Outbox
+from edgecv.agent.config import BrokerConfig, parse_config
+from edgecv.agent.contract.topics import DeviceTopics, encode, status_payload
+from edgecv.agent.discovery import SENSORS, HomeAssistantDiscovery, discovery_messages, node_id
+from edgecv.agent.mqtt import MqttLink
+from edgecv.agent.outbox import Outbox
 from tests.broker import Broker
 from tests.ops.probe import Probe
 
@@ -141,7 +141,7 @@ def test_templates_render_real_payloads() -> None:
 # ---- on a real broker, through the agent's real MqttLink -------------------------------------------------------
 
 class FakeAgent(SimpleNamespace):
-    """The three attributes HomeAssistantDiscovery reads from agent.service.Agent, with a real MqttLink."""
+    """The three attributes HomeAssistantDiscovery reads from edgecv.agent.service.Agent, with a real MqttLink."""
 
 
 @pytest.fixture

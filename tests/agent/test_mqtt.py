@@ -14,15 +14,22 @@ from pathlib import Path
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 
-from agent.config import BrokerConfig
-from agent.contract.topics import DeviceTopics, PredictionEncoder, decode, decode_predictions, encode, status_payload
-from agent.errors import MqttError
-from agent.mqtt import Backoff, MqttLink
-from agent.outbox import Outbox
-from agent.predictions import PredictionStream
+from edgecv.agent.config import BrokerConfig
+from edgecv.agent.contract.topics import (
+    DeviceTopics,
+    PredictionEncoder,
+    decode,
+    decode_predictions,
+    encode,
+    status_payload,
+)
+from edgecv.agent.errors import MqttError
+from edgecv.agent.mqtt import Backoff, MqttLink
+from edgecv.agent.outbox import Outbox
+from edgecv.agent.predictions import PredictionStream
+from edgecv.tools.fleet.mqtt_client import ClientOptions, MqttClient, Received
 from tests.broker import Broker
 from tests.e2e.conftest import durable_subscriber, persistent_broker, wait_for_autosave
-from tools.fleet.mqtt_client import ClientOptions, MqttClient, Received
 
 
 def _link(broker: Broker, device: str, *, protocol: str = "5", outbox: Outbox | None = None,
@@ -332,7 +339,7 @@ def _tls_broker(tmp: Path, server_name: str) -> tuple[Broker, dict[str, Path]]:
 
 
 def _tls_link(broker: Broker, pki: dict[str, Path], *, insecure: bool = False, client_cert: bool = True) -> MqttLink:
-    from agent.config import TlsConfig
+    from edgecv.agent.config import TlsConfig
 
     tls = TlsConfig(enabled=True, ca_file=str(pki["ca"]), insecure=insecure,
                     cert_file=str(pki["client_crt"]) if client_cert else "",

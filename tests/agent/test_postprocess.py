@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.config import MotionConfig, PublishConfig
-from agent.postprocess import SMALL_HEAD, MotionGate, PublishPolicy, softmax, top_k
-from agent.synthetic import SyntheticSource
+from edgecv.agent.config import MotionConfig, PublishConfig
+from edgecv.agent.postprocess import SMALL_HEAD, MotionGate, PublishPolicy, softmax, top_k
+from edgecv.agent.synthetic import SyntheticSource
 
 LABELS = ("a", "b", "c", "d")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.sdnotify import SystemdNotifier
+from edgecv.agent.sdnotify import SystemdNotifier
 
 
 class NotifySocket:

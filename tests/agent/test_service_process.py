@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.camera import Frame
-from agent.classifier import Classifier
-from agent.config import parse_config
-from agent.service import Agent, LoopState
-from agent.synthetic import SyntheticSource
+from edgecv.agent.camera import Frame
+from edgecv.agent.classifier import Classifier
+from edgecv.agent.config import parse_config
+from edgecv.agent.service import Agent, LoopState
+from edgecv.agent.synthetic import SyntheticSource
 
 BUNDLE = Path(__file__).resolve().parents[2] / "models" / "fashion-mnist"
 

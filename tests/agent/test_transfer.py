@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.contract.transfer import (
+from edgecv.agent.contract.transfer import (
     COMPLETE,
     FAILED,
     RECEIVING,

@@ -19,14 +19,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.classifier import Classifier
-from agent.commands import CommandHandler
-from agent.config import parse_config
-from agent.contract import topics as T
-from agent.contract.signing import Keyring, generate_private_key, public_key_pem
-from agent.contract.transfer import begin_for, chunk_data, encode_chunk
-from agent.store import ModelStore
-from agent.updater import Probe, Updater, check_compatible, parse_version
+from edgecv.agent.classifier import Classifier
+from edgecv.agent.commands import CommandHandler
+from edgecv.agent.config import parse_config
+from edgecv.agent.contract import topics as T
+from edgecv.agent.contract.signing import Keyring, generate_private_key, public_key_pem
+from edgecv.agent.contract.transfer import begin_for, chunk_data, encode_chunk
+from edgecv.agent.store import ModelStore
+from edgecv.agent.updater import Probe, Updater, check_compatible, parse_version
 from tests.bundle_factory import make_archive, make_bundle
 
 BRIGHT = np.full((28, 28, 3), 200, np.uint8)
@@ -174,7 +174,7 @@ def test_bad_pushes_are_rejected_and_old_model_keeps_serving(device, tmp_path: P
         model = bytearray((src / "model.fp32.onnx").read_bytes())
         model[-10] ^= 0xFF
         (src / "model.fp32.onnx").write_bytes(bytes(model))
-        from agent.contract.bundle import pack_bundle
+        from edgecv.agent.contract.bundle import pack_bundle
 
         data = pack_bundle(src, tmp_path / "t.edgecv").read_bytes()
     elif case == "truncated":
@@ -193,7 +193,7 @@ def test_bad_pushes_are_rejected_and_old_model_keeps_serving(device, tmp_path: P
         # claim the self-test frames give class 5 while the model gives 4, then sign the manifest
         manifest = json.loads((src / "manifest.json").read_text())
         manifest["selftest"]["expected_top1"] = [5, 5, 5, 5]
-        from agent.contract.bundle import Manifest, pack_bundle, sign_bundle, write_manifest
+        from edgecv.agent.contract.bundle import Manifest, pack_bundle, sign_bundle, write_manifest
 
         write_manifest(src, Manifest.from_dict(manifest))
         sign_bundle(src, key)
@@ -238,7 +238,7 @@ def test_probe_latency_verdict() -> None:
 
 def test_version_checks(tmp_path: Path) -> None:
     assert parse_version("1.2.3rc1") == (1, 2, 3) and parse_version("0.10") > parse_version("0.9")
-    from agent.contract.bundle import load_bundle
+    from edgecv.agent.contract.bundle import load_bundle
 
     check_compatible(load_bundle(make_bundle(tmp_path / "ok", "1.0")))
     with pytest.raises(Exception, match=r"needs agent 99\.0"):
@@ -290,8 +290,8 @@ def test_commands_ping_reload_rollback_snapshot(device, tmp_path: Path, key) -> 
 def _receive_verify_activate(root: str, archives: str, ring: str, rounds: int) -> None:
     """What the updater does for each push, minus MQTT: receive chunks to disk, install (verify), self-test in a
     fresh runtime, activate."""
-    from agent.classifier import run_selftest
-    from agent.contract.transfer import Receiver
+    from edgecv.agent.classifier import run_selftest
+    from edgecv.agent.contract.transfer import Receiver
 
     store = ModelStore(root, keep=2)
     keyring = Keyring.from_path(Path(ring))
@@ -321,7 +321,7 @@ def test_kill_during_receive_verify_activate_always_recovers(tmp_path: Path, key
     ModelStore(root).ensure_model(archives[0], Keyring.from_path(ring))
     # forkserver: children fork from a clean single-threaded server, not from this (threaded) test process
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["tests.agent.test_updater", "agent.classifier", "agent.store"])
+    ctx.set_forkserver_preload(["tests.agent.test_updater", "edgecv.agent.classifier", "edgecv.agent.store"])
     rng = random.Random(1234)
     versions = set()
     partials = 0
@@ -337,7 +337,7 @@ def test_kill_during_receive_verify_activate_always_recovers(tmp_path: Path, key
         assert clf.classify(BRIGHT).top[0]["index"] == ("1.0", "2.0", "3.0").index(bundle.manifest.version)
         versions.add(bundle.manifest.version)
         assert not any((root / "staging").iterdir())
-        from agent.contract.transfer import Receiver
+        from edgecv.agent.contract.transfer import Receiver
 
         rx = Receiver(store.transfers_dir(), "dev")  # a partial transfer left by the kill is resumable
         partials += rx.active is not None
@@ -346,7 +346,7 @@ def test_kill_during_receive_verify_activate_always_recovers(tmp_path: Path, key
 
 
 def test_rollout_plan_stages() -> None:
-    from tools.fleet.rollout import RolloutPlan
+    from edgecv.tools.fleet.rollout import RolloutPlan
 
     devices = [f"d{i}" for i in range(10)]
     assert RolloutPlan(canary=2, batch_size=3).stages(devices) == [["d0", "d1"], ["d2", "d3", "d4"],

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.contract.topics import DeviceTopics
+from edgecv.agent.contract.topics import DeviceTopics
 from tests.broker import Broker
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,9 +43,9 @@ def build_linear_fashion_bundle(out_dir: Path, train_limit: int = 20000) -> Path
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from agent.contract.bundle import InputSpec
-    from agent.synthetic import FASHION_MNIST_LABELS, load_fashion_mnist
-    from tools.bundler import build_bundle
+    from edgecv.agent.contract.bundle import InputSpec
+    from edgecv.agent.synthetic import FASHION_MNIST_LABELS, load_fashion_mnist
+    from edgecv.tools.bundler import build_bundle
 
     train_x, train_y = load_fashion_mnist("train")
     test_x, test_y = load_fashion_mnist("test")
@@ -157,7 +157,7 @@ def merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
 
 def agent_command() -> list[str]:
     exe = Path(sys.executable).parent / "edgecv-agent"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "agent.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "edgecv.agent.cli"]
 
 
 @dataclass
@@ -277,7 +277,7 @@ def persistent_broker(workdir: Path) -> Broker:
 
 def durable_subscriber(broker: Broker, filters: list[str], client_id: str) -> Any:
     """A subscriber with a persistent session (clean_start false, 1 h expiry) on `filters`."""
-    from tools.fleet.mqtt_client import ClientOptions, MqttClient
+    from edgecv.tools.fleet.mqtt_client import ClientOptions, MqttClient
 
     client = MqttClient(ClientOptions(host=broker.host, port=broker.port, client_id=client_id, clean_start=False,
                                       session_expiry_s=3600)).connect()

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from agent.contract.topics import HEALTH_KEYS, PREDICTION_KEYS, STATUS_KEYS, decode
+from edgecv.agent.contract.topics import HEALTH_KEYS, PREDICTION_KEYS, STATUS_KEYS, decode
+from edgecv.tools.fleet.mqtt_client import ClientOptions, MqttClient, Received
 from tests.broker import Broker
 from tests.e2e.conftest import (
     AgentHandle,
@@ -25,7 +26,6 @@ from tests.e2e.conftest import (
     wait_for_autosave,
     wait_until,
 )
-from tools.fleet.mqtt_client import ClientOptions, MqttClient, Received
 
 pytestmark = pytest.mark.e2e
 
@@ -264,7 +264,7 @@ def test_watch_prints_predictions_filtered_by_device_and_group(start_agent: Star
     collect(sub, lambda m: any(d["state"] == "online" for d in of_kind(m, "status")), 30, agent)
     sub.close()
     exe = Path(sys.executable).parent / "edgecv"
-    edgecv = [str(exe)] if exe.exists() else [sys.executable, "-m", "tools.cli"]
+    edgecv = [str(exe)] if exe.exists() else [sys.executable, "-m", "edgecv.tools.cli"]
     base = [*edgecv, "watch", "--broker", f"{shared_broker.host}:{shared_broker.port}"]
     proc = subprocess.run([*base, "--json", "--group", "lab", "--count", "5", "--timeout", "30"],
                           capture_output=True, text=True, timeout=60)
@@ -291,7 +291,7 @@ def test_watch_unpacks_batched_predictions_and_stops_at_count(start_agent: Start
     agent = start_agent({"camera": [{"name": "cam0", "source": "synthetic:fashion-mnist", "fps": 0.0}],
                          "publish": {"batch_max": 20}}, broker=shared_broker)
     exe = Path(sys.executable).parent / "edgecv"
-    edgecv = [str(exe)] if exe.exists() else [sys.executable, "-m", "tools.cli"]
+    edgecv = [str(exe)] if exe.exists() else [sys.executable, "-m", "edgecv.tools.cli"]
     proc = subprocess.run([*edgecv, "watch", "--broker", f"{shared_broker.host}:{shared_broker.port}", "--json",
                            "--device", agent.device, "--count", "45", "--timeout", "30"],
                           capture_output=True, text=True, timeout=60)
@@ -309,10 +309,10 @@ def test_hot_swap_between_frames_loses_nothing(tmp_path: Path, shared_broker: Br
     import shutil
     import threading
 
-    from agent.classifier import Classifier
-    from agent.config import parse_config
-    from agent.contract.bundle import load_bundle, write_manifest
-    from agent.service import Agent
+    from edgecv.agent.classifier import Classifier
+    from edgecv.agent.config import parse_config
+    from edgecv.agent.contract.bundle import load_bundle, write_manifest
+    from edgecv.agent.service import Agent
 
     v2 = tmp_path / "v2"
     shutil.copytree(fashion_bundle, v2, ignore=shutil.ignore_patterns("manifest.sig"))

@@ -20,13 +20,13 @@ from typing import Any
 
 import pytest
 
-from agent.contract.signing import generate_private_key, write_keypair
-from agent.contract.topics import MODEL_STATE_KEYS
+from edgecv.agent.contract.signing import generate_private_key, write_keypair
+from edgecv.agent.contract.topics import MODEL_STATE_KEYS
+from edgecv.tools.fleet.mqtt_client import ClientOptions, MqttClient, Received
+from edgecv.tools.fleet.push import Pusher
 from tests.broker import Broker
 from tests.bundle_factory import make_archive, make_bundle
 from tests.e2e.conftest import AgentHandle, StartAgent, agent_command, wait_until
-from tools.fleet.mqtt_client import ClientOptions, MqttClient, Received
-from tools.fleet.push import Pusher
 
 pytestmark = pytest.mark.e2e
 EDGECV = [str(Path(sys.executable).parent / "edgecv")]
@@ -237,7 +237,7 @@ def test_bad_bundles_are_rejected_while_the_old_model_serves(start_agent: StartA
     import io
     import tarfile
 
-    from agent.contract.bundle import pack_bundle
+    from edgecv.agent.contract.bundle import pack_bundle
 
     key, ring = signing
     agent = secure_agent(start_agent, shared_broker, ring, bundles["1.0"], update={"max_bundle_bytes": 500_000})

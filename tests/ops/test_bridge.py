@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import BrokerConfig
-from agent.contract.topics import DeviceTopics, encode, status_payload
-from agent.mqtt import MqttLink
-from agent.outbox import Outbox
+from edgecv.agent.config import BrokerConfig
+from edgecv.agent.contract.topics import DeviceTopics, encode, status_payload
+from edgecv.agent.mqtt import MqttLink
+from edgecv.agent.outbox import Outbox
 from tests.broker import Broker
 from tests.ops.probe import Msg, Probe
 

@@ -133,9 +133,9 @@ def test_bad_arguments_fail_with_a_clear_message(tmp_path: Path) -> None:
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The edgecv wheel, built from a copy of the sources (building in the checkout would leave build/ there)."""
     src = tmp_path_factory.mktemp("src")
-    for name in ("agent", "tools"):
+    for name in ("agent", "tools", "models", "systemd"):
         shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(REPO / name, src / name)
     out_dir = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",

@@ -112,10 +112,10 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> ImageFolder:
 @pytest.fixture(scope="session")
 def shapes_checkpoint(tmp_path_factory: pytest.TempPathFactory, image_folder: ImageFolder) -> Path:
     """A checkpoint trained for a few epochs on `image_folder` at 32×32 RGB (arch convs 8,16, dense 16)."""
-    from tools.checkpoint import save_checkpoint
-    from tools.datasets import default_input_spec, load_splits
-    from tools.model import build_model
-    from tools.train import TrainConfig, train
+    from edgecv.tools.checkpoint import save_checkpoint
+    from edgecv.tools.datasets import default_input_spec, load_splits
+    from edgecv.tools.model import build_model
+    from edgecv.tools.train import TrainConfig, train
 
     splits = load_splits(image_folder.root, size=image_folder.size, color="rgb", seed=0)
     spec = default_input_spec(splits.train)
@@ -132,10 +132,10 @@ def shapes_checkpoint(tmp_path_factory: pytest.TempPathFactory, image_folder: Im
 @pytest.fixture(scope="session")
 def fashion_checkpoint(tmp_path_factory: pytest.TempPathFactory, fashion_mnist_dir: Path) -> Path:
     """A checkpoint of the default 28×28×1 arch trained 1 epoch on 1,000 Fashion-MNIST images (~2 s)."""
-    from tools.checkpoint import save_checkpoint
-    from tools.datasets import default_input_spec, load_splits
-    from tools.model import build_model
-    from tools.train import TrainConfig, train
+    from edgecv.tools.checkpoint import save_checkpoint
+    from edgecv.tools.datasets import default_input_spec, load_splits
+    from edgecv.tools.model import build_model
+    from edgecv.tools.train import TrainConfig, train
 
     splits = load_splits("fashion-mnist", seed=0, limit=1000)
     spec = default_input_spec(splits.train)

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.contract.bundle import InputSpec, load_bundle, open_bundle, verify_bundle
-from agent.contract.signing import Keyring, generate_private_key, load_public_key, write_keypair
-from agent.errors import BundleError, SignatureError
-from tools.bundler import build_bundle, choose_selftest_frames, dataset_to_frames, pack, read_selftest
-from tools.cli import main
+from edgecv.agent.contract.bundle import InputSpec, load_bundle, open_bundle, verify_bundle
+from edgecv.agent.contract.signing import Keyring, generate_private_key, load_public_key, write_keypair
+from edgecv.agent.errors import BundleError, SignatureError
+from edgecv.tools.bundler import build_bundle, choose_selftest_frames, dataset_to_frames, pack, read_selftest
+from edgecv.tools.cli import main
 
 GRAY = InputSpec(width=8, height=8, channels=1, color="GRAY")
 RGB = InputSpec(width=8, height=8, channels=3, color="RGB")
@@ -243,8 +243,8 @@ def test_inspect_json_and_table(signed: dict, capsys: pytest.CaptureFixture) -> 
 
 def test_entry_point_exit_code_on_tampering(signed: dict) -> None:
     (signed["dir"] / "selftest.npz").write_bytes(b"evil")
-    proc = subprocess.run([sys.executable, "-m", "tools.cli", "bundle", "verify", str(signed["dir"]), "--keyring",
-                           str(signed["ring"])], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "edgecv.tools.cli", "bundle", "verify", str(signed["dir"]),
+                           "--keyring", str(signed["ring"])], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith("edgecv: error: Bundle file selftest.npz")
 
@@ -262,7 +262,7 @@ MODELS = Path(__file__).resolve().parents[2] / "models"
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "litert"])
 def test_shipped_bundle_verifies_with_the_demo_key_and_passes_its_selftest(runtime: str, tmp_path: Path) -> None:
-    from agent.classifier import Classifier, run_selftest
+    from edgecv.agent.classifier import Classifier, run_selftest
 
     ring = Keyring.from_path(MODELS / "demo-signing.pub")
     directory = load_bundle(MODELS / "fashion-mnist")

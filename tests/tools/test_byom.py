@@ -11,14 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-from agent.classifier import Classifier, run_selftest
-from agent.contract.bundle import load_bundle, verify_bundle
+from edgecv.agent.classifier import Classifier, run_selftest
+from edgecv.agent.contract.bundle import load_bundle, verify_bundle
+from edgecv.tools.byom import TFLITE_SKIPPED, input_spec_for, inspect_onnx
+from edgecv.tools.checkpoint import Checkpoint, load_checkpoint
+from edgecv.tools.cli import main
+from edgecv.tools.errors import ExportError
+from edgecv.tools.export_onnx import export_onnx
 from tests.tools.conftest import ImageFolder
-from tools.byom import TFLITE_SKIPPED, input_spec_for, inspect_onnx
-from tools.checkpoint import Checkpoint, load_checkpoint
-from tools.cli import main
-from tools.errors import ExportError
-from tools.export_onnx import export_onnx
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ def test_byom_non_image_model_is_refused(labels_file: Path, image_folder: ImageF
 
 
 def test_input_spec_rules() -> None:
-    from tools.byom import OnnxInputInfo
+    from edgecv.tools.byom import OnnxInputInfo
 
     dyn = OnnxInputInfo("x", "float", (None, 3, None, None), "y", 5)
     with pytest.raises(ExportError, match="--size"):

@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.contract.bundle import InputSpec
-from tests.tools.conftest import ImageFolder, make_image_folder
-from tools.datasets import (
+from edgecv.agent.contract.bundle import InputSpec
+from edgecv.tools.datasets import (
     FASHION_MNIST_CLASSES,
     Dataset,
     default_input_spec,
@@ -25,12 +24,13 @@ from tools.datasets import (
     stratified_order,
     to_model_input,
 )
-from tools.errors import DatasetError
+from edgecv.tools.errors import DatasetError
+from tests.tools.conftest import ImageFolder, make_image_folder
 
 
 def test_folder_loads_every_format_resizes_and_reports_corrupt_files(image_folder: ImageFolder,
                                                                      caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="tools.datasets"):
+    with caplog.at_level(logging.WARNING, logger="edgecv.tools.datasets"):
         ds = load_image_folder(image_folder.root)
     assert ds.classes == list(image_folder.classes)  # the empty class folder is skipped
     assert len(ds) == image_folder.readable

@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from agent.contract.bundle import InputSpec
-from tools.errors import ExportError
-from tools.export_onnx import export_onnx
+from edgecv.agent.contract.bundle import InputSpec
+from edgecv.tools.errors import ExportError
+from edgecv.tools.export_onnx import export_onnx
 
 TINY_SPEC = InputSpec(width=16, height=16, channels=1, color="GRAY", mean=(0.5,), std=(0.5,))
 
@@ -52,7 +52,7 @@ def tiny_net() -> nn.Module:
 
 
 def to_input(images: np.ndarray) -> np.ndarray:
-    from tools.datasets import to_model_input
+    from edgecv.tools.datasets import to_model_input
 
     return to_model_input(images, TINY_SPEC)
 

@@ -14,15 +14,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.contract.bundle import load_bundle, open_bundle, verify_bundle
-from agent.contract.signing import Keyring, generate_private_key, load_public_key, write_keypair
-from agent.errors import RuntimeUnavailableError
-from agent.preprocess import Preprocessor
-from agent.runtimes import open_engine
-from tools.bundler import read_selftest
-from tools.cli import main
-from tools.errors import ToolsError
-from tools.pipeline import OptimizeConfig, default_name
+from edgecv.agent.contract.bundle import load_bundle, open_bundle, verify_bundle
+from edgecv.agent.contract.signing import Keyring, generate_private_key, load_public_key, write_keypair
+from edgecv.agent.errors import RuntimeUnavailableError
+from edgecv.agent.preprocess import Preprocessor
+from edgecv.agent.runtimes import open_engine
+from edgecv.tools.bundler import read_selftest
+from edgecv.tools.cli import main
+from edgecv.tools.errors import ToolsError
+from edgecv.tools.pipeline import OptimizeConfig, default_name
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_both_int8_artifacts_run_in_their_runtimes_and_pass_the_selftest(run: di
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "litert"])
 def test_the_agent_accepts_the_bundle_with_its_own_selftest(run: dict[str, Any], runtime: str) -> None:
-    from agent.classifier import Classifier, run_selftest
+    from edgecv.agent.classifier import Classifier, run_selftest
 
     classifier = Classifier.load(load_bundle(run["out"] / "fm-test"), runtime=runtime)
     report = run_selftest(classifier)
@@ -127,7 +127,7 @@ def _colour_folder(root: Path) -> Path:
 
 
 def test_colour_image_folder_with_channel_pruning_gives_bgr_selftest_frames(tmp_path: Path) -> None:
-    from agent.classifier import Classifier, run_selftest
+    from edgecv.agent.classifier import Classifier, run_selftest
 
     _colour_folder(tmp_path / "colors")
     assert main(["optimize", "--data", str(tmp_path / "colors"), "--epochs", "3", "--finetune-epochs", "1",
@@ -147,7 +147,7 @@ def test_colour_image_folder_with_channel_pruning_gives_bgr_selftest_frames(tmp_
 
 
 def test_single_runtime_bundle_carries_only_that_artifact(tmp_path: Path) -> None:
-    from agent.classifier import Classifier, run_selftest
+    from edgecv.agent.classifier import Classifier, run_selftest
 
     _colour_folder(tmp_path / "colors")
     assert main(["optimize", "--data", str(tmp_path / "colors"), "--epochs", "2", "--finetune-epochs", "1",
@@ -198,7 +198,7 @@ def test_default_name_follows_the_data(tmp_path: Path) -> None:
 
 
 def test_report_command_reproduces_the_settings() -> None:
-    from tools.pipeline import command_for
+    from edgecv.tools.pipeline import command_for
 
     cfg = OptimizeConfig(data="fashion-mnist", out=Path("models"), epochs=12, key=Path("models/demo-signing.key"),
                          max_drop=None)

@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tools.conftest import ImageFolder
-from tools.checkpoint import load_checkpoint, save_checkpoint
-from tools.cli import main
-from tools.datasets import load_splits
-from tools.errors import TrainingError
-from tools.model import EdgeCNN, count_flops, count_params, model_from_arch
-from tools.prune import (
+from edgecv.tools.checkpoint import load_checkpoint, save_checkpoint
+from edgecv.tools.cli import main
+from edgecv.tools.datasets import load_splits
+from edgecv.tools.errors import TrainingError
+from edgecv.tools.model import EdgeCNN, count_flops, count_params, model_from_arch
+from edgecv.tools.prune import (
     channel_prune,
     cubic_schedule,
     format_sparsity_table,
@@ -24,7 +23,8 @@ from tools.prune import (
     shrink_channels,
     sparsity_report,
 )
-from tools.train import TrainConfig
+from edgecv.tools.train import TrainConfig
+from tests.tools.conftest import ImageFolder
 
 FT = TrainConfig(lr=1e-3, schedule="cosine", batch_size=32, progress=False, threads=1)
 

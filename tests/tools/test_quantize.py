@@ -11,15 +11,15 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from edgecv.tools.calibration import ArrayCalibrationReader
+from edgecv.tools.cli import main
+from edgecv.tools.errors import ExportError
+from edgecv.tools.evaluate import agreement, evaluate_artifact, gzip_size, measure_latency, predict_top1
+from edgecv.tools.export_onnx import export_onnx
+from edgecv.tools.quantize_onnx import accuracy_aware_quantize, quantizable_nodes, quantize_onnx_int8
+from edgecv.tools.quantize_tflite import export_tflite_int8
 from tests.tools.conftest import ImageFolder
 from tests.tools.test_export import Tiny, make_tiny, torch_top1
-from tools.calibration import ArrayCalibrationReader
-from tools.cli import main
-from tools.errors import ExportError
-from tools.evaluate import agreement, evaluate_artifact, gzip_size, measure_latency, predict_top1
-from tools.export_onnx import export_onnx
-from tools.quantize_onnx import accuracy_aware_quantize, quantizable_nodes, quantize_onnx_int8
-from tools.quantize_tflite import export_tflite_int8
 
 
 @pytest.fixture(scope="module")

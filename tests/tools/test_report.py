@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tools.report import FlowStage, RunRecord, StageResult, load_record, render_markdown, write_report
+from edgecv.tools.report import FlowStage, RunRecord, StageResult, load_record, render_markdown, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from agent.contract.bundle import InputSpec
+from edgecv.agent.contract.bundle import InputSpec
+from edgecv.tools.checkpoint import load_checkpoint, save_checkpoint
+from edgecv.tools.cli import main
+from edgecv.tools.datasets import default_input_spec, load_splits, to_model_input
+from edgecv.tools.errors import TrainingError
+from edgecv.tools.model import build_model, count_flops, count_params, model_from_arch
+from edgecv.tools.train import TrainConfig, evaluate_model, format_epoch_header, format_epoch_row, train
 from tests.tools.conftest import ImageFolder
-from tools.checkpoint import load_checkpoint, save_checkpoint
-from tools.cli import main
-from tools.datasets import default_input_spec, load_splits, to_model_input
-from tools.errors import TrainingError
-from tools.model import build_model, count_flops, count_params, model_from_arch
-from tools.train import TrainConfig, evaluate_model, format_epoch_header, format_epoch_row, train
 
 QUIET = {"progress": False, "threads": 1}  # one thread: the CI machine has 2 cores shared by parallel jobs
 
@@ -157,7 +157,7 @@ def test_cli_train_bad_input_is_one_clear_line(argv: list[str], message: str, tm
 def test_cli_process_exits_non_zero_with_one_line(image_folder_factory: Callable[..., ImageFolder],
                                                   tmp_path: Path) -> None:
     one = image_folder_factory(classes=1, per_class=2, corrupt=False, empty_class=False)
-    proc = subprocess.run([sys.executable, "-m", "tools.cli", "-q", "train", "--data", str(one.root), "--out",
+    proc = subprocess.run([sys.executable, "-m", "edgecv.tools.cli", "-q", "train", "--data", str(one.root), "--out",
                            str(tmp_path / "x.pt")], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 1

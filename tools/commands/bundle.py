@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from agent.contract.bundle import Bundle
+    from edgecv.agent.contract.bundle import Bundle
 
 
 def register(subparsers: Any) -> None:
@@ -43,7 +43,7 @@ def register(subparsers: Any) -> None:
 @contextmanager
 def opened(path: Path) -> Iterator[Bundle]:
     """The bundle at `path`; an archive is extracted to a temporary directory for the duration."""
-    from agent.contract.bundle import open_bundle
+    from edgecv.agent.contract.bundle import open_bundle
 
     tmp = Path(tempfile.mkdtemp(prefix="edgecv-bundle-"))
     try:
@@ -113,9 +113,9 @@ def inspect_cmd(args: argparse.Namespace) -> int:
 
 
 def verify_cmd(args: argparse.Namespace) -> int:
-    from agent.contract.bundle import verify_bundle
-    from agent.contract.signing import Keyring
-    from agent.errors import KeyFileError
+    from edgecv.agent.contract.bundle import verify_bundle
+    from edgecv.agent.contract.signing import Keyring
+    from edgecv.agent.errors import KeyFileError
 
     if args.keyring is None and not args.allow_unsigned:
         raise KeyFileError("Give --keyring DIR|FILE with the trusted public keys (or --allow-unsigned to check "
@@ -132,8 +132,8 @@ def verify_cmd(args: argparse.Namespace) -> int:
 
 
 def sign_cmd(args: argparse.Namespace) -> int:
-    from agent.contract.bundle import extract_archive, load_bundle, pack_bundle, sign_bundle
-    from agent.contract.signing import load_private_key
+    from edgecv.agent.contract.bundle import extract_archive, load_bundle, pack_bundle, sign_bundle
+    from edgecv.agent.contract.signing import load_private_key
 
     key = load_private_key(Path(args.key).expanduser())
     path = Path(args.path)

@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tools.fleet.broker_options import add_broker_arguments, client_options
+from edgecv.tools.fleet.broker_options import add_broker_arguments, client_options
 
 
 def register(subparsers: Any) -> None:
@@ -29,9 +29,9 @@ def register(subparsers: Any) -> None:
 
 def send_command(args: argparse.Namespace, name: str, body: dict[str, Any]) -> dict[str, Any]:
     """Publish one command and return the device's result document (FleetError on timeout)."""
-    from agent.contract.topics import DeviceTopics
-    from tools.errors import FleetError
-    from tools.fleet.mqtt_client import MqttClient
+    from edgecv.agent.contract.topics import DeviceTopics
+    from edgecv.tools.errors import FleetError
+    from edgecv.tools.fleet.mqtt_client import MqttClient
 
     topics = DeviceTopics(args.prefix, args.device)
     request_id = uuid.uuid4().hex[:12]

@@ -7,7 +7,7 @@ import json
 import time
 from typing import Any
 
-from tools.fleet.broker_options import add_broker_arguments, client_options
+from edgecv.tools.fleet.broker_options import add_broker_arguments, client_options
 
 
 def register(subparsers: Any) -> None:
@@ -24,7 +24,7 @@ def register(subparsers: Any) -> None:
 
 
 def devices_cmd(args: argparse.Namespace) -> int:
-    from tools.fleet.devices import HEADERS, discover, format_table
+    from edgecv.tools.fleet.devices import HEADERS, discover, format_table
 
     infos = discover(client_options(args), prefix=args.prefix, wait=args.wait)
     rows = sorted(infos.values(), key=lambda i: i.device)

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from agent.errors import KeyFileError
+from edgecv.agent.errors import KeyFileError
 
 DEFAULT_KEY = Path("~/.config/edgecv/signing.key")
 
@@ -28,7 +28,7 @@ def register(subparsers: Any) -> None:
 
 
 def generate(args: argparse.Namespace) -> int:
-    from agent.contract.signing import PUBLIC_KEY_SUFFIX, generate_private_key, key_id, write_keypair
+    from edgecv.agent.contract.signing import PUBLIC_KEY_SUFFIX, generate_private_key, key_id, write_keypair
 
     out = Path(args.out).expanduser()
     pub = out.with_suffix(PUBLIC_KEY_SUFFIX)
@@ -48,7 +48,7 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def show_id(args: argparse.Namespace) -> int:
-    from agent.contract.signing import key_id, load_private_key, load_public_key
+    from edgecv.agent.contract.signing import key_id, load_private_key, load_public_key
 
     path = Path(args.path).expanduser()
     text = path.read_bytes() if path.is_file() else b""

@@ -49,7 +49,7 @@ def register(subparsers: Any) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from tools.pipeline import OptimizeConfig, run_pipeline
+    from edgecv.tools.pipeline import OptimizeConfig, run_pipeline
 
     cfg = OptimizeConfig(
         data=args.data, out=args.out, work=args.work, name=args.name, version=args.version,
@@ -64,7 +64,7 @@ def handle(args: argparse.Namespace) -> int:
     print()
     width = max(len(s.stage) for s in result.record.stages)
     print(f"{'stage':<{width}}  {'runtime':<11}  {'accuracy':>8}  {'size':>10}  {'gzip':>10}  {'latency':>9}")
-    from tools.report import human_bytes
+    from edgecv.tools.report import human_bytes
 
     for s in result.record.stages:
         lat = f"{s.latency_ms * 1000:.1f} µs" if s.latency_ms is not None else "–"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tools.commands.train import add_data_arguments
+from edgecv.tools.commands.train import add_data_arguments
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,12 +30,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from torch import nn
 
-    from tools.checkpoint import load_checkpoint, save_checkpoint
-    from tools.datasets import load_splits, parse_size
-    from tools.errors import DatasetError, TrainingError
-    from tools.model import count_flops, count_params, describe_arch
-    from tools.prune import channel_prune, format_sparsity_table, magnitude_prune, sparsity_report
-    from tools.train import TrainConfig, apply_threads, evaluate_model
+    from edgecv.tools.checkpoint import load_checkpoint, save_checkpoint
+    from edgecv.tools.datasets import load_splits, parse_size
+    from edgecv.tools.errors import DatasetError, TrainingError
+    from edgecv.tools.model import count_flops, count_params, describe_arch
+    from edgecv.tools.prune import channel_prune, format_sparsity_table, magnitude_prune, sparsity_report
+    from edgecv.tools.train import TrainConfig, apply_threads, evaluate_model
 
     if not args.structured and args.sparsity == 0:
         raise TrainingError("Nothing to do: give --sparsity above 0 and/or --structured RATIO")

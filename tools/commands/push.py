@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tools.fleet.broker_options import add_broker_arguments, client_options
+from edgecv.tools.fleet.broker_options import add_broker_arguments, client_options
 
 
 def register(subparsers: Any) -> None:
@@ -39,10 +39,10 @@ def register(subparsers: Any) -> None:
 def push_cmd(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from tools.errors import FleetError
-    from tools.fleet.devices import discover, format_table, group_members
-    from tools.fleet.push import Pusher, read_archive
-    from tools.fleet.rollout import RolloutPlan, rollout
+    from edgecv.tools.errors import FleetError
+    from edgecv.tools.fleet.devices import discover, format_table, group_members
+    from edgecv.tools.fleet.push import Pusher, read_archive
+    from edgecv.tools.fleet.rollout import RolloutPlan, rollout
 
     options = client_options(args)
     archive, name, version = read_archive(args.bundle)

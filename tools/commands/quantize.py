@@ -20,8 +20,8 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from agent.contract.bundle import InputSpec
-    from tools.evaluate import ArtifactEval
+    from edgecv.agent.contract.bundle import InputSpec
+    from edgecv.tools.evaluate import ArtifactEval
 
 log = logging.getLogger(__name__)
 
@@ -115,15 +115,15 @@ def build_artifacts(model: torch.nn.Module, spec: InputSpec, calib_x: np.ndarray
     """
     import numpy as np
 
-    from tools.evaluate import agreement, evaluate_artifact
-    from tools.export_onnx import export_onnx
-    from tools.quantize_onnx import accuracy_aware_quantize, quantize_onnx_int8, torch_module_names
-    from tools.quantize_tflite import export_tflite_fp32, export_tflite_int8
+    from edgecv.tools.evaluate import agreement, evaluate_artifact
+    from edgecv.tools.export_onnx import export_onnx
+    from edgecv.tools.quantize_onnx import accuracy_aware_quantize, quantize_onnx_int8, torch_module_names
+    from edgecv.tools.quantize_tflite import export_tflite_fp32, export_tflite_int8
 
     say = progress or (lambda msg: log.info("%s", msg))
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
-        from tools.errors import ExportError
+        from edgecv.tools.errors import ExportError
 
         raise ExportError(f"Unknown format(s) {', '.join(unknown)}; use a comma list of {', '.join(FORMATS)}")
     out_dir = Path(out_dir)
@@ -194,7 +194,7 @@ def format_table(report: QuantizeReport) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tools.errors import ExportError
+    from edgecv.tools.errors import ExportError
 
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
@@ -211,8 +211,8 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from tools.checkpoint import load_checkpoint
-    from tools.datasets import load_splits, spec_color, stratified_order, to_model_input
+    from edgecv.tools.checkpoint import load_checkpoint
+    from edgecv.tools.datasets import load_splits, spec_color, stratified_order, to_model_input
 
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     ckpt = load_checkpoint(args.checkpoint)
@@ -264,9 +264,9 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
 
 
 def _run_byom(args: argparse.Namespace) -> int:
-    from tools.byom import TFLITE_SKIPPED, quantize_byom
-    from tools.datasets import parse_size
-    from tools.errors import ExportError
+    from edgecv.tools.byom import TFLITE_SKIPPED, quantize_byom
+    from edgecv.tools.datasets import parse_size
+    from edgecv.tools.errors import ExportError
 
     missing = [opt for opt, val in (("--calib-images", args.calib_images), ("--labels", args.labels)) if val is None]
     if missing:
@@ -293,7 +293,7 @@ def _run_byom(args: argparse.Namespace) -> int:
 
 
 def _floats(text: str, option: str) -> tuple[float, ...]:
-    from tools.errors import ExportError
+    from edgecv.tools.errors import ExportError
 
     try:
         return tuple(float(v) for v in text.split(",") if v.strip())

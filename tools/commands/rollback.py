@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from tools.fleet.broker_options import add_broker_arguments
+from edgecv.tools.fleet.broker_options import add_broker_arguments
 
 
 def register(subparsers: Any) -> None:
@@ -22,7 +22,7 @@ def register(subparsers: Any) -> None:
 
 
 def rollback_cmd(args: argparse.Namespace) -> int:
-    from tools.commands.cmd import send_command
+    from edgecv.tools.commands.cmd import send_command
 
     result = send_command(args, "rollback", {"to": args.to} if args.to else {})
     if not result.get("ok"):

@@ -58,11 +58,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from agent import __version__
-    from tools.checkpoint import save_checkpoint
-    from tools.datasets import default_input_spec, load_splits, parse_size
-    from tools.model import build_model, count_flops, count_params, describe_arch
-    from tools.train import TrainConfig, evaluate_model, format_epoch_header, format_epoch_row, train
+    from edgecv.agent import __version__
+    from edgecv.tools.checkpoint import save_checkpoint
+    from edgecv.tools.datasets import default_input_spec, load_splits, parse_size
+    from edgecv.tools.model import build_model, count_flops, count_params, describe_arch
+    from edgecv.tools.train import TrainConfig, evaluate_model, format_epoch_header, format_epoch_row, train
 
     seed = 0 if args.seed is None else args.seed
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,

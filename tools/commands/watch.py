@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from tools.fleet.broker_options import add_broker_arguments, client_options
+from edgecv.tools.fleet.broker_options import add_broker_arguments, client_options
 
 
 def register(subparsers: Any) -> None:
@@ -24,7 +24,7 @@ def register(subparsers: Any) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from tools.fleet.watch import run_watch
+    from edgecv.tools.fleet.watch import run_watch
 
     timeout = args.timeout if args.timeout is not None else (60.0 if args.count is not None else None)
     return run_watch(client_options(args), args.prefix, args.device, args.group, args.json, args.count, timeout)

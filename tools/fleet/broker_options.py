@@ -6,10 +6,10 @@ import argparse
 import os
 from typing import TYPE_CHECKING
 
-from agent.contract.topics import DEFAULT_PREFIX
+from edgecv.agent.contract.topics import DEFAULT_PREFIX
 
 if TYPE_CHECKING:  # keeps `edgecv --help` free of paho imports
-    from tools.fleet.mqtt_client import ClientOptions
+    from edgecv.tools.fleet.mqtt_client import ClientOptions
 
 
 def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,8 +28,8 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def client_options(args: argparse.Namespace) -> ClientOptions:
-    from tools.errors import FleetError
-    from tools.fleet.mqtt_client import ClientOptions
+    from edgecv.tools.errors import FleetError
+    from edgecv.tools.fleet.mqtt_client import ClientOptions
 
     password = None
     if getattr(args, "password_env", None):

@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.contract import topics as T
-from tools.fleet.mqtt_client import ClientOptions, MqttClient, Received
+from edgecv.agent.contract import topics as T
+from edgecv.tools.fleet.mqtt_client import ClientOptions, MqttClient, Received
 
 
 @dataclass

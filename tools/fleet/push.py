@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.contract import topics as T
-from agent.contract.transfer import (
+from edgecv.agent.contract import topics as T
+from edgecv.agent.contract.transfer import (
     COMPLETE,
     DEFAULT_CHUNK_SIZE,
     FAILED,
@@ -33,8 +33,8 @@ from agent.contract.transfer import (
     chunk_data,
     encode_chunk,
 )
-from tools.errors import FleetError
-from tools.fleet.mqtt_client import ClientOptions, MqttClient, Received
+from edgecv.tools.errors import FleetError
+from edgecv.tools.fleet.mqtt_client import ClientOptions, MqttClient, Received
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def read_archive(path: Path, workdir: Path | None = None) -> tuple[bytes, str, s
     """(archive bytes, name, version) of a `.edgecv` file, or of a bundle directory packed on the fly."""
     import tempfile
 
-    from agent.contract.bundle import load_bundle, open_bundle, pack_bundle
+    from edgecv.agent.contract.bundle import load_bundle, open_bundle, pack_bundle
 
     path = Path(path)
     if not path.exists():

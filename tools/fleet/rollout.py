@@ -10,11 +10,11 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from agent.contract import topics as T
-from agent.contract.transfer import DEFAULT_CHUNK_SIZE
-from tools.errors import FleetError
-from tools.fleet.mqtt_client import ClientOptions
-from tools.fleet.push import DeviceResult, Pusher
+from edgecv.agent.contract import topics as T
+from edgecv.agent.contract.transfer import DEFAULT_CHUNK_SIZE
+from edgecv.tools.errors import FleetError
+from edgecv.tools.fleet.mqtt_client import ClientOptions
+from edgecv.tools.fleet.push import DeviceResult, Pusher
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from agent.contract import topics as T
-from tools.errors import FleetError
-from tools.fleet.mqtt_client import ClientOptions, MqttClient, Received
+from edgecv.agent.contract import topics as T
+from edgecv.tools.errors import FleetError
+from edgecv.tools.fleet.mqtt_client import ClientOptions, MqttClient, Received
 
 COLUMNS = (("TIME", 12), ("DEVICE", 16), ("CAMERA", 8), ("TOP", 14), ("SCORE", 6), ("INFER", 8), ("TOTAL", 8),
            ("SEQ", 7))
