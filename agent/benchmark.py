@@ -14,8 +14,8 @@ import numpy as np
 
 from edgecv.agent.contract.bundle import Bundle
 from edgecv.agent.errors import IncompatibleBundleError, RuntimeUnavailableError
-from edgecv.agent.preprocess import Preprocessor
-from edgecv.agent.runtimes import RUNTIME_FOR_FORMAT, available_runtimes, open_engine
+from edgecv.agent.vision.preprocess import Preprocessor
+from edgecv.agent.vision.runtimes import RUNTIME_FOR_FORMAT, available_runtimes, open_engine
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from edgecv.agent.contract import topics as T
 from edgecv.agent.errors import EdgecvError
 
 if TYPE_CHECKING:
+    from edgecv.agent.delivery.updater import Updater
     from edgecv.agent.service import Agent
-    from edgecv.agent.updater import Updater
 
 log = logging.getLogger(__name__)
 

@@ -18,19 +18,19 @@ from pathlib import Path
 from typing import Any
 
 from edgecv.agent import __version__ as AGENT_VERSION
-from edgecv.agent.camera import Camera, Frame
-from edgecv.agent.classifier import Classifier
 from edgecv.agent.config import AgentConfig
 from edgecv.agent.contract import topics as T
 from edgecv.agent.contract.bundle import Bundle
+from edgecv.agent.delivery.store import ModelStore
 from edgecv.agent.errors import EdgecvError, NoModelError
-from edgecv.agent.health import FrameCounters, HealthMonitor
-from edgecv.agent.mqtt import MqttLink
-from edgecv.agent.outbox import Outbox
-from edgecv.agent.postprocess import MotionGate, PublishPolicy
-from edgecv.agent.predictions import PredictionStream
-from edgecv.agent.sdnotify import SystemdNotifier
-from edgecv.agent.store import ModelStore
+from edgecv.agent.link.mqtt import MqttLink
+from edgecv.agent.link.outbox import Outbox
+from edgecv.agent.link.predictions import PredictionStream
+from edgecv.agent.system.health import FrameCounters, HealthMonitor
+from edgecv.agent.system.sdnotify import SystemdNotifier
+from edgecv.agent.vision.camera import Camera, Frame
+from edgecv.agent.vision.classifier import Classifier
+from edgecv.agent.vision.postprocess import MotionGate, PublishPolicy
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class Agent:
 
     def load_model(self) -> Classifier:
         """The active model from the store (seeded from model.bundle when empty), loaded in its runtime."""
-        from edgecv.agent.updater import load_keyring
+        from edgecv.agent.delivery.updater import load_keyring
 
         cfg = self.config
         keyring = load_keyring(cfg.security.keyring)
@@ -183,8 +183,8 @@ class Agent:
     def _start_extensions(self) -> None:
         """The updater (pushes), remote commands and Home Assistant discovery all hang off the link."""
         from edgecv.agent.commands import CommandHandler
-        from edgecv.agent.discovery import HomeAssistantDiscovery
-        from edgecv.agent.updater import Updater
+        from edgecv.agent.delivery.updater import Updater
+        from edgecv.agent.link.discovery import HomeAssistantDiscovery
 
         self.updater = Updater(self).start()
         self.commands = CommandHandler(self, self.updater).start()

@@ -52,7 +52,7 @@ def rgb64_bundle(out: Path) -> Path:
     import numpy as np
 
     from edgecv.agent.contract.bundle import InputSpec
-    from edgecv.agent.preprocess import Preprocessor
+    from edgecv.agent.vision.preprocess import Preprocessor
     from edgecv.tools.bundler import build_bundle
     from edgecv.tools.export_onnx import export_onnx
     from edgecv.tools.model import build_model
@@ -100,7 +100,7 @@ def default_bundle(note: list[str]) -> Path:
 
 def bundle_runtimes(bundle: Path) -> list[str]:
     from edgecv.agent.contract.bundle import load_bundle
-    from edgecv.agent.runtimes import available_runtimes
+    from edgecv.agent.vision.runtimes import available_runtimes
 
     fmts = {a.format for a in load_bundle(bundle).manifest.artifacts}
     out = []
@@ -282,8 +282,8 @@ def bare_loop(bundle: Path, runtime: str, seconds: float) -> dict[str, float]:
 def _bare_main(bundle: str, runtime: str, seconds: float) -> None:
     import numpy as np
 
-    from edgecv.agent.classifier import Classifier
-    from edgecv.agent.synthetic import SyntheticSource
+    from edgecv.agent.vision.classifier import Classifier
+    from edgecv.agent.vision.synthetic import SyntheticSource
 
     clf = Classifier.load(Path(bundle), runtime=runtime, threads=1)
     src = SyntheticSource("synthetic:fashion-mnist?shuffle=1")

@@ -203,7 +203,7 @@ def run(work: Path, epochs: int, ft: int, structured: float, limit: int | None, 
             add(name, "tflite", "int8", export_tflite_int8(model, spec, calib, work / f"{slug}.int8.tflite"))
         say(f"exported {name}")
 
-    from edgecv.agent.runtimes import open_engine
+    from edgecv.agent.vision.runtimes import open_engine
 
     for row in rows.values():
         p = Path(row.path)
@@ -227,7 +227,7 @@ def run(work: Path, epochs: int, ft: int, structured: float, limit: int | None, 
 
 def measure_latencies(rows: dict[str, Row], sample: np.ndarray, runs: int, rounds: int = 10) -> None:
     """Median single-image latency of every row, in interleaved rounds so load affects all models alike."""
-    from edgecv.agent.runtimes import open_engine
+    from edgecv.agent.vision.runtimes import open_engine
 
     engines = {k: open_engine(Path(r.path), r.fmt, threads=1) for k, r in rows.items()}
     bare = {k: _bare_invoke(Path(r.path)) for k, r in rows.items() if r.fmt == "tflite"}

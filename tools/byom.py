@@ -191,7 +191,7 @@ def quantize_byom(onnx_path: Path, calib_dir: Path, labels_path: Path, out_dir: 
                   max_eval: int = 2000, latency_runs: int = 200,
                   progress: Callable[[str], None] | None = None) -> ByomResult:
     """Quantize a user's fp32 ONNX classifier and build an edgecv bundle of it at `out_dir`."""
-    from edgecv.agent.preprocess import Preprocessor
+    from edgecv.agent.vision.preprocess import Preprocessor
     from edgecv.tools.bundler import build_bundle, choose_selftest_frames
     from edgecv.tools.datasets import to_model_input
     from edgecv.tools.evaluate import agreement, evaluate_artifact, run_logits
@@ -220,7 +220,7 @@ def quantize_byom(onnx_path: Path, calib_dir: Path, labels_path: Path, out_dir: 
     say(f"Calibration: {len(calib_x)} images from {calib_dir}; evaluation on {len(eval_x)} images{held_out}"
         f"{' with labels from class folders' if eval_y is not None else ' (no class folders: agreement only)'}")
 
-    from edgecv.agent.runtimes import open_engine
+    from edgecv.agent.vision.runtimes import open_engine
 
     fp32_engine = open_engine(onnx_path, "onnx")
     probe = fp32_engine.run(x[:1])

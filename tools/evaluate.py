@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from edgecv.agent.errors import InferenceError
-from edgecv.agent.runtimes import Engine, open_engine
+from edgecv.agent.vision.runtimes import Engine, open_engine
 
 log = logging.getLogger(__name__)
 

@@ -368,7 +368,7 @@ def _feature_shape(model: Any, x: np.ndarray) -> tuple[int, ...]:
 
 
 def _logits_fn(path: Path, fmt: str) -> Callable[[np.ndarray], np.ndarray]:
-    from edgecv.agent.runtimes import open_engine
+    from edgecv.agent.vision.runtimes import open_engine
     from edgecv.tools.evaluate import run_logits
 
     engine = open_engine(path, fmt, threads=1)
@@ -379,7 +379,7 @@ def _bundle(cfg: OptimizeConfig, name: str, labels: list[str], spec: InputSpec, 
             int8_onnx: Path, int8_tflite: Path, record: RunRecord, out: Path) -> tuple[Bundle, Path]:
     from edgecv.agent.contract.bundle import verify_bundle
     from edgecv.agent.contract.signing import Keyring, load_private_key
-    from edgecv.agent.preprocess import Preprocessor
+    from edgecv.agent.vision.preprocess import Preprocessor
     from edgecv.tools.bundler import build_bundle, choose_selftest_frames, pack, read_selftest
 
     pre = Preprocessor(spec)

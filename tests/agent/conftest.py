@@ -27,7 +27,7 @@ from edgecv.agent.contract.bundle import (
     load_bundle,
     write_manifest,
 )
-from edgecv.agent.synthetic import FASHION_MNIST_LABELS, load_fashion_mnist
+from edgecv.agent.vision.synthetic import FASHION_MNIST_LABELS, load_fashion_mnist
 
 TINY_SPEC = InputSpec(width=28, height=28, channels=1, color="GRAY", layout="NCHW", scale=1 / 255,
                       mean=(0.5,), std=(0.5,), resize="stretch")

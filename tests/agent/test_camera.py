@@ -16,12 +16,12 @@ import cv2
 import numpy as np
 import pytest
 
-from edgecv.agent import camera as camera_module
-from edgecv.agent import synthetic
-from edgecv.agent.camera import Camera, Frame, has_gstreamer, open_source, redact, source_is_live
 from edgecv.agent.config import CameraConfig
 from edgecv.agent.errors import CameraError
-from edgecv.agent.synthetic import SourceSpecError, SyntheticSource, load_fashion_mnist, read_idx
+from edgecv.agent.vision import camera as camera_module
+from edgecv.agent.vision import synthetic
+from edgecv.agent.vision.camera import Camera, Frame, has_gstreamer, open_source, redact, source_is_live
+from edgecv.agent.vision.synthetic import SourceSpecError, SyntheticSource, load_fashion_mnist, read_idx
 
 FAST = {"backoff_min_s": 0.02, "backoff_max_s": 0.1}
 
@@ -368,7 +368,7 @@ def test_stop_from_another_thread_while_the_consumer_reads() -> None:
 def test_failing_camera_is_reopened_with_backoff(caplog: pytest.LogCaptureFixture) -> None:
     cam = Camera(CameraConfig(source="synthetic:fail?after=5", fps=200), **FAST)
     seqs: list[int] = []
-    with caplog.at_level(logging.WARNING, logger="edgecv.agent.camera"):
+    with caplog.at_level(logging.WARNING, logger="edgecv.agent.vision.camera"):
         cam.start()
         try:
             deadline = time.monotonic() + 3.0

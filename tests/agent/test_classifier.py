@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgecv.agent.classifier import Classifier, run_selftest
 from edgecv.agent.contract.bundle import MANIFEST_NAME, Bundle, load_bundle
 from edgecv.agent.errors import IncompatibleBundleError, InferenceError, RuntimeUnavailableError, SelfTestError
-from edgecv.agent.synthetic import FASHION_MNIST_LABELS, SyntheticSource
+from edgecv.agent.vision.classifier import Classifier, run_selftest
+from edgecv.agent.vision.synthetic import FASHION_MNIST_LABELS, SyntheticSource
 from tests.agent.conftest import TinyModel, make_bundle
 
 

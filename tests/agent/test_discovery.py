@@ -15,9 +15,9 @@ import pytest
 
 from edgecv.agent.config import BrokerConfig, parse_config
 from edgecv.agent.contract.topics import DeviceTopics, encode, status_payload
-from edgecv.agent.discovery import SENSORS, HomeAssistantDiscovery, discovery_messages, node_id
-from edgecv.agent.mqtt import MqttLink
-from edgecv.agent.outbox import Outbox
+from edgecv.agent.link.discovery import SENSORS, HomeAssistantDiscovery, discovery_messages, node_id
+from edgecv.agent.link.mqtt import MqttLink
+from edgecv.agent.link.outbox import Outbox
 from tests.broker import Broker
 from tests.ops.probe import Probe
 
@@ -123,7 +123,7 @@ def test_templates_render_real_payloads() -> None:
     older = {**prediction, "top": [{"label": "Bag", "index": 8, "score": 0.5}]}
     assert render(docs["top_label"]["value_template"], [older, prediction]) == "Sneaker"
     assert render(docs["top_score"]["value_template"], [older, prediction]) == "97.3"
-    health = {"fps": 9.876, "latency_ms": {"p50": 0.6, "p95": 0.9, "infer_p50": 0.4321}}  # agent/health.py
+    health = {"fps": 9.876, "latency_ms": {"p50": 0.6, "p95": 0.9, "infer_p50": 0.4321}}  # agent/system/health.py
     assert render(docs["fps"]["value_template"], health) == "9.9"
     assert render(docs["inference_latency"]["value_template"], health) == "0.43"
     idle = {"fps": 0.0, "latency_ms": {"p50": None, "p95": None, "infer_p50": None}}

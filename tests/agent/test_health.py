@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from edgecv.agent.contract.topics import HEALTH_KEYS
-from edgecv.agent.health import FrameCounters, HealthMonitor, percentile, read_cpu_seconds, read_rss_mb
+from edgecv.agent.system.health import FrameCounters, HealthMonitor, percentile, read_cpu_seconds, read_rss_mb
 
 
 class FakeClock:
@@ -93,7 +93,7 @@ def test_probation_statistics_and_window_reset() -> None:
 
 
 def test_thermal_readings_are_added_when_the_machine_has_them() -> None:
-    from edgecv.agent import thermal
+    from edgecv.agent.system import thermal
 
     doc = HealthMonitor("pi-1").payload(dropped=0, queue_depth=0)
     temp = thermal.read_soc_temperature()

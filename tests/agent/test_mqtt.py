@@ -24,9 +24,9 @@ from edgecv.agent.contract.topics import (
     status_payload,
 )
 from edgecv.agent.errors import MqttError
-from edgecv.agent.mqtt import Backoff, MqttLink
-from edgecv.agent.outbox import Outbox
-from edgecv.agent.predictions import PredictionStream
+from edgecv.agent.link.mqtt import Backoff, MqttLink
+from edgecv.agent.link.outbox import Outbox
+from edgecv.agent.link.predictions import PredictionStream
 from edgecv.tools.fleet.mqtt_client import ClientOptions, MqttClient, Received
 from tests.broker import Broker
 from tests.e2e.conftest import durable_subscriber, persistent_broker, wait_for_autosave

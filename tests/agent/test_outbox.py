@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from edgecv.agent.outbox import Message, Outbox
+from edgecv.agent.link.outbox import Message, Outbox
 
 
 def take(box: Outbox, limit: int) -> list[Message]:

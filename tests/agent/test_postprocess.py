@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from edgecv.agent.config import MotionConfig, PublishConfig
-from edgecv.agent.postprocess import SMALL_HEAD, MotionGate, PublishPolicy, softmax, top_k
-from edgecv.agent.synthetic import SyntheticSource
+from edgecv.agent.vision.postprocess import SMALL_HEAD, MotionGate, PublishPolicy, softmax, top_k
+from edgecv.agent.vision.synthetic import SyntheticSource
 
 LABELS = ("a", "b", "c", "d")
 

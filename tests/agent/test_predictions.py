@@ -7,8 +7,8 @@ import threading
 from typing import Any
 
 from edgecv.agent.contract.topics import PredictionEncoder, decode_predictions
-from edgecv.agent.outbox import Outbox
-from edgecv.agent.predictions import STAGE_MAX, PredictionStream
+from edgecv.agent.link.outbox import Outbox
+from edgecv.agent.link.predictions import STAGE_MAX, PredictionStream
 
 TOPIC = "edgecv/pi-1/predictions"
 LATENCY = {"pre": 0.01, "infer": 0.05, "post": 0.002, "total": 0.062}

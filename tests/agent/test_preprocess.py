@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from edgecv.agent.contract.bundle import InputSpec
-from edgecv.agent.preprocess import Preprocessor
+from edgecv.agent.vision.preprocess import Preprocessor
 
 RNG = np.random.default_rng(7)
 
@@ -136,7 +136,7 @@ def test_vga_to_224_is_fast() -> None:
 def test_code_table_gives_the_same_codes_as_normalise_then_quantise(color: str, layout: str,
                                                                    mean: tuple[float, ...],
                                                                    std: tuple[float, ...]) -> None:
-    from edgecv.agent.runtimes.litert import InputQuantizer
+    from edgecv.agent.vision.runtimes.litert import InputQuantizer
 
     channels = 1 if color == "GRAY" else 3
     spec = InputSpec(width=20, height=12, channels=channels, color=color, layout=layout, mean=mean, std=std)

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import edgecv.agent.runtimes as runtimes
+import edgecv.agent.vision.runtimes as runtimes
 from edgecv.agent.benchmark import benchmark_bundle, format_table
 from edgecv.agent.contract.bundle import Bundle
 from edgecv.agent.errors import IncompatibleBundleError, RuntimeUnavailableError
-from edgecv.agent.runtimes import Engine, available_runtimes, load_engine, open_engine
-from edgecv.agent.runtimes.litert import InputQuantizer, dequantize, quant_params, quantize
+from edgecv.agent.vision.runtimes import Engine, available_runtimes, load_engine, open_engine
+from edgecv.agent.vision.runtimes.litert import InputQuantizer, dequantize, quant_params, quantize
 from tests.agent.conftest import TinyModel, make_bundle
 
 
@@ -152,7 +152,7 @@ def test_benchmark_measures_every_artifact_side_by_side(tiny_bundle: Bundle) -> 
 
 @pytest.mark.parametrize("dtype,zero", [(np.int8, -20), (np.uint8, 128)])
 def test_output_dequantizer_table_matches_the_formula_for_every_code(dtype: type, zero: int) -> None:
-    from edgecv.agent.runtimes.litert import OutputDequantizer, dequantize
+    from edgecv.agent.vision.runtimes.litert import OutputDequantizer, dequantize
 
     info = np.iinfo(dtype)
     codes = np.arange(info.min, info.max + 1).astype(dtype).reshape(1, -1)

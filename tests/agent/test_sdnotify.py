@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from edgecv.agent.sdnotify import SystemdNotifier
+from edgecv.agent.system.sdnotify import SystemdNotifier
 
 
 class NotifySocket:

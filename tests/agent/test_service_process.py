@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgecv.agent.camera import Frame
-from edgecv.agent.classifier import Classifier
 from edgecv.agent.config import parse_config
 from edgecv.agent.service import Agent, LoopState
-from edgecv.agent.synthetic import SyntheticSource
+from edgecv.agent.vision.camera import Frame
+from edgecv.agent.vision.classifier import Classifier
+from edgecv.agent.vision.synthetic import SyntheticSource
 
 BUNDLE = Path(__file__).resolve().parents[2] / "models" / "fashion-mnist"
 

@@ -11,8 +11,8 @@ import pytest
 
 from edgecv.agent.contract import bundle as bundle_mod
 from edgecv.agent.contract.signing import Keyring, generate_private_key
+from edgecv.agent.delivery.store import CURRENT, PREVIOUS, ModelStore, dir_name
 from edgecv.agent.errors import BundleError, IntegrityError, SignatureError, StoreError
-from edgecv.agent.store import CURRENT, PREVIOUS, ModelStore, dir_name
 from tests.bundle_factory import make_archive, make_bundle
 
 
@@ -130,10 +130,10 @@ def test_full_disk_is_a_store_error(tmp_path: Path, archives, keyring, monkeypat
     def full(*_a, **_k):  # type: ignore[no-untyped-def]
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("edgecv.agent.store.extract_archive", full)
+    monkeypatch.setattr("edgecv.agent.delivery.store.extract_archive", full)
     with pytest.raises(StoreError, match=r"disk holding the model store .* is full"):
         store.install(archives["1.1"], keyring)
-    monkeypatch.setattr("edgecv.agent.store.os.symlink", full)
+    monkeypatch.setattr("edgecv.agent.delivery.store.os.symlink", full)
     with pytest.raises(StoreError, match="is full"):
         store.activate(store.current())  # type: ignore[arg-type]
     monkeypatch.undo()
@@ -230,7 +230,7 @@ def test_pointer_switch_is_a_rename_never_a_missing_link(tmp_path: Path, archive
         seen.append(os.path.islink(store.root / CURRENT))
         return real_replace(src, dst)
 
-    monkeypatch.setattr("edgecv.agent.store.os.replace", spy)
+    monkeypatch.setattr("edgecv.agent.delivery.store.os.replace", spy)
     store.activate(new)
     assert seen and all(seen)
 

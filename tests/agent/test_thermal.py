@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from edgecv.agent.thermal import decode_throttled, parse_throttled, read_soc_temperature, read_throttling
+from edgecv.agent.system.thermal import decode_throttled, parse_throttled, read_soc_temperature, read_throttling
 
 
 def zone(root: Path, n: int, kind: str, millideg: str) -> None:

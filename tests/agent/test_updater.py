@@ -19,14 +19,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edgecv.agent.classifier import Classifier
 from edgecv.agent.commands import CommandHandler
 from edgecv.agent.config import parse_config
 from edgecv.agent.contract import topics as T
 from edgecv.agent.contract.signing import Keyring, generate_private_key, public_key_pem
 from edgecv.agent.contract.transfer import begin_for, chunk_data, encode_chunk
-from edgecv.agent.store import ModelStore
-from edgecv.agent.updater import Probe, Updater, check_compatible, parse_version
+from edgecv.agent.delivery.store import ModelStore
+from edgecv.agent.delivery.updater import Probe, Updater, check_compatible, parse_version
+from edgecv.agent.vision.classifier import Classifier
 from tests.bundle_factory import make_archive, make_bundle
 
 BRIGHT = np.full((28, 28, 3), 200, np.uint8)
@@ -290,8 +290,8 @@ def test_commands_ping_reload_rollback_snapshot(device, tmp_path: Path, key) -> 
 def _receive_verify_activate(root: str, archives: str, ring: str, rounds: int) -> None:
     """What the updater does for each push, minus MQTT: receive chunks to disk, install (verify), self-test in a
     fresh runtime, activate."""
-    from edgecv.agent.classifier import run_selftest
     from edgecv.agent.contract.transfer import Receiver
+    from edgecv.agent.vision.classifier import run_selftest
 
     store = ModelStore(root, keep=2)
     keyring = Keyring.from_path(Path(ring))
@@ -321,7 +321,8 @@ def test_kill_during_receive_verify_activate_always_recovers(tmp_path: Path, key
     ModelStore(root).ensure_model(archives[0], Keyring.from_path(ring))
     # forkserver: children fork from a clean single-threaded server, not from this (threaded) test process
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["tests.agent.test_updater", "edgecv.agent.classifier", "edgecv.agent.store"])
+    ctx.set_forkserver_preload(["tests.agent.test_updater", "edgecv.agent.vision.classifier",
+                                "edgecv.agent.delivery.store"])
     rng = random.Random(1234)
     versions = set()
     partials = 0

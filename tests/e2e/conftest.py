@@ -44,7 +44,7 @@ def build_linear_fashion_bundle(out_dir: Path, train_limit: int = 20000) -> Path
     from onnx import TensorProto, helper, numpy_helper
 
     from edgecv.agent.contract.bundle import InputSpec
-    from edgecv.agent.synthetic import FASHION_MNIST_LABELS, load_fashion_mnist
+    from edgecv.agent.vision.synthetic import FASHION_MNIST_LABELS, load_fashion_mnist
     from edgecv.tools.bundler import build_bundle
 
     train_x, train_y = load_fashion_mnist("train")

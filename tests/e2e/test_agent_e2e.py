@@ -309,10 +309,10 @@ def test_hot_swap_between_frames_loses_nothing(tmp_path: Path, shared_broker: Br
     import shutil
     import threading
 
-    from edgecv.agent.classifier import Classifier
     from edgecv.agent.config import parse_config
     from edgecv.agent.contract.bundle import load_bundle, write_manifest
     from edgecv.agent.service import Agent
+    from edgecv.agent.vision.classifier import Classifier
 
     v2 = tmp_path / "v2"
     shutil.copytree(fashion_bundle, v2, ignore=shutil.ignore_patterns("manifest.sig"))

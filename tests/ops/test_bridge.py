@@ -12,8 +12,8 @@ import pytest
 
 from edgecv.agent.config import BrokerConfig
 from edgecv.agent.contract.topics import DeviceTopics, encode, status_payload
-from edgecv.agent.mqtt import MqttLink
-from edgecv.agent.outbox import Outbox
+from edgecv.agent.link.mqtt import MqttLink
+from edgecv.agent.link.outbox import Outbox
 from tests.broker import Broker
 from tests.ops.probe import Msg, Probe
 

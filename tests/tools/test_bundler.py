@@ -262,7 +262,7 @@ MODELS = Path(__file__).resolve().parents[2] / "models"
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "litert"])
 def test_shipped_bundle_verifies_with_the_demo_key_and_passes_its_selftest(runtime: str, tmp_path: Path) -> None:
-    from edgecv.agent.classifier import Classifier, run_selftest
+    from edgecv.agent.vision.classifier import Classifier, run_selftest
 
     ring = Keyring.from_path(MODELS / "demo-signing.pub")
     directory = load_bundle(MODELS / "fashion-mnist")

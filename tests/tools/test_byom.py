@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from edgecv.agent.classifier import Classifier, run_selftest
 from edgecv.agent.contract.bundle import load_bundle, verify_bundle
+from edgecv.agent.vision.classifier import Classifier, run_selftest
 from edgecv.tools.byom import TFLITE_SKIPPED, input_spec_for, inspect_onnx
 from edgecv.tools.checkpoint import Checkpoint, load_checkpoint
 from edgecv.tools.cli import main

@@ -17,8 +17,8 @@ import pytest
 from edgecv.agent.contract.bundle import load_bundle, open_bundle, verify_bundle
 from edgecv.agent.contract.signing import Keyring, generate_private_key, load_public_key, write_keypair
 from edgecv.agent.errors import RuntimeUnavailableError
-from edgecv.agent.preprocess import Preprocessor
-from edgecv.agent.runtimes import open_engine
+from edgecv.agent.vision.preprocess import Preprocessor
+from edgecv.agent.vision.runtimes import open_engine
 from edgecv.tools.bundler import read_selftest
 from edgecv.tools.cli import main
 from edgecv.tools.errors import ToolsError
@@ -76,7 +76,7 @@ def test_both_int8_artifacts_run_in_their_runtimes_and_pass_the_selftest(run: di
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "litert"])
 def test_the_agent_accepts_the_bundle_with_its_own_selftest(run: dict[str, Any], runtime: str) -> None:
-    from edgecv.agent.classifier import Classifier, run_selftest
+    from edgecv.agent.vision.classifier import Classifier, run_selftest
 
     classifier = Classifier.load(load_bundle(run["out"] / "fm-test"), runtime=runtime)
     report = run_selftest(classifier)
@@ -127,7 +127,7 @@ def _colour_folder(root: Path) -> Path:
 
 
 def test_colour_image_folder_with_channel_pruning_gives_bgr_selftest_frames(tmp_path: Path) -> None:
-    from edgecv.agent.classifier import Classifier, run_selftest
+    from edgecv.agent.vision.classifier import Classifier, run_selftest
 
     _colour_folder(tmp_path / "colors")
     assert main(["optimize", "--data", str(tmp_path / "colors"), "--epochs", "3", "--finetune-epochs", "1",
@@ -147,7 +147,7 @@ def test_colour_image_folder_with_channel_pruning_gives_bgr_selftest_frames(tmp_
 
 
 def test_single_runtime_bundle_carries_only_that_artifact(tmp_path: Path) -> None:
-    from edgecv.agent.classifier import Classifier, run_selftest
+    from edgecv.agent.vision.classifier import Classifier, run_selftest
 
     _colour_folder(tmp_path / "colors")
     assert main(["optimize", "--data", str(tmp_path / "colors"), "--epochs", "2", "--finetune-epochs", "1",

@@ -20,9 +20,9 @@ import numpy as np
 
 from edgecv.agent.contract.bundle import Bundle, load_bundle
 from edgecv.agent.errors import IncompatibleBundleError, InferenceError, SelfTestError
-from edgecv.agent.postprocess import top_k as rank
-from edgecv.agent.preprocess import Preprocessor
-from edgecv.agent.runtimes import CodesEngine, Engine, load_engine
+from edgecv.agent.vision.postprocess import top_k as rank
+from edgecv.agent.vision.preprocess import Preprocessor
+from edgecv.agent.vision.runtimes import CodesEngine, Engine, load_engine
 
 log = logging.getLogger(__name__)
 

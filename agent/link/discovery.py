@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 MANUFACTURER = "edgecv"
 AVAILABILITY_TEMPLATE = ("{{ 'online' if (value_json.state if value_json is defined else value) == 'online' "
                          "else 'offline' }}")
-# health.latency_ms.infer_p50 (agent/health.py) is null before the first inference: render "None", which Home
+# health.latency_ms.infer_p50 (agent/system/health.py) is null before the first inference: render "None", which Home
 # Assistant's MQTT sensor turns into an unknown state instead of a non-numeric error.
 _LATENCY_TEMPLATE = ("{% set l = value_json.latency_ms.infer_p50 %}"
                      "{{ (l | round(2)) if l is number else none }}")

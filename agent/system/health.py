@@ -4,7 +4,7 @@ Each camera loop records what happens to each frame (skipped, inferred with its 
 its own FrameCounters; `payload()` sums them into the health message (topics.HEALTH_KEYS): rates over the last
 interval, latency percentiles, the process's CPU share (from /proc/self/stat deltas, percent of one core) and
 resident memory (/proc/self/statm), plus the SoC temperature and throttling state when the machine exposes them
-(agent/thermal.py). The same object serves the updater's probation checks (`errors`, `infer_ms_p50`).
+(agent/system/thermal.py). The same object serves the updater's probation checks (`errors`, `infer_ms_p50`).
 """
 
 from __future__ import annotations
@@ -195,9 +195,9 @@ def _r(value: float | None) -> float | None:
 
 
 def _thermal_readings() -> dict[str, Any]:
-    """soc_temp_c and throttled from agent/thermal.py; absent values are left out."""
+    """soc_temp_c and throttled from agent/system/thermal.py; absent values are left out."""
     try:
-        from edgecv.agent import thermal
+        from edgecv.agent.system import thermal
     except ImportError:  # pragma: no cover - thermal.py ships with the agent
         return {}
     out: dict[str, Any] = {}

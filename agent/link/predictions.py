@@ -20,7 +20,7 @@ from collections import deque
 from typing import Any
 
 from edgecv.agent.contract.topics import PredictionEncoder
-from edgecv.agent.outbox import Outbox
+from edgecv.agent.link.outbox import Outbox
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgecv.agent import __version__ as AGENT_VERSION
-from edgecv.agent.classifier import Classifier, run_selftest
 from edgecv.agent.contract import topics as T
 from edgecv.agent.contract.bundle import Bundle
 from edgecv.agent.contract.signing import Keyring
@@ -42,7 +41,8 @@ from edgecv.agent.contract.transfer import (
     parse_push_topic,
 )
 from edgecv.agent.errors import BundleError, EdgecvError, IncompatibleBundleError, StoreError
-from edgecv.agent.runtimes import candidates
+from edgecv.agent.vision.classifier import Classifier, run_selftest
+from edgecv.agent.vision.runtimes import candidates
 
 if TYPE_CHECKING:
     from edgecv.agent.service import Agent

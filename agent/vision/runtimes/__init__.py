@@ -93,10 +93,10 @@ def open_engine(path: Path, fmt: str, threads: int = 1, runtime: str | None = No
     if not path.is_file():
         raise IncompatibleBundleError(f"Model file {path} does not exist")
     if wanted == ONNXRUNTIME:
-        from edgecv.agent.runtimes.onnx import OnnxEngine
+        from edgecv.agent.vision.runtimes.onnx import OnnxEngine
 
         return OnnxEngine(path, threads=threads, precision=precision)
-    from edgecv.agent.runtimes.litert import LiteRtEngine
+    from edgecv.agent.vision.runtimes.litert import LiteRtEngine
 
     return LiteRtEngine(path, threads=threads, precision=precision)
 

@@ -42,7 +42,7 @@ from paho.mqtt.properties import Properties
 
 from edgecv.agent.contract.topics import DeviceTopics
 from edgecv.agent.errors import MqttError
-from edgecv.agent.outbox import Message, Outbox
+from edgecv.agent.link.outbox import Message, Outbox
 
 if TYPE_CHECKING:
     from edgecv.agent.config import BrokerConfig

@@ -37,8 +37,8 @@ import numpy as np
 
 from edgecv.agent.config import CameraConfig
 from edgecv.agent.errors import CameraError
-from edgecv.agent.synthetic import PREFIX as SYNTHETIC_PREFIX
-from edgecv.agent.synthetic import SourceSpecError, SyntheticSource, synthetic_is_live
+from edgecv.agent.vision.synthetic import PREFIX as SYNTHETIC_PREFIX
+from edgecv.agent.vision.synthetic import SourceSpecError, SyntheticSource, synthetic_is_live
 
 log = logging.getLogger(__name__)
 

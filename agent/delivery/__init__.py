@@ -1,0 +1,1 @@
+"""Delivery: the on-device model store and the updater that receives, verifies and activates pushed bundles."""

@@ -1,0 +1,1 @@
+"""System: what the agent tells the operating system and operators about itself (systemd notify, health, thermal)."""
