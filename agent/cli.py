@@ -99,15 +99,15 @@ def _stop_on_signals() -> threading.Event:
 
 # --------------------------------------------------------------------------------------------------- run
 def cmd_run(args: argparse.Namespace) -> int:
+    from edgecv.agent.app import App
     from edgecv.agent.config import load_config
-    from edgecv.agent.service import Agent
 
     config = load_config(args.config)
     if not getattr(args, "debug", False):
         logging.getLogger().setLevel(config.log_level.upper())
     config.broker.resolve_password()  # a missing password source is a config error before anything starts
     stop = _stop_on_signals()
-    return Agent(config).run(stop)
+    return App(config).run(stop)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -157,8 +157,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
+    from edgecv.agent.app import App
     from edgecv.agent.config import parse_config
-    from edgecv.agent.service import Agent
 
     bundle = (args.bundle or demo_bundle()).resolve()
     if not (bundle / "manifest.json").is_file() and not bundle.is_file():
@@ -176,15 +176,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "health": {"interval_s": 5.0},
         }, source="<demo>")
         stop = _stop_on_signals()
-        agent = Agent(config)
-        clf = agent.ensure_model()
+        app = App(config)
+        clf = app.load_model()
         print(f"edgecv demo: broker {host}:{port}, model {clf.name} {clf.version} ({clf.engine.name}), "
               f"camera synthetic:fashion-mnist at {args.fps:g} fps", file=sys.stderr)
         metrics = dict(clf.bundle.manifest.metrics)
-        viewer = _DemoViewer(host, port, agent.topics.predictions, args.frames, stop)
+        viewer = _DemoViewer(host, port, app.topics.predictions, args.frames, stop)
         viewer.set_labels(clf.labels)
         viewer.start()
-        runner = threading.Thread(target=agent.run, args=(stop,), name="agent", daemon=True)
+        runner = threading.Thread(target=app.run, args=(stop,), name="agent", daemon=True)
         runner.start()
         try:
             while runner.is_alive() and not stop.wait(0.2):
@@ -192,7 +192,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         finally:
             stop.set()
             runner.join(timeout=15)
-            viewer.close(clear_retained=agent.topics.status)
+            viewer.close(clear_retained=app.topics.status)
         viewer.summary(metrics, clf.engine.describe())
     return 0
 

@@ -17,32 +17,53 @@ import logging
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from edgecv.agent import __version__ as AGENT_VERSION
 from edgecv.agent.contract import topics as T
+from edgecv.agent.contract.bundle import Bundle
 from edgecv.agent.errors import EdgecvError
-
-if TYPE_CHECKING:
-    from edgecv.agent.delivery.updater import Updater
-    from edgecv.agent.service import Agent
+from edgecv.agent.link.protocol import Link
+from edgecv.agent.vision.camera import Frame
+from edgecv.agent.vision.classifier import Classifier
 
 log = logging.getLogger(__name__)
+
+
+class DeviceView(Protocol):
+    """What the commands read from the running device: its model and the latest frame with its predictions."""
+
+    @property
+    def classifier(self) -> Classifier | None: ...
+
+    last_frame: Frame | None
+    last_top: list[dict[str, Any]] | None
+
+
+class ModelControl(Protocol):
+    """What `reload` and `rollback` ask of the model updater."""
+
+    def reload(self) -> Bundle: ...
+
+    def rollback(self, to: str | None = None, reason: str = "Rollback requested") -> Bundle: ...
 
 
 class CommandHandler:
     """Subscribes to the device's command topics and answers them; slow commands run on its own thread."""
 
-    def __init__(self, agent: Agent, updater: Updater | None = None) -> None:
-        self.agent = agent
-        self.updater = updater if updater is not None else getattr(agent, "updater", None)
-        self.topics: T.DeviceTopics = agent.topics
+    def __init__(self, device_id: str, topics: T.DeviceTopics, link: Link, device: DeviceView,
+                 control: ModelControl | None = None) -> None:
+        self.device_id = device_id
+        self.topics = topics
+        self.link = link
+        self.device = device
+        self.control = control
         self.started = time.monotonic()
         self._queue: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue(maxsize=100)
         self._thread: threading.Thread | None = None
 
     def start(self) -> CommandHandler:
-        self.agent.link.subscribe(self.topics.cmd_filter, self._on_command)
+        self.link.subscribe(self.topics.cmd_filter, self._on_command)
         self._thread = threading.Thread(target=self._run, name="commands", daemon=True)
         self._thread.start()
         return self
@@ -94,12 +115,12 @@ class CommandHandler:
             self._reply(name, request, ok=True, **result)
 
     def _reply(self, name: str, request: dict[str, Any], *, ok: bool, **fields: Any) -> None:
-        payload = {"id": request.get("id"), "ok": ok, "device": self.agent.config.device_id, "ts": T.now(), **fields}
-        self.agent.link.publish(self.topics.cmd_result(name), T.encode(payload), qos=1)
+        payload = {"id": request.get("id"), "ok": ok, "device": self.device_id, "ts": T.now(), **fields}
+        self.link.publish(self.topics.cmd_result(name), T.encode(payload), qos=1)
 
     # ------------------------------------------------------------------ commands
     def _model(self) -> dict[str, Any] | None:
-        clf = self.agent.classifier
+        clf = self.device.classifier
         if clf is None:
             return None
         return {"name": clf.name, "version": clf.version, "sha256": clf.bundle.manifest_sha256}
@@ -109,32 +130,31 @@ class CommandHandler:
                 "uptime_s": round(time.monotonic() - self.started, 3)}
 
     def _cmd_reload(self, request: dict[str, Any]) -> dict[str, Any]:
-        self._need_updater().reload()
+        self._need_control().reload()
         return {"model": self._model()}
 
     def _cmd_rollback(self, request: dict[str, Any]) -> dict[str, Any]:
         to = request.get("to")
         if to is not None and not isinstance(to, str):
             raise EdgecvError("rollback: 'to' must be a version string")
-        self._need_updater().rollback(to=to, reason=f"Rollback requested (request {request.get('id')})")
+        self._need_control().rollback(to=to, reason=f"Rollback requested (request {request.get('id')})")
         return {"model": self._model()}
 
     def _cmd_snapshot(self, request: dict[str, Any]) -> dict[str, Any]:
         import cv2
 
-        frame = getattr(self.agent, "last_frame", None)
+        frame = self.device.last_frame
         if frame is None:
             raise EdgecvError("No frame captured yet; check the camera status and try again")
-        image = frame.image if hasattr(frame, "image") else frame
+        image = frame.image
         ok, jpeg = cv2.imencode(".jpg", image, [int(cv2.IMWRITE_JPEG_QUALITY), 85])
         if not ok:
             raise EdgecvError("Could not encode the latest frame as JPEG")
-        top = getattr(self.agent, "last_top", None)
         return {"jpeg": base64.b64encode(jpeg.tobytes()).decode(), "width": int(image.shape[1]),
-                "height": int(image.shape[0]), "frame_ts": getattr(frame, "ts", None), "top": top,
+                "height": int(image.shape[0]), "frame_ts": frame.ts, "top": self.device.last_top,
                 "model": self._model()}
 
-    def _need_updater(self) -> Updater:
-        if self.updater is None:
+    def _need_control(self) -> ModelControl:
+        if self.control is None:
             raise EdgecvError("This agent runs without the model updater; restart it with updates enabled")
-        return self.updater
+        return self.control

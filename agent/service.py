@@ -1,11 +1,11 @@
-"""The agent daemon: wires config, model store, classifier, cameras, MQTT link, health, updater and commands.
+"""The running device: camera loops that classify frames and stage predictions, the hosted model, status and health.
 
 One loop thread per camera takes the newest frame, skips it if stale or static (motion gate), classifies it
-(one inference at a time: the classifier lock), applies the publish policy and puts the prediction in the
-Outbox; it never waits for the network. A health thread publishes `health` every `health.interval_s` and
-re-publishes the retained `status` when a camera changes state. `swap_classifier` replaces the model between
-two frames. SIGTERM/SIGINT (handled by the CLI) set the stop event: the loops finish their frame, the outbox is
-flushed for a few seconds, `stopped` is published retained and the link disconnects cleanly.
+(one inference at a time: the classifier lock), applies the publish policy and stages the prediction for the
+MQTT sender; it never waits for the network. A health thread publishes `health` every `health.interval_s` and
+re-publishes the retained `status` when a camera changes state. `swap_classifier` replaces the model between two
+frames. The agent is assembled, started and stopped by `edgecv.agent.app.App`; it publishes through the `Link`
+it is given and never builds the parts that talk to it (updater, commands, discovery).
 """
 
 from __future__ import annotations
@@ -14,18 +14,16 @@ import logging
 import threading
 import time
 import uuid
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from edgecv.agent import __version__ as AGENT_VERSION
 from edgecv.agent.config import AgentConfig
 from edgecv.agent.contract import topics as T
-from edgecv.agent.contract.bundle import Bundle
-from edgecv.agent.delivery.store import ModelStore
-from edgecv.agent.errors import EdgecvError, NoModelError
-from edgecv.agent.link.mqtt import MqttLink
+from edgecv.agent.errors import EdgecvError
 from edgecv.agent.link.outbox import Outbox
 from edgecv.agent.link.predictions import PredictionStream
+from edgecv.agent.link.protocol import Link
 from edgecv.agent.system.health import FrameCounters, HealthMonitor
 from edgecv.agent.system.sdnotify import SystemdNotifier
 from edgecv.agent.vision.camera import Camera, Frame
@@ -36,7 +34,6 @@ log = logging.getLogger(__name__)
 
 STALE_FRAME_S = 2.0  # a frame older than this when the loop gets to it is skipped, not classified
 WARN_EVERY_S = 30.0
-FLUSH_TIMEOUT_S = 3.0
 STATUS_CHECK_S = 1.0
 
 
@@ -53,16 +50,18 @@ class LoopState:
 
 
 class Agent:
-    """The running device agent. `run(stop)` blocks until `stop` is set and returns the exit code."""
+    """The camera loops and the model they run. `start(stop)` spawns the loops, `join()` waits for them."""
 
-    def __init__(self, config: AgentConfig, *, classifier: Classifier | None = None) -> None:
+    def __init__(self, config: AgentConfig, topics: T.DeviceTopics, *, link: Link, outbox: Outbox,
+                 predictions: PredictionStream, boot: str | None = None,
+                 classifier: Classifier | None = None) -> None:
         self.config = config
-        self.topics = T.DeviceTopics(config.prefix, config.device_id)
-        self.boot = uuid.uuid4().hex[:12]  # random per process start: consumers tell restarts apart
-        self.outbox = Outbox(config.publish.buffer, config.publish.spool_dir or None)
+        self.topics = topics
+        self.link = link
+        self.outbox = outbox  # read here only for its counts (dropped, depth); the link sends what it holds
+        self.predictions = predictions
+        self.boot = boot or uuid.uuid4().hex[:12]  # random per process start: consumers tell restarts apart
         self.monitor = HealthMonitor(config.device_id)
-        self.stats = self.monitor  # probation reads .errors and .infer_ms_p50
-        self.store = ModelStore(Path(config.model.store), keep=config.update.keep_versions)
         self.cameras = [Camera(cam) for cam in config.cameras]
         self.policy = PublishPolicy(config.publish)
         self.motion = MotionGate(config.motion)
@@ -76,38 +75,11 @@ class Agent:
         self._warned: dict[str, float] = {}
         self.last_frame: Frame | None = None
         self.last_top: list[dict[str, Any]] | None = None
-        self.updater: Any = None
-        self.commands: Any = None
-        self.discovery: Any = None
         self.started = time.time()
-        # The Will is rebuilt for each connection, so `offline` names the model that was running.
-        self.predictions = PredictionStream(self.outbox, self.topics.predictions, config.publish.qos,
-                                            config.publish.expiry_s)
-        self.link = MqttLink(config.broker, self.topics, will=lambda: self._status_bytes(T.STATUS_OFFLINE),
-                             outbox=self.outbox, online=lambda: self._status_bytes(T.STATUS_ONLINE),
-                             batches={self.topics.predictions: config.publish.batch_max},
-                             feed=self.predictions.drain)
 
     # ------------------------------------------------------------------------------------------ model
     @property
     def classifier(self) -> Classifier | None:
-        return self._classifier
-
-    def load_model(self) -> Classifier:
-        """The active model from the store (seeded from model.bundle when empty), loaded in its runtime."""
-        from edgecv.agent.delivery.updater import load_keyring
-
-        cfg = self.config
-        keyring = load_keyring(cfg.security.keyring)
-        bundle: Bundle = self.store.ensure_model(cfg.model.bundle or None, keyring=keyring,
-                                                 allow_unsigned=cfg.security.allow_unsigned)
-        return Classifier.load(bundle, runtime=cfg.model.runtime, threads=cfg.model.threads,
-                               top_k=cfg.publish.top_k, min_score=cfg.publish.min_score)
-
-    def ensure_model(self) -> Classifier:
-        """The current classifier, loading it from the store on first use."""
-        if self._classifier is None:
-            self._classifier = self.load_model()
         return self._classifier
 
     def swap_classifier(self, new: Classifier) -> Classifier | None:
@@ -121,6 +93,10 @@ class Agent:
         self.notifier.status(f"Classifying with {new.name} {new.version}")
         self.publish_status()
         return old
+
+    def mark_waiting(self) -> None:
+        """A fresh device with no model yet: tell systemd it is up, waiting for its first push."""
+        self._mark_ready("Waiting for a model push")
 
     # ----------------------------------------------------------------------------------------- status
     def model_info(self) -> dict[str, Any] | None:
@@ -136,80 +112,41 @@ class Agent:
         doc.update(boot=self.boot, dropped=self.outbox.dropped)
         return doc
 
-    def _status_bytes(self, state: str) -> bytes:
+    def status_bytes(self, state: str) -> bytes:
         return T.encode(self.status_payload(state))
 
     def publish_status(self) -> None:
         """Queue a fresh retained `online` status (camera or model change)."""
-        if self.link.connected.is_set():
-            self.link.publish(self.topics.status, self._status_bytes(T.STATUS_ONLINE), qos=1, retain=True)
+        if self.link.is_connected():
+            self.link.publish(self.topics.status, self.status_bytes(T.STATUS_ONLINE), qos=1, retain=True)
 
     # -------------------------------------------------------------------------------------------- run
-    def run(self, stop: threading.Event) -> int:
-        """Start everything, serve until `stop` is set, shut down cleanly; returns the exit code (0).
-
-        A device with an empty store and no seed bundle (a fresh install) still comes up: it reports `online`
-        with no model and waits for its first push instead of exiting into a systemd restart loop.
-        """
-        try:
-            clf = self.ensure_model()
-            model = f"model {clf.name} {clf.version}"
-        except NoModelError as exc:
-            model = "no model yet"
-            log.warning("%s; serving MQTT and waiting for a pushed model", exc)
-        log.info("Agent %s starting: %s, %d camera(s), broker %s:%s", self.config.device_id, model,
-                 len(self.cameras), self.config.broker.host, self.config.broker.port)
+    def start(self, stop: threading.Event) -> None:
+        """Open the cameras and spawn one loop per camera plus the health loop; they run until `stop` is set."""
         for cam in self.cameras:
             cam.start()
-        self._start_extensions()
-        self.link.start()
         if self._classifier is None:
-            self._mark_ready("Waiting for a model push")
+            self.mark_waiting()
         for cam in self.cameras:
             self._spawn(f"loop-{cam.name}", self._camera_loop, cam, stop)
         self._spawn("health", self._health_loop, stop)
-        try:
-            while not stop.wait(0.5):
-                pass
-        finally:
-            self._shutdown()
-        return 0
 
-    def _spawn(self, name: str, target: Any, *args: Any) -> None:
-        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
-        thread.start()
-        self._threads.append(thread)
-
-    def _start_extensions(self) -> None:
-        """The updater (pushes), remote commands and Home Assistant discovery all hang off the link."""
-        from edgecv.agent.commands import CommandHandler
-        from edgecv.agent.delivery.updater import Updater
-        from edgecv.agent.link.discovery import HomeAssistantDiscovery
-
-        self.updater = Updater(self).start()
-        self.commands = CommandHandler(self, self.updater).start()
-        self.discovery = HomeAssistantDiscovery(self).start()
-
-    def _shutdown(self) -> None:
-        log.info("Stopping: finishing the current frames and flushing %d buffered message(s)",
-                 len(self.outbox) + len(self.predictions))
+    def join(self, timeout: float = 10.0) -> None:
+        """After `stop` was set: tell systemd, and wait for the loops to finish their frame."""
         self.notifier.stopping()
         for thread in self._threads:
-            thread.join(timeout=10)
-        for ext in (self.discovery, self.commands, self.updater):
-            stop_fn = getattr(ext, "stop", None)
-            if stop_fn is not None:
-                try:
-                    stop_fn()
-                except Exception:
-                    log.exception("Stopping %s failed", type(ext).__name__)
-        self.predictions.drain()  # the loops have stopped: what they staged goes to the outbox (and its spool)
-        self.link.stop(self._status_bytes(T.STATUS_STOPPED), flush_timeout=FLUSH_TIMEOUT_S)
+            thread.join(timeout=timeout)
+
+    def close(self) -> None:
+        """Release the cameras and the systemd socket (after `join`)."""
         for cam in self.cameras:
             cam.stop()
         self.notifier.close()
-        log.info("Stopped (published %d, dropped %d, %d left in the buffer)", self.monitor.published,
-                 self.outbox.dropped, len(self.outbox))
+
+    def _spawn(self, name: str, target: Callable[..., None], *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
 
     # ------------------------------------------------------------------------------------ camera loop
     def _camera_loop(self, cam: Camera, stop: threading.Event) -> None:

@@ -147,3 +147,8 @@ class Keyring:
                 f"Signature by key {signature.key_id} does not match manifest.json: the manifest was altered "
                 "or signed by another key") from exc
         return signature.key_id
+
+
+def load_keyring(path: str | Path) -> Keyring | None:
+    """The configured keyring (`security.keyring`: a directory of `*.pub` files or one file), or None if unset."""
+    return Keyring.from_path(Path(path)) if path else None

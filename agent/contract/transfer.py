@@ -56,7 +56,6 @@ FAILED = "failed"         # refused (too big, bad sha256, bad begin): `error` sa
 SUPERSEDED = "superseded"  # another transfer replaced this one
 UNKNOWN = "unknown"       # the device knows no such transfer: send begin again
 STALLED = "stalled"       # no chunk for update.chunk_timeout_s; the partial data is kept for resuming
-ACK_STATES = (RECEIVING, COMPLETE, FAILED, SUPERSEDED, UNKNOWN, STALLED)
 
 
 class TransferError(BundleError):

@@ -25,9 +25,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from edgecv.agent import __version__ as AGENT_VERSION
+from edgecv.agent.config import AgentConfig
 from edgecv.agent.contract import topics as T
 from edgecv.agent.contract.bundle import Bundle
 from edgecv.agent.contract.signing import Keyring
@@ -40,12 +41,11 @@ from edgecv.agent.contract.transfer import (
     TransferError,
     parse_push_topic,
 )
+from edgecv.agent.delivery.store import ModelStore
 from edgecv.agent.errors import BundleError, EdgecvError, IncompatibleBundleError, StoreError
+from edgecv.agent.link.protocol import Link
 from edgecv.agent.vision.classifier import Classifier, run_selftest
 from edgecv.agent.vision.runtimes import candidates
-
-if TYPE_CHECKING:
-    from edgecv.agent.service import Agent
 
 log = logging.getLogger(__name__)
 
@@ -121,16 +121,28 @@ class Probe:
         return None
 
 
-class Updater:
-    """Wires the push protocol to the model store and the running agent. `start()` subscribes."""
+class ModelHost(Protocol):
+    """What runs the model: the updater reads the current classifier and swaps in a new one between frames."""
 
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-        cfg = agent.config
-        self.cfg = cfg
-        self.topics: T.DeviceTopics = agent.topics
-        self.store = agent.store
-        self.keyring = load_keyring(cfg.security.keyring)
+    @property
+    def classifier(self) -> Classifier | None: ...
+
+    def swap_classifier(self, new: Classifier) -> Classifier | None:
+        """Make `new` the model from the next frame on; returns the old one."""
+        ...
+
+
+class Updater:
+    """Wires the push protocol to the model store and the model host. `start()` subscribes."""
+
+    def __init__(self, config: AgentConfig, topics: T.DeviceTopics, link: Link, store: ModelStore,
+                 keyring: Keyring | None, host: ModelHost) -> None:
+        cfg = self.cfg = config
+        self.topics = topics
+        self.link = link
+        self.store = store
+        self.keyring = keyring
+        self.host = host
         transfers = Path(cfg.update.staging) if cfg.update.staging else self.store.transfers_dir()
         self.receiver = Receiver(transfers, cfg.device_id, max_bytes=cfg.update.max_bundle_bytes)
         self._jobs: queue.Queue[tuple[str, Any] | None] = queue.Queue()
@@ -143,14 +155,24 @@ class Updater:
         self._finished: OrderedDict[str, bytes] = OrderedDict()  # final model/state payload by transfer id
 
     # ------------------------------------------------------------------ lifecycle
+    def load_active(self) -> Classifier:
+        """At start: the store's active model (installing the configured seed bundle into an empty store), loaded
+        in its runtime and handed to the host. Raises NoModelError on a fresh device with nothing to run."""
+        cfg = self.cfg
+        bundle = self.store.ensure_model(cfg.model.bundle or None, keyring=self.keyring,
+                                         allow_unsigned=cfg.security.allow_unsigned)
+        classifier = self._load(bundle)
+        self.host.swap_classifier(classifier)
+        return classifier
+
     def start(self) -> Updater:
-        link = self.agent.link
+        link = self.link
         link.subscribe(self.topics.push_filter, self._on_push)
         for group in self.cfg.groups:
             link.subscribe(T.group_push_filter(self.cfg.prefix, group), self._on_push)
         self._thread = threading.Thread(target=self._run, name="updater", daemon=True)
         self._thread.start()
-        current = self.agent.classifier
+        current = self.host.classifier
         if current is not None:
             self._state("active", current.bundle)
         return self
@@ -213,7 +235,7 @@ class Updater:
                 # a pusher asking about a transfer that is already over: repeat the outcome (not retained, so the
                 # retained state still shows the newest event) instead of receiving it all again
                 self._ack(Ack(begin.transfer_id, self.cfg.device_id, COMPLETE, begin.chunks, begin.chunks))
-                self.agent.link.publish(self.topics.model_state, outcome, qos=1, retain=False)
+                self.link.publish(self.topics.model_state, outcome, qos=1, retain=False)
                 return
             acks = self.receiver.begin(begin)
             for ack in acks:
@@ -246,7 +268,7 @@ class Updater:
                 self._jobs.put(("install", (begin, archive)))
 
     def _ack(self, ack: Ack) -> None:
-        self.agent.link.publish(self.topics.push_ack(ack.transfer_id), ack.to_payload(), qos=1)
+        self.link.publish(self.topics.push_ack(ack.transfer_id), ack.to_payload(), qos=1)
 
     def _state(self, state: str, bundle: Bundle | None, *, begin: Begin | None = None, error: str | None = None,
                progress: float | None = None, transfer: str | None = None) -> None:
@@ -270,7 +292,7 @@ class Updater:
                 self._finished.move_to_end(payload["transfer"])
                 while len(self._finished) > REMEMBER_TRANSFERS:
                     self._finished.popitem(last=False)
-        self.agent.link.publish(self.topics.model_state, data, qos=1, retain=True)
+        self.link.publish(self.topics.model_state, data, qos=1, retain=True)
 
     # ------------------------------------------------------------------ updater thread
     def _run(self) -> None:
@@ -355,13 +377,7 @@ class Updater:
                                min_score=self.cfg.publish.min_score)
 
     def _swap(self, new: Classifier) -> None:
-        old = self.agent.swap_classifier(new)
+        old = self.host.swap_classifier(new)
         if old is not None and "classify" in vars(old):
             del old.classify  # drop a probation wrapper: it references the classifier (a cycle)
         del old  # no cycle left: reference counting frees the old runtime at once (a gc pass would stall frames)
-
-
-def load_keyring(path: str) -> Keyring | None:
-    """The configured keyring (security.keyring), or None when none is configured."""
-    return Keyring.from_path(Path(path)) if path else None
-

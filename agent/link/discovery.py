@@ -24,15 +24,14 @@ import json
 import logging
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from edgecv.agent import __version__
+from edgecv.agent.config import AgentConfig
 from edgecv.agent.contract.topics import STATUS_ONLINE, DeviceTopics
-
-if TYPE_CHECKING:
-    from edgecv.agent.config import AgentConfig
+from edgecv.agent.link.protocol import Link
 
 log = logging.getLogger(__name__)
 
@@ -151,11 +150,15 @@ def discovery_messages(config: AgentConfig, topics: DeviceTopics, model: Any) ->
 
 class HomeAssistantDiscovery:
     """Publishes the discovery messages on every (re)connect, on Home Assistant's birth message and after a
-    model change; does nothing when `homeassistant.enabled = false`."""
+    model change; does nothing when `homeassistant.enabled = false`. `current_model()` names the running model
+    (a Classifier, or None on a device still waiting for one)."""
 
-    def __init__(self, agent: Any) -> None:
-        self.agent = agent
-        self.config: AgentConfig = agent.config
+    def __init__(self, config: AgentConfig, topics: DeviceTopics, link: Link,
+                 current_model: Callable[[], Any]) -> None:
+        self.config = config
+        self.topics = topics
+        self.link = link
+        self._current_model = current_model
         self.enabled = bool(self.config.homeassistant.enabled)
         self.birth_topic = f"{self.config.homeassistant.discovery_prefix}/status"
         self.publications = 0  # how many times the whole set was published
@@ -166,31 +169,31 @@ class HomeAssistantDiscovery:
         if not self.enabled:
             log.info("Home Assistant discovery is disabled (homeassistant.enabled = false)")
             return self
-        link = self.agent.link
+        link = self.link
         link.subscribe(self.birth_topic, self._on_birth)
-        link.subscribe(self.agent.topics.model_state, self._on_model_state)
-        link.add_on_connect(self.publish)
-        if link.connected.is_set():
+        link.subscribe(self.topics.model_state, self._on_model_state)
+        link.add_on_connect(self._republish)
+        if link.is_connected():
             self.publish()
         return self
-
-    def _current_model(self) -> Any:
-        return getattr(self.agent, "classifier", None)
 
     def publish(self) -> int:
         """Queue every discovery message (retained, QoS 1); returns how many."""
         if not self.enabled:
             return 0
         model = self._current_model()
-        messages = discovery_messages(self.config, self.agent.topics, model)
+        messages = discovery_messages(self.config, self.topics, model)
         with self._lock:
             for topic, payload in messages:
-                self.agent.link.publish(topic, payload, qos=1, retain=True)
+                self.link.publish(topic, payload, qos=1, retain=True)
             self._last_model = model_identity(model)
             self.publications += 1
         log.info("Published %d Home Assistant discovery messages under %s/sensor/%s/", len(messages),
-                 self.config.homeassistant.discovery_prefix, node_id(self.agent.topics.device))
+                 self.config.homeassistant.discovery_prefix, node_id(self.topics.device))
         return len(messages)
+
+    def _republish(self) -> None:
+        self.publish()
 
     def _on_birth(self, topic: str, payload: bytes) -> None:
         if payload.strip().lower() == STATUS_ONLINE.encode():

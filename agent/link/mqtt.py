@@ -43,13 +43,13 @@ from paho.mqtt.properties import Properties
 from edgecv.agent.contract.topics import DeviceTopics
 from edgecv.agent.errors import MqttError
 from edgecv.agent.link.outbox import Message, Outbox
+from edgecv.agent.link.protocol import Handler
 
 if TYPE_CHECKING:
     from edgecv.agent.config import BrokerConfig
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[str, bytes], None]
 CONNACK_TIMEOUT_S = 10.0
 COALESCE_S = 0.005  # at most one round of sending per 5 ms while messages come faster than that
 # ... and per 20 ms once a round carries this many messages (a stream above ~1,600 per second; it stays in this mode
@@ -127,6 +127,9 @@ class MqttLink:
             thread.start()
             self._threads.append(thread)
         return self
+
+    def is_connected(self) -> bool:
+        return self.connected.is_set()
 
     def wait_connected(self, timeout: float) -> None:
         """Block until connected; raise MqttError naming the last failure (e.g. a refused CONNACK) otherwise."""

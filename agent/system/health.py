@@ -4,7 +4,7 @@ Each camera loop records what happens to each frame (skipped, inferred with its 
 its own FrameCounters; `payload()` sums them into the health message (topics.HEALTH_KEYS): rates over the last
 interval, latency percentiles, the process's CPU share (from /proc/self/stat deltas, percent of one core) and
 resident memory (/proc/self/statm), plus the SoC temperature and throttling state when the machine exposes them
-(agent/system/thermal.py). The same object serves the updater's probation checks (`errors`, `infer_ms_p50`).
+(agent/system/thermal.py).
 """
 
 from __future__ import annotations
@@ -132,20 +132,14 @@ class HealthMonitor:
                 out[reason] = out.get(reason, 0) + n
         return out
 
-    # ------------------------------------------------------------------------------------- probation
+    # ------------------------------------------------------------------------------------- model swaps
     @property
     def errors(self) -> int:
-        """Frames that failed since start (the updater compares before/after a swap)."""
+        """Frames that failed since start."""
         return sum(c.errors for c in self._loops)
 
-    @property
-    def infer_ms_p50(self) -> float | None:
-        """Median inference time over each loop's newest inferences (window restarts on `reset_infer_window`)."""
-        values = [v for c in self._loops for v in list(c.infer_ms)]
-        return percentile(values, 50)
-
     def reset_infer_window(self) -> None:
-        """Forget inference times (called on a model swap so the median reflects the new model only)."""
+        """Forget inference times (called on a model swap so `infer_p50` reflects the new model only)."""
         for c in self._loops:
             c.infer_ms.clear()
 

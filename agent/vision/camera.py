@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import re
 import threading
@@ -473,12 +472,3 @@ class Camera:
             self._last_warn = now
         else:
             self._suppressed += 1
-
-
-def camera_source_exists(source: str) -> bool:
-    """For check-config: whether a file/device source exists right now (streams and synthetic: True)."""
-    if source.startswith((SYNTHETIC_PREFIX, "gst:")) or "://" in source:
-        return True
-    if source.isdigit():
-        return os.path.exists(f"/dev/video{source}")
-    return os.path.exists(source)

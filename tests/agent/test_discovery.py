@@ -141,7 +141,10 @@ def test_templates_render_real_payloads() -> None:
 # ---- on a real broker, through the agent's real MqttLink -------------------------------------------------------
 
 class FakeAgent(SimpleNamespace):
-    """The three attributes HomeAssistantDiscovery reads from edgecv.agent.service.Agent, with a real MqttLink."""
+    """What the app hands HomeAssistantDiscovery (config, topics, a real MqttLink, the running model)."""
+
+    def discovery(self) -> HomeAssistantDiscovery:
+        return HomeAssistantDiscovery(self.config, self.topics, self.link, current_model=lambda: self.classifier)
 
 
 @pytest.fixture
@@ -166,7 +169,7 @@ def wait_until(cond: Any, timeout: float = 10.0) -> None:
 def test_retained_on_the_broker_and_republished_when_home_assistant_comes_online(
         broker: Broker, agent_on_broker: FakeAgent) -> None:
     agent = agent_on_broker
-    disc = HomeAssistantDiscovery(agent).start()
+    disc = agent.discovery().start()
     agent.link.start()
     wait_until(lambda: disc.publications == 1 and len(agent.link.outbox) == 0)
     # A Home Assistant that connects later sees every config, retained.
@@ -195,7 +198,7 @@ def test_disabled_publishes_nothing(broker: Broker) -> None:
     topics = DeviceTopics("edgecv", "pi-off")
     bc = BrokerConfig(host=broker.host, port=broker.port)
     link = MqttLink(bc, topics, will=b"offline", outbox=Outbox(100))
-    disc = HomeAssistantDiscovery(FakeAgent(config=config, topics=topics, link=link, classifier=None)).start()
+    disc = FakeAgent(config=config, topics=topics, link=link, classifier=None).discovery().start()
     link.start()
     try:
         link.wait_connected(10)

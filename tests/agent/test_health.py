@@ -78,15 +78,15 @@ def test_proc_readers_and_rss() -> None:
     del grow
 
 
-def test_probation_statistics_and_window_reset() -> None:
+def test_inference_window_and_its_reset_on_a_model_swap() -> None:
     mon = HealthMonitor("pi-1", thermal=False, probation_window=5)
     counts = mon.counters()
-    assert mon.infer_ms_p50 is None
+    assert mon.payload(dropped=0, queue_depth=0)["latency_ms"]["infer_p50"] is None
     for ms in (1, 2, 3, 100, 100, 100, 100):
         _classified(counts, {"pre": 0, "infer": ms, "post": 0, "total": ms}, published=True)
-    assert mon.infer_ms_p50 == 100  # only the newest 5
+    assert mon.payload(dropped=0, queue_depth=0)["latency_ms"]["infer_p50"] == 100  # only the newest 5
     mon.reset_infer_window()
-    assert mon.infer_ms_p50 is None
+    assert mon.payload(dropped=0, queue_depth=0)["latency_ms"]["infer_p50"] is None
     counts.error()
     mon.counters().error()
     assert mon.errors == 2

@@ -9,6 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from edgecv.agent.config import parse_config
+from edgecv.agent.contract.topics import DeviceTopics
+from edgecv.agent.link.memory import MemoryLink
+from edgecv.agent.link.outbox import Outbox
+from edgecv.agent.link.predictions import PredictionStream
 from edgecv.agent.service import Agent, LoopState
 from edgecv.agent.vision.camera import Frame
 from edgecv.agent.vision.classifier import Classifier
@@ -25,7 +29,10 @@ def _agent(tmp_path: Path, publish: dict[str, Any] | None = None, motion: bool =
         "publish": publish or {}, "motion": {"enabled": motion},
         "security": {"allow_unsigned": True}, "homeassistant": {"enabled": False}})
     clf = Classifier.load(BUNDLE, runtime="onnxruntime") if classifier else None
-    agent = Agent(cfg, classifier=clf)
+    outbox = Outbox(cfg.publish.buffer)
+    topics = DeviceTopics(cfg.prefix, cfg.device_id)
+    predictions = PredictionStream(outbox, topics.predictions, cfg.publish.qos)
+    agent = Agent(cfg, topics, link=MemoryLink(), outbox=outbox, predictions=predictions, classifier=clf)
     return agent, LoopState("cam0", agent.monitor.counters())
 
 

@@ -1,7 +1,7 @@
 """Updater in-process: push messages → verify → self-test → swap, rejections, probation rollback, commands, and
 kill -9 of a child process at random instants of install/activate (the store must always recover a valid model).
 
-The MQTT link is a tiny in-memory fake (a boundary); store, bundles, classifier and runtime are real.
+The MQTT link is the in-memory MemoryLink (a boundary); store, bundles, classifier and runtime are real.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import multiprocessing
 import os
 import random
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,44 +21,27 @@ import pytest
 from edgecv.agent.commands import CommandHandler
 from edgecv.agent.config import parse_config
 from edgecv.agent.contract import topics as T
-from edgecv.agent.contract.signing import Keyring, generate_private_key, public_key_pem
+from edgecv.agent.contract.signing import Keyring, generate_private_key, load_keyring, public_key_pem
 from edgecv.agent.contract.transfer import begin_for, chunk_data, encode_chunk
 from edgecv.agent.delivery.store import ModelStore
 from edgecv.agent.delivery.updater import Probe, Updater, check_compatible, parse_version
+from edgecv.agent.link.memory import MemoryLink
+from edgecv.agent.vision.camera import Frame
 from edgecv.agent.vision.classifier import Classifier
 from tests.bundle_factory import make_archive, make_bundle
 
 BRIGHT = np.full((28, 28, 3), 200, np.uint8)
 
 
-class FakeLink:
-    def __init__(self) -> None:
-        self.published: list[tuple[str, bytes, int, bool]] = []
-        self.handlers: list[tuple[str, Any]] = []
-        self.lock = threading.Lock()
-
-    def subscribe(self, filter: str, handler: Any, qos: int = 1) -> None:
-        self.handlers.append((filter, handler))
-
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
-        with self.lock:
-            self.published.append((topic, payload, qos, retain))
-        return len(self.published)
-
-    def deliver(self, topic: str, payload: bytes) -> None:
-        import paho.mqtt.client as paho
-
-        for flt, handler in self.handlers:
-            if paho.topic_matches_sub(flt, topic):
-                handler(topic, payload)
+class StateLink(MemoryLink):
+    """The in-memory link, plus the retained model states the updater published."""
 
     def states(self) -> list[dict[str, Any]]:
-        with self.lock:
-            return [json.loads(p) for t, p, _q, r in self.published if t.endswith("/model/state") and r]
+        return [json.loads(m.payload) for m in self.messages("+/+/model/state") if m.retain]
 
 
 class FakeAgent:
-    """The slice of agent.service.Agent the updater uses."""
+    """A device for the updater and the command handler: config, topics, store, link, and the model host."""
 
     def __init__(self, tmp: Path, keyring_dir: Path | None, **update: Any) -> None:
         doc: dict[str, Any] = {"device_id": "dev1", "groups": ["lab"], "model": {"store": str(tmp / "store")},
@@ -69,8 +51,10 @@ class FakeAgent:
         self.config = parse_config(doc)
         self.topics = T.DeviceTopics(self.config.prefix, self.config.device_id)
         self.store = ModelStore(tmp / "store", keep=3)
-        self.link = FakeLink()
+        self.link = StateLink()
         self.classifier: Classifier | None = None
+        self.last_frame: Frame | None = None
+        self.last_top: list[dict[str, Any]] | None = None
         self.swaps = 0
 
     def swap_classifier(self, new: Classifier) -> Classifier | None:
@@ -93,7 +77,7 @@ def device(tmp_path: Path, key):  # type: ignore[no-untyped-def]
     seed = make_archive(tmp_path / "seed", "1.0", top1=1, key=key)
     bundle = agent.store.ensure_model(seed, Keyring.from_path(ring))
     agent.classifier = Classifier.load(bundle)
-    updater = Updater(agent).start()  # type: ignore[arg-type]
+    updater = Updater(agent.config, agent.topics, agent.link, agent.store, load_keyring(ring), host=agent).start()
     yield agent, updater
     updater.stop()
 
@@ -247,7 +231,7 @@ def test_version_checks(tmp_path: Path) -> None:
 
 def test_commands_ping_reload_rollback_snapshot(device, tmp_path: Path, key) -> None:  # type: ignore[no-untyped-def]
     agent, updater = device
-    handler = CommandHandler(agent, updater).start()  # type: ignore[arg-type]
+    handler = CommandHandler("dev1", agent.topics, agent.link, device=agent, control=updater).start()
     try:
         tid = push(agent, make_archive(tmp_path, "5.0", top1=5, key=key).read_bytes(), "5.0")
         wait_state(agent, tid, ("active",))
@@ -273,7 +257,7 @@ def test_commands_ping_reload_rollback_snapshot(device, tmp_path: Path, key) -> 
         bad = call("rollback", to="9.9")
         assert not bad["ok"] and "No installed model matches" in bad["error"]
         assert not call("snapshot")["ok"]  # no frame yet
-        agent.last_frame = BRIGHT  # type: ignore[attr-defined]
+        agent.last_frame = Frame(BRIGHT, time.time(), 0)
         snap = call("snapshot")
         assert snap["ok"] and snap["width"] == 28
         import base64

@@ -309,9 +309,9 @@ def test_hot_swap_between_frames_loses_nothing(tmp_path: Path, shared_broker: Br
     import shutil
     import threading
 
+    from edgecv.agent.app import App
     from edgecv.agent.config import parse_config
     from edgecv.agent.contract.bundle import load_bundle, write_manifest
-    from edgecv.agent.service import Agent
     from edgecv.agent.vision.classifier import Classifier
 
     v2 = tmp_path / "v2"
@@ -323,10 +323,11 @@ def test_hot_swap_between_frames_loses_nothing(tmp_path: Path, shared_broker: Br
         "camera": [{"name": "cam0", "source": "synthetic:fashion-mnist", "fps": 60.0}],
         "model": {"store": str(tmp_path / "store"), "bundle": str(fashion_bundle), "runtime": "onnxruntime"},
         "security": {"allow_unsigned": True}, "homeassistant": {"enabled": False}})
-    agent = Agent(config)
+    app = App(config)
+    agent = app.agent
     sub = subscriber(shared_broker, f"edgecv/{config.device_id}/predictions")
     stop = threading.Event()
-    runner = threading.Thread(target=agent.run, args=(stop,))
+    runner = threading.Thread(target=app.run, args=(stop,))
     runner.start()
     try:
         first = collect(sub, lambda m: len(m) >= 20, 30)
@@ -345,5 +346,5 @@ def test_hot_swap_between_frames_loses_nothing(tmp_path: Path, shared_broker: Br
     versions = [p["model"]["version"] for p in preds]
     switch = versions.index(manifest.version + "-swapped")
     assert set(versions[:switch]) == {manifest.version} and set(versions[switch:]) == {manifest.version + "-swapped"}
-    assert agent.stats.errors == 0
+    assert agent.monitor.errors == 0
     assert agent.monitor.frames == agent.monitor.inferred  # every frame taken was classified

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from edgecv.agent.errors import IncompatibleBundleError, RuntimeUnavailableError
+from edgecv.agent.vision.runtimes.base import CodesEngine, Engine, require_classifier_io
 
 if TYPE_CHECKING:
     from edgecv.agent.contract.bundle import Artifact, Bundle
+
+__all__ = ["LITERT", "ONNXRUNTIME", "RUNTIMES", "CodesEngine", "Engine", "available_runtimes", "candidates",
+           "load_engine", "open_engine", "require_classifier_io"]
 
 log = logging.getLogger(__name__)
 
@@ -31,37 +32,6 @@ INSTALL_HINT = {
     ONNXRUNTIME: "pip install onnxruntime",
     LITERT: "pip install 'edgecv[litert]' (ai-edge-litert)",
 }
-
-
-@runtime_checkable
-class Engine(Protocol):
-    """A loaded model: float32 preprocessed batch in, float32 logits (batch, classes) out."""
-
-    name: str
-
-    def run(self, batch: np.ndarray) -> np.ndarray: ...
-
-    def describe(self) -> dict[str, Any]: ...
-
-
-@runtime_checkable
-class CodesEngine(Engine, Protocol):
-    """An engine whose model takes per-tensor quantized integer input: `input_quantizer` maps float input to
-    codes (None when the input is float or per-channel), and `run_codes` runs codes directly. The classifier
-    folds that mapping into its preprocessing (one table look-up per pixel)."""
-
-    @property
-    def input_quantizer(self) -> Callable[[np.ndarray], np.ndarray] | None: ...
-
-    def run_codes(self, codes: np.ndarray) -> np.ndarray: ...
-
-
-def require_classifier_io(path: Path, inputs: int, outputs: int) -> None:
-    """What every adapter checks first: exactly one image input and at least one (logits) output."""
-    if inputs != 1 or outputs == 0:
-        raise IncompatibleBundleError(
-            f"Model {Path(path).name} has {inputs} inputs and {outputs} outputs; edgecv needs one image input "
-            "and a logits output")
 
 
 def available_runtimes() -> list[str]:

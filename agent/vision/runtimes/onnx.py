@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from edgecv.agent.errors import IncompatibleBundleError, InferenceError, RuntimeUnavailableError
-from edgecv.agent.vision.runtimes import require_classifier_io
+from edgecv.agent.vision.runtimes.base import require_classifier_io
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,102 @@
+"""The composition root: builds every part of the device agent from its config, starts them in order, and stops
+them in the reverse order.
+
+Each part gets only the narrow things it uses: the camera loops (`Agent`) publish through the `Link`; the updater
+gets the link, the model store, the keyring and the model host (the `Agent`); the command handler gets the link,
+a view of the device and the updater's reload/rollback; Home Assistant discovery gets the link and a way to name
+the running model. No part builds its collaborators or reaches back into its owner.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from edgecv.agent.commands import CommandHandler
+from edgecv.agent.config import AgentConfig
+from edgecv.agent.contract import topics as T
+from edgecv.agent.contract.signing import load_keyring
+from edgecv.agent.delivery.store import ModelStore
+from edgecv.agent.delivery.updater import Updater
+from edgecv.agent.errors import NoModelError
+from edgecv.agent.link.discovery import HomeAssistantDiscovery
+from edgecv.agent.link.mqtt import MqttLink
+from edgecv.agent.link.outbox import Outbox
+from edgecv.agent.link.predictions import PredictionStream
+from edgecv.agent.service import Agent
+from edgecv.agent.vision.classifier import Classifier
+
+log = logging.getLogger(__name__)
+
+FLUSH_TIMEOUT_S = 3.0
+
+
+class App:
+    """The assembled agent process. `run(stop)` blocks until `stop` is set and returns the exit code."""
+
+    def __init__(self, config: AgentConfig, *, classifier: Classifier | None = None) -> None:
+        self.config = config
+        topics = self.topics = T.DeviceTopics(config.prefix, config.device_id)
+        self.outbox = Outbox(config.publish.buffer, config.publish.spool_dir or None)
+        self.predictions = PredictionStream(self.outbox, topics.predictions, config.publish.qos,
+                                            config.publish.expiry_s)
+        # The Will and the `online` status are built at each connect (they name the model running then), from the
+        # agent built just below.
+        self.link = MqttLink(config.broker, topics, outbox=self.outbox,
+                             will=lambda: self.agent.status_bytes(T.STATUS_OFFLINE),
+                             online=lambda: self.agent.status_bytes(T.STATUS_ONLINE),
+                             batches={topics.predictions: config.publish.batch_max}, feed=self.predictions.drain)
+        self.agent = Agent(config, topics, link=self.link, outbox=self.outbox, predictions=self.predictions,
+                           classifier=classifier)
+        self.store = ModelStore(Path(config.model.store), keep=config.update.keep_versions)
+        self.updater = Updater(config, topics, self.link, self.store, load_keyring(config.security.keyring),
+                               host=self.agent)
+        self.commands = CommandHandler(config.device_id, topics, self.link, device=self.agent, control=self.updater)
+        self.discovery = HomeAssistantDiscovery(config, topics, self.link, current_model=lambda: self.agent.classifier)
+
+    def load_model(self) -> Classifier:
+        """The model to serve (the store's active one, seeded from `model.bundle`), unless one was given."""
+        return self.agent.classifier or self.updater.load_active()
+
+    def run(self, stop: threading.Event) -> int:
+        """Start everything, serve until `stop` is set, shut down cleanly; returns the exit code (0).
+
+        A device with an empty store and no seed bundle (a fresh install) still comes up: it reports `online`
+        with no model and waits for its first push instead of exiting into a systemd restart loop.
+        """
+        try:
+            clf = self.load_model()
+            model = f"model {clf.name} {clf.version}"
+        except NoModelError as exc:
+            model = "no model yet"
+            log.warning("%s; serving MQTT and waiting for a pushed model", exc)
+        log.info("Agent %s starting: %s, %d camera(s), broker %s:%s", self.config.device_id, model,
+                 len(self.agent.cameras), self.config.broker.host, self.config.broker.port)
+        self.updater.start()
+        self.commands.start()
+        self.discovery.start()
+        self.link.start()
+        self.agent.start(stop)
+        try:
+            stop.wait()
+        finally:
+            self.shutdown()
+        return 0
+
+    def shutdown(self) -> None:
+        """The loops finish their frame, what they staged is flushed (up to a few seconds), `stopped` is published
+        retained and the link disconnects cleanly (so the broker does not send the Last Will)."""
+        log.info("Stopping: finishing the current frames and flushing %d buffered message(s)",
+                 len(self.outbox) + len(self.predictions))
+        self.agent.join()
+        for part in (self.commands, self.updater):
+            try:
+                part.stop()
+            except Exception:
+                log.exception("Stopping %s failed", type(part).__name__)
+        self.predictions.drain()  # the loops have stopped: what they staged goes to the outbox (and its spool)
+        self.link.stop(self.agent.status_bytes(T.STATUS_STOPPED), flush_timeout=FLUSH_TIMEOUT_S)
+        self.agent.close()
+        log.info("Stopped (published %d, dropped %d, %d left in the buffer)", self.agent.monitor.published,
+                 self.outbox.dropped, len(self.outbox))
