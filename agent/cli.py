@@ -24,9 +24,11 @@ from typing import Any
 
 from edgecv.agent import __version__
 from edgecv.agent.errors import ConfigError, EdgecvError, MqttError
-from edgecv.agent.resources import demo_bundle
+from edgecv.agent.resources import demo_bundle, demo_public_key, example_config
 
 log = logging.getLogger("edgecv.agent.cli")
+
+DEMO_FIRST_PREDICTION_S = 30.0
 
 
 
@@ -37,17 +39,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="debug logs and tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    run = sub.add_parser("run", help="run the agent daemon (systemd runs this)")
+    run = sub.add_parser("run", help="run the agent daemon (systemd runs this)", description=(
+        "Run the device agent: read the cameras, classify every frame with the active model, publish predictions, "
+        "status and health over MQTT, and accept signed model pushes. Runs until SIGTERM/SIGINT, then publishes "
+        "'stopped' and exits 0."))
     run.add_argument("--config", "-c", required=True, type=Path, help="agent TOML config file")
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="debug logs and tracebacks")
     run.set_defaults(handler=cmd_run)
 
-    check = sub.add_parser("check-config", help="validate a config file and print a summary")
+    check = sub.add_parser("check-config", help="validate a config file and print a summary", description=(
+        "Validate an agent config without starting anything: every error names its key path. Prints a summary of "
+        "the effective settings. Exit code 2 on an invalid config."))
     check.add_argument("config", type=Path)
     check.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     check.set_defaults(handler=cmd_check_config)
 
-    bench = sub.add_parser("bench", help="benchmark a bundle in the installed runtimes")
+    bench = sub.add_parser("bench", help="benchmark a bundle in the installed runtimes", description=(
+        "Measure preprocessing + inference latency of a bundle's artifacts on this device, per installed runtime "
+        "and thread count (median and p95 of --runs inferences, batch 1)."))
     bench.add_argument("--bundle", "-b", required=True, type=Path, help="bundle directory or .edgecv file")
     bench.add_argument("--runtime", default="auto", help="auto, onnxruntime or litert (default auto: all installed)")
     bench.add_argument("--threads", default="1", help="comma-separated thread counts, e.g. 1,2")
@@ -56,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(handler=cmd_bench)
 
     demo = sub.add_parser("demo", help="run the agent on synthetic Fashion-MNIST frames and watch the predictions "
-                                       "arrive through an MQTT broker")
+                                       "arrive through an MQTT broker", description=(
+        "Run the agent with the shipped, signed Fashion-MNIST bundle on a synthetic camera of test images (with their "
+        "true labels) and print every prediction as a subscriber receives it through the broker, with a running "
+        "accuracy. Uses 127.0.0.1:1883 if a broker answers there, else starts a private mosquitto."))
     demo.add_argument("--broker", help="HOST:PORT of a broker (default: 127.0.0.1:1883 if it answers, else a "
                                        "private mosquitto on a free port)")
     demo.add_argument("--frames", type=int, default=200, help="stop after this many predictions (default 200)")
@@ -65,6 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--bundle", type=Path, default=None, help="bundle (default: the shipped Fashion-MNIST bundle)")
     demo.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     demo.set_defaults(handler=cmd_demo)
+    init = sub.add_parser("init", help="write a commented config file to start from", description=(
+        "Write the commented example configuration (every key, its default and what it does) with this device's id "
+        "filled in, ready to edit; then check it with 'edgecv-agent check-config'."))
+    init.add_argument("path", nargs="?", type=Path, default=Path("agent.toml"),
+                      help="where to write it (default ./agent.toml)")
+    init.add_argument("--device-id", help="the device id (default: this machine's host name, made a valid topic "
+                                          "level)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    init.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    init.set_defaults(handler=cmd_init)
     return parser
 
 
@@ -134,6 +156,35 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------------------- init
+def cmd_init(args: argparse.Namespace) -> int:
+    import re
+
+    from edgecv.agent.config import parse_config
+    from edgecv.agent.contract.topics import check_level
+
+    device = args.device_id or re.sub(r"[^A-Za-z0-9_.\-]", "-", socket.gethostname()) or "edgecv-device"
+    try:
+        check_level(device, "Device id")
+    except ValueError as exc:
+        raise ConfigError(f"--device-id: {exc}") from None
+    path = Path(args.path)
+    if path.exists() and not args.force:
+        raise ConfigError(f"{path} already exists; edit it, or pass --force to overwrite it")
+    text, count = re.subn(r'^device_id = ".*"$', f'device_id = "{device}"', example_config().read_text(), count=1,
+                          flags=re.MULTILINE)
+    if count != 1:
+        raise EdgecvError(f"The shipped example config {example_config()} has no device_id line; reinstall edgecv")
+    import tomllib
+
+    parse_config(tomllib.loads(text), source=str(path))  # what we write must be valid
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(f"Wrote {path} (device_id = {device!r}). Edit the broker, camera and model sections, then run:")
+    print(f"  edgecv-agent check-config {path}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------- bench
 def cmd_bench(args: argparse.Namespace) -> int:
     from edgecv.agent.benchmark import benchmark_bundle, format_table
@@ -172,7 +223,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "broker": {"host": host, "port": port, "reconnect_min_s": 0.2, "reconnect_max_s": 2.0},
             "camera": [{"name": "cam0", "source": "synthetic:fashion-mnist?shuffle=1", "fps": args.fps}],
             "model": {"store": str(Path(tmp) / "models"), "bundle": str(bundle), "runtime": args.runtime},
-            "security": {"allow_unsigned": True}, "homeassistant": {"enabled": False},
+            # The shipped bundle is verified against the shipped demo key; a bundle of your own may be unsigned.
+            "security": {"allow_unsigned": True} if args.bundle else {"keyring": str(demo_public_key())},
+            "homeassistant": {"enabled": False},
             "health": {"interval_s": 5.0},
         }, source="<demo>")
         stop = _stop_on_signals()
@@ -186,13 +239,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
         viewer.start()
         runner = threading.Thread(target=app.run, args=(stop,), name="agent", daemon=True)
         runner.start()
+        deadline = time.monotonic() + DEMO_FIRST_PREDICTION_S
+        silent = False
         try:
             while runner.is_alive() and not stop.wait(0.2):
-                pass
+                if viewer.count == 0 and time.monotonic() > deadline:
+                    silent = True
+                    break
         finally:
             stop.set()
             runner.join(timeout=15)
             viewer.close(clear_retained=app.topics.status)
+        if silent:
+            cams = "; ".join(f"{cam.name}: {cam.status().get('state')} ({cam.status().get('last_error') or 'no error'})"
+                             for cam in app.agent.cameras)
+            raise EdgecvError(f"No prediction arrived within {DEMO_FIRST_PREDICTION_S:g} s (camera {cams}); check "
+                              "the camera source and the broker, or run with --debug")
         viewer.summary(metrics, clf.engine.describe())
     return 0
 

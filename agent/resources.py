@@ -22,8 +22,8 @@ def data_dir(package: str) -> Path:
 
 
 def demo_bundle() -> Path:
-    """The shipped default bundle (Fashion-MNIST, signed with the demo key)."""
-    return data_dir("edgecv.models") / "fashion-mnist"
+    """The shipped default bundle as an archive (Fashion-MNIST, signed with the demo key)."""
+    return (data_dir("edgecv.models") / "fashion-mnist.edgecv").resolve()
 
 
 def demo_public_key() -> Path:

@@ -1,15 +1,28 @@
 #!/usr/bin/env bash
-# One-shot set-up on a fresh Debian machine: system packages, then a venv with edgecv and every extra.
-# Idempotent: a second run only checks. Venv location: $EDGECV_VENV (default ~/.local/share/edgecv/venv).
+# One-shot set-up on a fresh Debian machine: system packages, then a venv with edgecv. Idempotent: a second run only
+# checks. Prints the venv's path on its last line.
+#
+#   scripts/setup.sh            everything (workstation + device + test tools): what scripts/test.sh and CI use.
+#                               Venv: $EDGECV_VENV (default ~/.local/share/edgecv/venv).
+#   scripts/setup.sh --device   only what the agent demo needs: mosquitto and edgecv[litert] (a few hundred MB, no
+#                               training stack). Venv: $EDGECV_DEVICE_VENV (default ~/.local/share/edgecv/device-venv).
+#
+# PyTorch (full set-up only) is held at torch==2.13.0 by constraints.txt. Where a local CPU wheel of it lies in
+# /opt/wheels it is installed from there; EDGECV_TORCH_INDEX=cpu installs the CPU-only build from PyTorch's own index
+# (https://download.pytorch.org/whl/cpu) instead of PyPI's default, which on Linux is the CUDA build (several GB of
+# NVIDIA packages that CPU-only training never uses).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-venv="${EDGECV_VENV:-$HOME/.local/share/edgecv/venv}"
+mode="full"
+[ "${1:-}" = "--device" ] && mode="device"
 
 need_apt=()
 command -v mosquitto >/dev/null 2>&1 || need_apt+=(mosquitto)
 command -v mosquitto_sub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
-[ -d /usr/share/datasets/fashion-mnist ] || need_apt+=(dataset-fashion-mnist)
-command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
+if [ "$mode" = "full" ]; then
+  [ -d /usr/share/datasets/fashion-mnist ] || need_apt+=(dataset-fashion-mnist)
+  command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need_apt[*]}" >&2
   sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
@@ -17,17 +30,32 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
+if [ "$mode" = "device" ]; then
+  venv="${EDGECV_DEVICE_VENV:-$HOME/.local/share/edgecv/device-venv}"
+else
+  venv="${EDGECV_VENV:-$HOME/.local/share/edgecv/venv}"
+fi
 if [ ! -x "$venv/bin/python" ]; then
   echo "setup: creating venv $venv" >&2
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --upgrade pip
+  "$venv/bin/python" -m pip install -q --upgrade pip
 fi
-# torch comes from the CPU wheel pinned in constraints.txt (a local file on these machines when present).
-wheel=$(ls /opt/wheels/torch-2.13.0+cpu-*.whl 2>/dev/null | head -n1 || true)
-if ! "$venv/bin/python" -c "import torch" >/dev/null 2>&1 && [ -n "$wheel" ]; then
-  "$venv/bin/pip" install -q -c "$here/constraints.txt" "$wheel"
+pip=("$venv/bin/python" -m pip install -q -c "$here/constraints.txt")
+if [ "$mode" = "device" ]; then
+  # The device side with LiteRT, as a Pi installs it: no training stack.
+  "${pip[@]}" --config-settings editable_mode=strict -e "$here[litert]"
+  echo "$venv"
+  exit 0
+fi
+if ! "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then
+  wheel=$(ls /opt/wheels/torch-2.13.0+cpu-*.whl 2>/dev/null | head -n1 || true)
+  if [ -n "$wheel" ]; then
+    "${pip[@]}" "$wheel"
+  elif [ "${EDGECV_TORCH_INDEX:-}" = "cpu" ]; then
+    "${pip[@]}" --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+  fi
 fi
 # Strict editable mode: the package-dir mapping (agent/ → edgecv.agent, tools/ → edgecv.tools) becomes a tree of
 # links that mypy can read too; a new module file needs this line again (every run of this script does it).
-"$venv/bin/pip" install -q -c "$here/constraints.txt" --config-settings editable_mode=strict -e "$here[tools,litert,dev]"
+"${pip[@]}" --config-settings editable_mode=strict -e "$here[tools,litert,dev]"
 echo "$venv"

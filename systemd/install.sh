@@ -4,12 +4,12 @@
 #   sudo systemd/install.sh [--runtime onnxruntime|litert] [--source PATH_OR_SPEC] [--no-start]
 #   sudo systemd/install.sh --uninstall [--purge]
 #
-# Layout: venv /opt/edgecv/venv, config /etc/edgecv/agent.toml (written once from agent.example.toml, never
-# overwritten), public keys /etc/edgecv/keyring/, broker password /etc/edgecv/mqtt-password (root, 0600, handed
-# to the service with LoadCredential=), model store /var/lib/edgecv/models, unit
-# /etc/systemd/system/edgecv-agent.service. Running it again changes nothing unless the source or unit changed
-# (that is also how edgecv is upgraded). `--root DIR` stages the tree under DIR (no user, no systemctl): for
-# tests and image builds; the venv's scripts then carry DIR in their paths.
+# Layout: venv /opt/edgecv/venv, the shipped demo bundle and its public key in /opt/edgecv/seed/, config
+# /etc/edgecv/agent.toml (written once from agent.example.toml, never overwritten), public keys
+# /etc/edgecv/keyring/, broker password /etc/edgecv/mqtt-password (root, 0600, handed to the service with
+# LoadCredential=), model store /var/lib/edgecv/models, unit /etc/systemd/system/edgecv-agent.service. Running it
+# again changes nothing unless the source or unit changed (that is also how edgecv is upgraded). `--root DIR`
+# stages the tree under DIR (no user, no systemctl): for tests and image builds; the venv's scripts then carry DIR.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -152,6 +152,7 @@ uninstall_all() {
   fi
   if systemd_running; then run systemctl daemon-reload; fi
   if [ -d "$venv" ]; then run rm -rf "$venv"; note "removed $venv"; fi
+  if [ -d "$root/opt/edgecv/seed" ]; then run rm -rf "$root/opt/edgecv/seed"; note "removed $root/opt/edgecv/seed"; fi
   if [ -d "$root/opt/edgecv" ]; then run rmdir "$root/opt/edgecv" 2>/dev/null || true; fi
   if [ "$purge" -eq 1 ]; then
     for d in "$etc" "$state" "$cache"; do
@@ -235,7 +236,24 @@ else
   note "--skip-pip: edgecv not installed into $venv"
 fi
 
-# 4. Config (never overwritten), broker password placeholder, unit.
+# 4. The seed: the shipped demo bundle and the public key that signed it, for a first trial (docs/INSTALL-PI.md).
+seed_dir="$root/opt/edgecv/seed"
+seed_src=""
+if [ "$dry_run" -eq 0 ] && [ -x "$venv/bin/python" ]; then
+  seed_src="$("$venv/bin/python" -c 'from edgecv.agent.resources import data_dir; print(data_dir("edgecv.models"))' \
+    2>/dev/null || true)"
+fi
+[ -n "$seed_src" ] || seed_src="$repo/models"  # --skip-pip (or a dry run) from a source tree
+make_dir 0755 root:root "$seed_dir"
+for f in fashion-mnist.edgecv demo-signing.pub; do
+  if [ -f "$seed_src/$f" ]; then
+    put_file "$(readlink -f "$seed_src/$f")" "$seed_dir/$f" 0644 root:root
+  else
+    note "no $f in $seed_src: $seed_dir stays without it"
+  fi
+done
+
+# 5. Config (never overwritten), broker password placeholder, unit.
 fresh_config=0
 [ -e "$etc/agent.toml" ] || fresh_config=1
 put_file "$example" "$etc/agent.toml" 0640 "root:$service_user" keep
@@ -245,7 +263,7 @@ if [ ! -e "$etc/mqtt-password" ]; then
 fi
 put_file "$unit_src" "$unit_dst" 0644 root:root
 
-# 5. systemd.
+# 6. systemd.
 if systemd_running; then
   run systemctl daemon-reload
   run systemctl enable "$unit_name"

@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Top-level modules of the `tools` extra: a device-only install lacks them.
+WORKSTATION_MODULES = frozenset({"torch", "onnx", "onnxscript", "litert_torch", "torchao", "matplotlib", "tqdm",
+                                 "onnxruntime", "ai_edge_litert"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -48,6 +53,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"edgecv: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").split(".")[0]
+        if args.debug or missing not in WORKSTATION_MODULES:
+            raise
+        print(f"edgecv: error: 'edgecv {args.command}' needs the workstation extra, which is not installed here "
+              f"(no module {missing!r}); install it with: pip install -c constraints.txt 'edgecv[tools]' "
+              "(see README, Install)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("edgecv: interrupted", file=sys.stderr)
         return 130

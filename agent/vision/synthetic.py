@@ -13,7 +13,9 @@ live=0|1 on every kind: 1 makes the source behave like a V4L2 camera (its grab()
 clock at the camera fps, and agent.camera drains it on a grabber thread: the newest frame wins, untaken frames
 count as skipped; for tests and benchmarks of that path); 0, the default, has the consumer read frames on demand
 like a file. `stall` defaults to live=1: a stuck driver is a live camera's failure.
-Fashion-MNIST is read from the Debian package `dataset-fashion-mnist` (gzip IDX files) with numpy only.
+Fashion-MNIST is read with numpy only (gzip IDX files) from `root=DIR`, else `$EDGECV_FASHION_MNIST_DIR`, else the
+Debian package `dataset-fashion-mnist`, else the 1,000-image sample of the test split that the wheel ships (so the
+demo runs on a device with nothing but `pip install edgecv`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ PREFIX = "synthetic:"
 KINDS = ("noise", "bars", "static", "fashion-mnist", "fail", "stall")
 STALL_S = 3600.0  # how long a `stall` source hangs before it reports a failure
 FASHION_MNIST_ROOT = Path(os.environ.get("EDGECV_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+FASHION_MNIST_SAMPLE = "fashion-mnist-sample"  # in the data package edgecv.models: the test split's first 1,000
 FASHION_MNIST_LABELS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                         "Bag", "Ankle boot")
 _SPLIT_FILES = {"test": "t10k", "train": "train"}
@@ -81,6 +84,15 @@ def load_fashion_mnist(split: str = "test", root: Path = FASHION_MNIST_ROOT) -> 
     return images, labels
 
 
+def default_fashion_mnist_root() -> Path:
+    """The full dataset when it is installed (or named by $EDGECV_FASHION_MNIST_DIR), else the shipped sample."""
+    if "EDGECV_FASHION_MNIST_DIR" in os.environ or FASHION_MNIST_ROOT.is_dir():
+        return FASHION_MNIST_ROOT
+    from edgecv.agent.resources import data_dir
+
+    return data_dir("edgecv.models") / FASHION_MNIST_SAMPLE
+
+
 def parse_spec(source: str) -> tuple[str, dict[str, str]]:
     """'synthetic:kind?a=1&b=2' → ('kind', {'a': '1', 'b': '2'})."""
     if not source.startswith(PREFIX):
@@ -124,7 +136,7 @@ class SyntheticSource:
         self._rng = np.random.default_rng(_int(params, "seed", 0, source, 0))
         self._after = _int(params, "after", 10, source, 0)
         if self.kind == "fashion-mnist":
-            root = Path(params.get("root", str(FASHION_MNIST_ROOT)))
+            root = Path(params["root"]) if "root" in params else default_fashion_mnist_root()
             self._images, self._labels = load_fashion_mnist(params.get("split", "test"), root)
             self._scale = _int(params, "scale", 4, source, 1)
             order = np.arange(len(self._labels))

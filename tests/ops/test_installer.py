@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.broker import Broker
 from tests.ops.test_systemd_unit import EXEC, systemd_analyze
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,6 +63,10 @@ def test_stages_the_expected_tree(tmp_path: Path) -> None:
     unit = root / "etc/systemd/system/edgecv-agent.service"
     assert unit.read_text() == (REPO / "systemd/edgecv-agent.service").read_text() and mode(unit) == 0o644
     assert (root / "opt/edgecv/venv/bin/python").exists() and (root / "opt/edgecv/venv/pyvenv.cfg").is_file()
+    seed = root / "opt/edgecv/seed"  # the seed location docs/INSTALL-PI.md uses, filled
+    assert (seed / "fashion-mnist.edgecv").read_bytes() == (REPO / "models/fashion-mnist.edgecv").read_bytes()
+    assert (seed / "demo-signing.pub").read_bytes() == (REPO / "models/demo-signing.pub").read_bytes()
+    assert mode(seed / "fashion-mnist.edgecv") == 0o644
 
 
 def test_second_run_changes_nothing_and_keeps_the_users_config(tmp_path: Path) -> None:
@@ -167,3 +172,65 @@ def test_real_venv_and_pip_install_then_the_installed_unit_verifies(tmp_path: Pa
     out = install(root, "--runtime", "litert", "--source", str(wheel), "--pip-args", "--no-deps")
     assert tree_digest(root) == before
     assert "already installed" in out.stderr  # so a real install would not restart the service
+    # The seed came out of the installed wheel (its data package), not out of this checkout.
+    seed = root / "opt/edgecv/seed/fashion-mnist.edgecv"
+    assert seed.read_bytes() == (REPO / "models/fashion-mnist.edgecv").read_bytes()
+
+
+def test_the_wheel_stands_alone(tmp_path: Path, wheel: Path, shared_broker: Broker) -> None:
+    """Only the `edgecv` namespace at top level, and from a fresh venv outside the checkout the demo runs with the
+    shipped bundle and `init` writes a config. (Dependencies come from this test venv through a .pth file, so the
+    test needs no network; everything of edgecv itself comes from the wheel.)"""
+    import sysconfig
+    import zipfile
+
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert tops == {"edgecv", wheel.name.split("-py3")[0] + ".dist-info"}, tops
+    assert "edgecv/models/fashion-mnist.edgecv" in names and "edgecv/systemd/agent.example.toml" in names
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # numpy, paho, runtimes…, not edgecv
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin/python"), "install", "-q", "--no-deps",
+                    str(wheel)], check=True, capture_output=True, timeout=300)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "EDGECV_"))}
+    where = subprocess.run([str(venv / "bin/python"), "-c", "import edgecv.agent; print(edgecv.agent.__file__)"],
+                           cwd=work, env=env, capture_output=True, text=True, check=True).stdout
+    assert where.startswith(str(site)), where
+    out = subprocess.run([str(venv / "bin/edgecv-agent"), "demo", "--frames", "5", "--broker",
+                          f"{shared_broker.host}:{shared_broker.port}"], cwd=work, env=env, capture_output=True,
+                         text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    assert "5 predictions via MQTT" in out.stdout and "fashion-mnist" in out.stderr
+    out = subprocess.run([str(venv / "bin/edgecv-agent"), "init", "--device-id", "pi-new"], cwd=work, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and 'device_id = "pi-new"' in (work / "agent.toml").read_text(), out.stderr
+
+
+def test_sdist_carries_what_it_takes_to_build_and_test(tmp_path: Path) -> None:
+    """The source distribution holds the tests, benchmarks, docs and scripts, and a wheel builds from it alone."""
+    import tarfile
+
+    src = tmp_path / "src"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(src)], check=True, timeout=120)  # committed files only
+    out_dir = tmp_path / "sdist"
+    subprocess.run([sys.executable, "-c", "import setuptools.build_meta as b, sys; b.build_sdist(sys.argv[1])",
+                    str(out_dir)], cwd=src, check=True, capture_output=True, timeout=300)
+    sdist = next(out_dir.glob("edgecv-*.tar.gz"))
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+        tar.extractall(tmp_path / "x", filter="data")
+    for needed in ("LICENSE", "pyproject.toml", "constraints.txt", "tests/conftest.py", "tests/broker.py",
+                   "bench/agent_bench.py", "scripts/test.sh", "docs/ARCHITECTURE.md", "models/fashion-mnist.edgecv",
+                   "models/fashion-mnist/manifest.json", "systemd/agent.example.toml", "agent/app.py",
+                   "tools/cli.py"):
+        assert needed in names, needed
+    assert not any("__pycache__" in n for n in names)
+    root = next((tmp_path / "x").iterdir())
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
+                    str(root)], check=True, capture_output=True, timeout=300)
+    assert len(list(wheels.glob("edgecv-*.whl"))) == 1

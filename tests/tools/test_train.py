@@ -164,3 +164,19 @@ def test_cli_process_exits_non_zero_with_one_line(image_folder_factory: Callable
     assert proc.stderr.strip().splitlines() == [
         f"edgecv: error: Dataset folder {one.root} needs at least 2 class sub-folders with images, found only "
         "'circle': lay it out as <root>/<class>/<image files>"], proc.stderr
+
+
+def test_workstation_command_without_the_tools_extra_names_the_extra() -> None:
+    """On a device-only install (no torch), `edgecv train` says which extra to install instead of a traceback."""
+    code = ("import sys, builtins\n"
+            "real = builtins.__import__\n"
+            "def fake(name, *a, **k):\n"
+            "    if name.split('.')[0] == 'torch':\n"
+            "        raise ModuleNotFoundError(f\"No module named '{name}'\", name=name)\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = fake\n"
+            "from edgecv.tools.cli import main\n"
+            "sys.exit(main(['train', '--data', 'fashion-mnist', '--out', '/tmp/never.pt']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "edgecv[tools]" in proc.stderr and "Traceback" not in proc.stderr
