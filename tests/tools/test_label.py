@@ -175,6 +175,17 @@ def test_undo_is_multi_level_and_survives_a_restart(collected: CollectedDataset)
     assert ops[5:] == [("undo", 5), ("undo", 4), ("undo", 3), ("undo", 2), ("undo", 1)]
 
 
+def test_class_list_and_order_stay_put_while_the_server_runs(collected: CollectedDataset) -> None:
+    store = LabelStore(collected.root)
+    store.label("s03.jpg", "circle")  # the only sample predicted triangle
+    store.add_class("bird")
+    names = [c.name for c in store.summary().classes]
+    assert names == ["circle", "square", "triangle", "bird"]  # triangle keeps its place (and its key)
+    store.undo()
+    store.undo()
+    assert [c.name for c in store.summary().classes] == ["circle", "square", "triangle"]
+
+
 def test_add_class_validates_and_refuses_clashes(collected: CollectedDataset) -> None:
     store = LabelStore(collected.root)
     before = sorted(p.name for p in collected.root.parent.iterdir())

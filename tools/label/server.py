@@ -188,6 +188,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(500, str(exc))
         elif path.startswith(("/thumb/", "/image/")):
             self._image(path)
+        elif path == "/favicon.ico":
+            self._send(204, b"", "image/x-icon")
         else:
             self._error(404, f"No such page: {path}")
 

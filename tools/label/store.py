@@ -147,6 +147,7 @@ class LabelStore:
         self._lock = threading.RLock()
         self._sidecars: dict[str, tuple[int, int, Sidecar | None, str | None]] = {}
         self._order: list[str] = []
+        self._model_classes: set[str] = set()
         self._run_moves: set[int] = set()  # journal seqs of this run's moves not undone: the progress total
         try:
             self.journal = Journal(self.root / LABELS_LOG)
@@ -301,7 +302,9 @@ class LabelStore:
     def _classes(self, samples: list[Sample]) -> list[ClassInfo]:
         folders = self._folders()
         by_case = {f.casefold(): f for f in folders}
-        model: set[str] = set()
+        # Model labels stay classes for the whole run, also once no waiting sample predicts them any more:
+        # otherwise the page's keys would shift under the user's fingers.
+        model = self._model_classes
         for s in samples:
             labels = [s.sidecar.predicted] if s.sidecar and s.sidecar.predicted else []
             if s.sidecar and s.sidecar.model and s.sidecar.model.labels:
