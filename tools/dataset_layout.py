@@ -6,6 +6,7 @@ training loader reads its class folders (it skips every folder whose name starts
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -35,14 +36,15 @@ _SAMPLE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _CLASS_PUNCTUATION = frozenset(" -_.+")
 
 
+# os.path rather than pathlib in these two: they run for every file of a folder on every page refresh.
 def is_image_name(name: str) -> bool:
     """A file name the dataset treats as an image: known suffix, not hidden (hidden = being written)."""
-    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
 
 def sidecar_name(image_name: str) -> str:
     """`<id>.jpg` -> `<id>.json`."""
-    return Path(image_name).stem + SIDECAR_SUFFIX
+    return os.path.splitext(image_name)[0] + SIDECAR_SUFFIX
 
 
 def check_sample_id(sample_id: str) -> str:
@@ -84,6 +86,7 @@ def check_class_name(name: str) -> str:
     return norm
 
 
+@functools.lru_cache(maxsize=4096)
 def folder_for_label(label: str) -> str | None:
     """The class folder name for a model label: the label itself when allowed, else with each run of other
     characters replaced by '-' ("T-shirt/top" -> "T-shirt-top"); None when nothing usable is left."""

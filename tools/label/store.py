@@ -42,13 +42,13 @@ class Sample:
     says why its sidecar could not be used (then `sidecar` is None)."""
 
     name: str
-    mtime_ns: int
+    version: int  # the image file's inode number: a replaced file gets a new one (and the page a new URL)
     sidecar: Sidecar | None
     problem: str | None = None
 
     @property
     def id(self) -> str:
-        return Path(self.name).stem
+        return os.path.splitext(self.name)[0]
 
     @property
     def predicted_folder(self) -> str | None:
@@ -59,7 +59,7 @@ class Sample:
 
     def to_json(self) -> dict[str, Any]:
         sc = self.sidecar
-        return {"name": self.name, "id": self.id, "v": str(self.mtime_ns), "problem": self.problem,
+        return {"name": self.name, "id": self.id, "v": str(self.version), "problem": self.problem,
                 "predicted": sc.predicted if sc else None, "folder": self.predicted_folder,
                 "score": sc.score if sc else None, "camera": sc.camera if sc else None,
                 "region": sc.region if sc else None, "ts": sc.ts if sc else None,
@@ -145,7 +145,7 @@ class LabelStore:
         self.root = root.resolve()
         self.unlabelled = self.root / UNLABELLED
         self._lock = threading.RLock()
-        self._sidecars: dict[str, tuple[int, int, Sidecar | None, str | None]] = {}
+        self._sidecars: dict[str, tuple[int, Sidecar | None, str | None]] = {}
         self._order: list[str] = []
         self._model_classes: set[str] = set()
         self._run_moves: set[int] = set()  # journal seqs of this run's moves not undone: the progress total
@@ -185,24 +185,19 @@ class LabelStore:
         created when the class is one of the model's labels without a folder yet."""
         with self._lock:
             path = self._find(name)
-            samples = self._samples()
-            classes = {c.name: c for c in self._classes(samples)}
-            info = classes.get(class_name) if isinstance(class_name, str) else None
-            if info is None:
+            # The classes the page can offer: folders, and model labels seen by a scan of this run.
+            if not isinstance(class_name, str) or (class_name not in self._model_classes
+                                                   and class_name not in self._folders()):
                 check_class_name(class_name)  # a malformed name is a NameNotAllowedError, not "unknown"
                 raise LabelError(f"Class {class_name!r} does not exist: add it first (key n)")
-            sample = next((s for s in samples if s.name == path.name), None)
-            predicted = sample.sidecar.predicted if sample and sample.sidecar else None
-            entry = self._move(path.name, info.name, predicted)
-            return Outcome(f"{entry.sample} → {info.name}", entry, self._summary(self._samples()))
+            entry = self._move(path.name, class_name, self._predicted(path.name))
+            return Outcome(f"{entry.sample} → {class_name}", entry, self._summary(self._samples()))
 
     def junk(self, name: str) -> Outcome:
         """Move sample `name` into `_junk`."""
         with self._lock:
             path = self._find(name)
-            sample = next((s for s in self._samples() if s.name == path.name), None)
-            predicted = sample.sidecar.predicted if sample and sample.sidecar else None
-            entry = self._move(path.name, JUNK, predicted)
+            entry = self._move(path.name, JUNK, self._predicted(path.name))
             return Outcome(f"{entry.sample} → junk", entry, self._summary(self._samples()))
 
     def add_class(self, name: str) -> Outcome:
@@ -256,39 +251,69 @@ class LabelStore:
             raise UnknownSampleError(f"{name} is not (or no longer) waiting in {UNLABELLED}/: reload the page")
         return path
 
-    def _samples(self) -> list[Sample]:
+    def _predicted(self, image: str) -> str | None:
+        """The predicted label of a waiting sample (for the journal), from the sidecar cache or the file."""
+        cached = self._sidecars.get(sidecar_name(image))
+        if cached is not None:
+            return cached[1].predicted if cached[1] else None
         try:
-            entries = list(os.scandir(self.unlabelled))
+            return read_sidecar(self.unlabelled / sidecar_name(image)).predicted
+        except SidecarError:
+            return None
+
+    def _samples(self) -> list[Sample]:
+        # No stat() per file: names, types and inode numbers all come from the directory listing, which keeps
+        # a refresh of 10,000 waiting samples cheap.
+        try:
+            with os.scandir(self.unlabelled) as it:
+                regular = {e.name: e.inode() for e in it if e.is_file(follow_symlinks=False)}
         except OSError as exc:
             raise DatasetError(f"Cannot list {self.unlabelled}: {exc.strerror or exc}") from exc
-        regular = {e.name: e for e in entries if e.is_file(follow_symlinks=False)}
         samples = []
-        for name, entry in regular.items():
-            if not is_image_name(name):
+        live = set()
+        for name, inode in regular.items():
+            stem, ext = os.path.splitext(name)
+            if name.startswith(".") or ext.lower() not in IMAGE_SUFFIXES:
                 continue
-            sidecar, problem = self._sidecar(sidecar_name(name), regular)
-            samples.append(Sample(name, entry.stat(follow_symlinks=False).st_mtime_ns, sidecar, problem))
-        live = {sidecar_name(s.name) for s in samples}
+            sc = stem + SIDECAR_SUFFIX
+            live.add(sc)
+            sidecar, problem = self._sidecar(sc, regular.get(sc))
+            samples.append(Sample(name, inode, sidecar, problem))
         for stale in [k for k in self._sidecars if k not in live]:
             del self._sidecars[stale]
         samples.sort(key=lambda s: (s.sidecar is None or s.sidecar.ts is None,
                                     s.sidecar.ts if s.sidecar and s.sidecar.ts is not None else 0.0, s.name))
         return samples
 
-    def _sidecar(self, name: str, regular: dict[str, os.DirEntry[str]]) -> tuple[Sidecar | None, str | None]:
-        entry = regular.get(name)
-        if entry is None:
+    def _sample(self, name: str) -> Sample | None:
+        """One waiting sample, without listing the folder."""
+        try:
+            st = os.lstat(self.unlabelled / name)
+        except OSError:
+            return None
+        sc = sidecar_name(name)
+        try:
+            sc_st = os.lstat(self.unlabelled / sc)
+            sc_inode = sc_st.st_ino if stat.S_ISREG(sc_st.st_mode) else None
+        except OSError:
+            sc_inode = None
+        sidecar, problem = self._sidecar(sc, sc_inode)
+        return Sample(name, st.st_ino, sidecar, problem)
+
+    def _sidecar(self, name: str, inode: int | None) -> tuple[Sidecar | None, str | None]:
+        """The parsed sidecar `name` (None, None when there is none), cached by inode number: sidecars are
+        written to a temporary file and renamed into place, so a new version is a new inode."""
+        if inode is None:
             return None, None
-        st = entry.stat(follow_symlinks=False)
         cached = self._sidecars.get(name)
-        if cached is not None and cached[:2] == (st.st_mtime_ns, st.st_size):
-            return cached[2], cached[3]
+        if cached is not None and cached[0] == inode:
+            return cached[1], cached[2]
         try:
             sidecar, problem = read_sidecar(self.unlabelled / name), None
         except SidecarError as exc:
             sidecar, problem = None, str(exc)
             log.warning("%s", exc)
-        self._sidecars[name] = (st.st_mtime_ns, st.st_size, sidecar, problem)
+        self._sidecars[name] = (inode, sidecar, problem)
         return sidecar, problem
 
     def _folders(self) -> dict[str, Path]:
@@ -397,8 +422,7 @@ class LabelStore:
                 dst.rmdir()  # only if empty; a class that got other images keeps its folder
             except OSError:
                 pass
-        image = entry.files[0]
-        return next((s for s in self._samples() if s.name == image), None)
+        return self._sample(entry.files[0])
 
     def _undo_add_class(self, entry: Entry) -> None:
         if not _plain_name(entry.name):
