@@ -123,6 +123,18 @@ def test_store_lists_samples_classes_and_counts(collected: CollectedDataset) -> 
     assert (summary.left, summary.total, summary.junk, summary.undo_depth) == (8, 8, 0, 0)
 
 
+def test_predicted_labels_map_to_folders_and_existing_case_wins(tmp_path: Path) -> None:
+    data = make_collected_dataset(tmp_path / "d", predicted=["Circle", "T-shirt/top", "///"])
+    store = LabelStore(data.root)
+    samples, summary = store.state()
+    assert [(s.sidecar.predicted, s.folder) for s in samples if s.sidecar] == [
+        ("Circle", "circle"), ("T-shirt/top", "T-shirt-top"), ("///", None)]
+    assert [c.name for c in summary.classes] == ["circle", "T-shirt-top"]
+    store.label("s01.jpg", "T-shirt-top")
+    assert (data.root / "T-shirt-top" / "s01.jpg").is_file()
+    assert journal_lines(data.root)[0]["predicted"] == "T-shirt/top"
+
+
 def test_label_moves_image_and_sidecar_and_logs_it(collected: CollectedDataset) -> None:
     store = LabelStore(collected.root)
     out = store.label("s00.jpg", "circle")

@@ -45,22 +45,16 @@ class Sample:
     version: int  # the image file's inode number: a replaced file gets a new one (and the page a new URL)
     sidecar: Sidecar | None
     problem: str | None = None
+    folder: str | None = None  # the class folder the prediction points at (what the page preselects)
 
     @property
     def id(self) -> str:
         return os.path.splitext(self.name)[0]
 
-    @property
-    def predicted_folder(self) -> str | None:
-        """The class folder the prediction points at (`folder_for_label` of the model's label)."""
-        if self.sidecar is None or self.sidecar.predicted is None:
-            return None
-        return folder_for_label(self.sidecar.predicted)
-
     def to_json(self) -> dict[str, Any]:
         sc = self.sidecar
         return {"name": self.name, "id": self.id, "v": str(self.version), "problem": self.problem,
-                "predicted": sc.predicted if sc else None, "folder": self.predicted_folder,
+                "predicted": sc.predicted if sc else None, "folder": self.folder,
                 "score": sc.score if sc else None, "camera": sc.camera if sc else None,
                 "region": sc.region if sc else None, "ts": sc.ts if sc else None,
                 "reason": sc.reason if sc else None, "device": sc.device if sc else None,
@@ -271,6 +265,7 @@ class LabelStore:
             raise DatasetError(f"Cannot list {self.unlabelled}: {exc.strerror or exc}") from exc
         samples = []
         live = set()
+        by_case = self._folders_by_case()
         for name, inode in regular.items():
             stem, ext = os.path.splitext(name)
             if name.startswith(".") or ext.lower() not in IMAGE_SUFFIXES:
@@ -278,7 +273,7 @@ class LabelStore:
             sc = stem + SIDECAR_SUFFIX
             live.add(sc)
             sidecar, problem = self._sidecar(sc, regular.get(sc))
-            samples.append(Sample(name, inode, sidecar, problem))
+            samples.append(Sample(name, inode, sidecar, problem, self._folder_for(sidecar, by_case)))
         for stale in [k for k in self._sidecars if k not in live]:
             del self._sidecars[stale]
         samples.sort(key=lambda s: (s.sidecar is None or s.sidecar.ts is None,
@@ -298,7 +293,18 @@ class LabelStore:
         except OSError:
             sc_inode = None
         sidecar, problem = self._sidecar(sc, sc_inode)
-        return Sample(name, st.st_ino, sidecar, problem)
+        return Sample(name, st.st_ino, sidecar, problem, self._folder_for(sidecar, self._folders_by_case()))
+
+    def _folders_by_case(self) -> dict[str, str]:
+        return {f.casefold(): f for f in self._folders()}
+
+    @staticmethod
+    def _folder_for(sidecar: Sidecar | None, by_case: dict[str, str]) -> str | None:
+        """The folder of the predicted label; an existing folder in another letter case wins."""
+        if sidecar is None or sidecar.predicted is None:
+            return None
+        folder = folder_for_label(sidecar.predicted)
+        return None if folder is None else by_case.get(folder.casefold(), folder)
 
     def _sidecar(self, name: str, inode: int | None) -> tuple[Sidecar | None, str | None]:
         """The parsed sidecar `name` (None, None when there is none), cached by inode number: sidecars are
