@@ -9,9 +9,11 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -476,9 +478,15 @@ def test_tiff_is_converted_for_the_browser_and_an_unreadable_image_says_so(
 # ---------------------------------------------------------------- the command
 
 
-def test_edgecv_label_prints_the_url_serves_and_stops_on_sigterm(collected: CollectedDataset) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "edgecv.tools.cli", "label", str(collected.root), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def test_edgecv_label_prints_the_url_opens_it_serves_and_stops_on_sigterm(collected: CollectedDataset,
+                                                                          tmp_path: Path) -> None:
+    opened = tmp_path / "opened.txt"
+    fake_browser = tmp_path / "browser.sh"  # webbrowser runs $BROWSER with the URL as its argument
+    fake_browser.write_text(f'#!/bin/sh\nprintf %s "$1" > {opened}.tmp && mv {opened}.tmp {opened}\n')
+    fake_browser.chmod(0o755)
+    proc = subprocess.Popen([sys.executable, "-m", "edgecv.tools.cli", "label", str(collected.root), "--port", "0",
+                             "--open"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "BROWSER": str(fake_browser)})
     try:
         assert proc.stdout is not None
         first = proc.stdout.readline()
@@ -490,6 +498,11 @@ def test_edgecv_label_prints_the_url_serves_and_stops_on_sigterm(collected: Coll
         conn.request("GET", "/api/state")
         assert json.loads(conn.getresponse().read())["summary"]["left"] == 6
         conn.close()
+        # --open starts the browser before the command settles to wait; wait for its file (a condition)
+        deadline = time.monotonic() + 60
+        while not opened.exists() and time.monotonic() < deadline and proc.poll() is None:
+            threading.Event().wait(0.05)
+        assert opened.read_text() == match.group(0)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     finally:
@@ -498,6 +511,18 @@ def test_edgecv_label_prints_the_url_serves_and_stops_on_sigterm(collected: Coll
             proc.wait()
     assert proc.returncode == 0, err
     assert "Stopped. 6 image(s) left" in out
+
+
+def test_edgecv_label_on_a_taken_port_says_so(collected: CollectedDataset) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "edgecv.tools.cli", "label", str(collected.root), "--port",
+                               str(port)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert f"Cannot listen on 127.0.0.1:{port}" in proc.stderr and "--port 0" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_edgecv_label_on_a_wrong_folder_is_one_line_and_nonzero(tmp_path: Path) -> None:

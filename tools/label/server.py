@@ -125,7 +125,9 @@ class _BadRequest(Exception):
 
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
-    allow_reuse_address = False  # a second `edgecv label` on the same port must fail, not share it
+    # SO_REUSEADDR (http.server's default) lets a restart take the port while old connections linger in
+    # TIME_WAIT; on Linux it never lets two servers listen on one port, so a second `edgecv label` still fails.
+    allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], app: LabelServer) -> None:
         self.app = app
