@@ -235,7 +235,8 @@ def test_clicks_and_a_refused_action_show_the_server_truth(browser: Any, collect
         shutil.move(root / UNLABELLED / "s00.jpg", root / "s00.jpg.bak")
         page.keys("2")
         page.settled()
-        page.wait(lambda: "no longer) waiting" in page.status(), "the refusal to be shown")
+        page.wait(lambda: "queue reloaded" in page.status(), "the refusal to be shown")
+        assert "s00.jpg is not (or no longer) waiting" in page.status()
         assert page.js("return document.getElementById('status').classList.contains('error')")
         assert page.queue()[0] == "s01.jpg" and page.left() == "5 of 5 left"
         # clicking a thumbnail makes it current; clicking a class row labels it

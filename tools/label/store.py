@@ -242,7 +242,8 @@ class LabelStore:
             raise UnknownSampleError(f"{name!r} is not an image waiting in {UNLABELLED}/")
         path = self.unlabelled / str(name)
         if not _is_regular(path):
-            raise UnknownSampleError(f"{name} is not (or no longer) waiting in {UNLABELLED}/: reload the page")
+            raise UnknownSampleError(f"{name} is not (or no longer) waiting in {UNLABELLED}/: another page or "
+                                     "program moved or deleted it")
         return path
 
     def _predicted(self, image: str) -> str | None:
