@@ -22,6 +22,9 @@ command -v mosquitto_sub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
 if [ "$mode" = "full" ]; then
   [ -d /usr/share/datasets/fashion-mnist ] || need_apt+=(dataset-fashion-mnist)
   command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
+  # The labelling page's browser test (tests/tools/test_label_browser.py) drives these through selenium.
+  command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need_apt[*]}" >&2

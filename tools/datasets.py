@@ -185,8 +185,13 @@ def _fashion_arrays(img_path: str, lbl_path: str) -> tuple[np.ndarray, np.ndarra
 # ---------------------------------------------------------------- image folders
 
 
+# Sub-folders whose names start with these are not classes: `_unlabelled`, `_junk` (docs/DATASETS.md), hidden ones.
+NOT_CLASS_PREFIXES = ("_", ".")
+
+
 def scan_image_folder(root: Path | str) -> tuple[list[str], list[list[Path]]]:
-    """Class names (sorted sub-folder names) and their image files; empty class folders are skipped.
+    """Class names (sorted sub-folder names) and their image files; empty class folders are skipped, and so
+    are folders whose names start with `_` or `.` (`_unlabelled`, `_junk` of a collected dataset, hidden ones).
 
     Raises DatasetError for a wrong path or fewer than 2 classes that hold images.
     """
@@ -199,7 +204,7 @@ def scan_image_folder(root: Path | str) -> tuple[list[str], list[list[Path]]]:
     classes: list[str] = []
     files: list[list[Path]] = []
     empty: list[str] = []
-    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(NOT_CLASS_PREFIXES)):
         found = sorted(p for p in sub.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not found:
             empty.append(sub.name)

@@ -23,3 +23,17 @@ class ExportError(ToolsError):
 
 class FleetError(ToolsError):
     """Talking to devices over MQTT failed (broker unreachable, timeouts, devices reporting failure)."""
+
+
+class NameNotAllowedError(DatasetError):
+    """A class name or sample id from a user, a page or a device does not fit the allowed alphabet
+    (docs/DATASETS.md), so it must not become a file or folder name."""
+
+
+class LabelError(ToolsError):
+    """A labelling action cannot be carried out as asked (a file in the way, nothing left to undo, a file
+    moved by hand since)."""
+
+
+class UnknownSampleError(LabelError):
+    """The sample is not (or no longer) waiting in `_unlabelled`."""

@@ -145,3 +145,52 @@ def fashion_checkpoint(tmp_path_factory: pytest.TempPathFactory, fashion_mnist_d
     save_checkpoint(path, model, spec, splits.classes, model.arch, result.history,
                     {"data": "fashion-mnist", "seed": 0, "limit": 1000, "val_fraction": 0.1, "test_fraction": 0.1})
     return path
+
+
+@dataclass(frozen=True)
+class CollectedDataset:
+    """What `make_collected_dataset` wrote: the root, the sample ids in queue order (sidecar time) and each
+    sample's predicted label."""
+
+    root: Path
+    ids: tuple[str, ...]
+    predicted: dict[str, str]
+
+
+def make_collected_dataset(root: Path, predicted: Sequence[str] = ("circle", "square", "circle", "triangle",
+                                                                   "square", "circle"),
+                           existing: dict[str, int] | None = None, seed: int = 0) -> CollectedDataset:
+    """A dataset as `edgecv collect` leaves it (docs/DATASETS.md): `_unlabelled/s00.jpg` … with sidecars
+    predicting `predicted[i]` (times 60 s apart, so the queue order is s00, s01, …), plus already labelled
+    class folders (default: `circle/` with two images)."""
+    from edgecv.tools.dataset_layout import JUNK, REASONS, UNLABELLED, ModelRef, Sidecar, write_sidecar
+
+    rng = np.random.default_rng(seed)
+    shapes = {name: (color, kind) for name, color, kind in SHAPES}
+    unlabelled = root / UNLABELLED
+    unlabelled.mkdir(parents=True)
+    model = ModelRef("shapes", "1.0.0", "ab" * 32)
+    ids = []
+    for i, label in enumerate(predicted):
+        sample_id = f"s{i:02d}"
+        color, kind = shapes.get(label, ((200, 200, 200), "circle"))
+        assert cv2.imwrite(str(unlabelled / f"{sample_id}.jpg"), draw_shape(kind, color, (48, 64), rng))
+        write_sidecar(unlabelled / f"{sample_id}.json",
+                      Sidecar(predicted=label, score=round(0.35 + 0.1 * (i % 6), 2), camera="cam0",
+                              region="door" if i % 2 else None, ts=1_700_000_000.0 + 60 * i,
+                              reason=REASONS[i % len(REASONS)], device="pi-1", model=model))
+        ids.append(sample_id)
+    for name, count in (existing if existing is not None else {"circle": 2}).items():
+        (root / name).mkdir()
+        color, kind = shapes.get(name, ((200, 200, 200), "circle"))
+        for k in range(count):
+            assert cv2.imwrite(str(root / name / f"old{k}.png"), draw_shape(kind, color, (48, 64), rng))
+    assert not (root / JUNK).exists()
+    return CollectedDataset(root, tuple(ids), dict(zip(ids, predicted, strict=True)))
+
+
+@pytest.fixture
+def collected(tmp_path: Path) -> CollectedDataset:
+    """Six unlabelled samples (predicted circle, square, circle, triangle, square, circle) and `circle/` with two
+    labelled images."""
+    return make_collected_dataset(tmp_path / "dataset")

@@ -74,6 +74,22 @@ def test_folder_errors_are_single_clear_dataset_errors(tmp_path: Path) -> None:
         load_image_folder(broken.root)
 
 
+def test_folders_starting_with_underscore_or_dot_are_not_classes(
+        image_folder_factory: Callable[..., ImageFolder]) -> None:
+    # A collected, partly labelled dataset (docs/DATASETS.md): images waiting in _unlabelled, rejects in _junk,
+    # plus a hidden folder; none of them may become a training class.
+    folder = image_folder_factory(classes=2, per_class=4, corrupt=False, empty_class=False, formats=(".png",))
+    for reserved in ("_unlabelled", "_junk", ".cache"):
+        make_image_folder(folder.root / reserved, classes=1, per_class=3, corrupt=False, empty_class=False,
+                          formats=(".jpg",))
+    (folder.root / "_labels.log").write_text("{}\n")
+    ds = load_image_folder(folder.root)
+    assert ds.classes == list(folder.classes)
+    assert len(ds) == 8
+    splits = load_splits(folder.root, limit=6)
+    assert splits.classes == list(folder.classes)
+
+
 @pytest.mark.parametrize("text", ["abc", "12x", "3x3", "1x2x3", "99999x10"])
 def test_bad_size_strings_are_rejected(text: str) -> None:
     with pytest.raises(DatasetError, match="size"):
