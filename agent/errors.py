@@ -57,6 +57,10 @@ class SelfTestError(BundleError):
     """The bundle loaded but its self-test vectors did not give the expected results."""
 
 
+class DowngradeError(BundleError):
+    """A pushed bundle is older than the active one, or the same version with other content (anti-rollback)."""
+
+
 class KeyFileError(EdgecvError):
     """A signing or verification key is missing or unreadable."""
 

@@ -41,6 +41,7 @@ from pathlib import Path
 from edgecv.agent.contract import documents as D
 from edgecv.agent.contract.bundle import DEFAULT_MAX_BUNDLE_BYTES
 from edgecv.agent.contract.names import check_name, inside, is_name, shown
+from edgecv.agent.contract.topics import bounded
 from edgecv.agent.errors import BundleError, DocumentError, UnsafeNameError
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,6 @@ ACK_EVERY = 32  # the device sends a progress Ack every this many chunks
 MAX_ACK_RANGES = 256  # an Ack lists at most this many missing ranges (the pusher asks again for the rest)
 MAX_BEGIN_BYTES = 4096
 MAX_ACK_BYTES = 64 * 1024
-MAX_ERROR_CHARS = 300  # error texts in acks and states are cut to this length
 MAX_SIZE = 1 << 53  # integers above this are not exact in every JSON reader
 _INDEX = re.compile(r"[0-9]{1,9}")
 
@@ -197,13 +197,6 @@ class Ack:
 
 def encode_chunk(data: bytes) -> bytes:
     return hashlib.sha256(data).digest() + data
-
-
-def bounded(text: str | None, limit: int = MAX_ERROR_CHARS) -> str | None:
-    """An error text fit to publish: at most `limit` characters."""
-    if text is None or len(text) <= limit:
-        return text
-    return text[:limit - 1] + "…"
 
 
 def decode_chunk(payload: bytes) -> bytes:
@@ -442,6 +435,26 @@ class Receiver:
             ack = self._progress(cur)
             return Ack(**{**asdict(ack), "state": STALLED,
                           "error": f"No chunk received for {timeout_s:g} s; partial data kept for resuming"})
+
+    def abort(self, transfer_id: str, error: str) -> Ack | None:
+        """Give up a transfer after an unexpected failure: delete its files and return the FAILED Ack to publish
+        (None when the id is not a safe name, so no ack topic can be built from it)."""
+        if not is_name(transfer_id):
+            return None
+        with self._lock:
+            chunks = 0
+            if self._active is not None and self._active.begin.transfer_id == transfer_id:
+                chunks = self._active.begin.chunks
+                try:
+                    self._active.close()
+                except OSError:
+                    pass
+                self._active = None
+            if self.completed is not None and self.completed[0].transfer_id == transfer_id:
+                chunks = self.completed[0].chunks
+                self.completed = None
+            self._discard_dir(transfer_id)
+            return self._ack(transfer_id, FAILED, received=0, chunks=chunks, error=error)
 
     def progress(self) -> float | None:
         with self._lock:

@@ -108,6 +108,13 @@ class ModelStore:
                                          previous=path == prev))
             return out
 
+    def version_names(self) -> list[str]:
+        """Directory names under versions/ (installed bundles, valid or not)."""
+        try:
+            return [p.name for p in self.versions.iterdir()]
+        except FileNotFoundError:
+            return []
+
     # ------------------------------------------------------------------ changes
     def install(self, source: Path | str, keyring: Keyring | None = None, allow_unsigned: bool = False,
                 max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES) -> Bundle:
