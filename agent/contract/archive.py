@@ -102,6 +102,13 @@ class _Stream:
             del self.buf[:piece]
             left -= piece
 
+    def drain(self) -> None:
+        """Read to the end of the stream (the tar padding after the end marker), so gzip checks its CRC and
+        length trailer: a corrupt archive is refused even where the corruption is past the last member."""
+        while not self.ended:
+            self._fill(len(self.buf) + READ)
+            self.buf.clear()
+
     def skip(self, n: int, what: str) -> None:
         left = n
         while left:
@@ -150,7 +157,8 @@ def _extract_members(stream: _Stream, dest: Path, *, max_bytes: int, max_members
                 raise BundleFormatError("Bundle archive ends after an extended header without its member")
             if members == 0:
                 raise BundleFormatError("Bundle archive is empty")
-            return  # end-of-archive marker (what follows is padding)
+            stream.drain()  # end-of-archive marker: what follows is padding, then the gzip trailer
+            return
         headers += 1
         if headers > max_members * 4:
             raise UnsafeArchiveError(f"Bundle archive has more than {max_members * 4} headers")
