@@ -266,7 +266,7 @@ def check_signature(root: Path, keyring: Keyring | None, *, allow_unsigned: bool
     root = Path(root)
     data = _read_bounded(root / MANIFEST_NAME, MAX_MANIFEST_BYTES)
     if data is None:
-        raise BundleFormatError(f"{root} is not a bundle: it has no {MANIFEST_NAME}")
+        raise BundleFormatError(f"The bundle has no {MANIFEST_NAME}; build it with 'edgecv bundle' or pack_bundle")
     return _signature_rule(data, _read_signature(root), keyring, allow_unsigned)
 
 

@@ -17,6 +17,11 @@ only those, then sends `end` again. Re-sending `begin` with the same transfer id
 we?" after a reconnect. When all chunks are in, the whole-archive sha256 is checked and the archive handed over
 for verification.
 
+Limits, checked before anything is allocated: the transfer id is a safe name (names.py) and equals the topic's,
+`begin` is at most MAX_BEGIN_BYTES of typed JSON, MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE, chunks =
+ceil(size / chunk_size) <= MAX_CHUNKS, size <= the device limit and the free disk, a chunk's length is checked before
+it is hashed, and an Ack lists at most MAX_ACK_RANGES missing ranges (docs/SECURITY.md).
+
 Rule for concurrent pushes: the device receives one transfer at a time. A `begin` with the same transfer id
 resumes; a `begin` with a different id supersedes the transfer in progress, whose partial data is deleted (its
 pusher gets an Ack with state `superseded`). The transfer id defaults to the first 16 hex digits of the archive
