@@ -263,8 +263,8 @@ class _Partial:
     def __init__(self, root: Path, begin: Begin) -> None:
         self.root, self.begin = root, begin
         self.data_path, self.map_path = root / "archive.part", root / "received.map"
+        inside(root.parent, root)  # built from a validated id; checked before it is created (a planted symlink fails)
         root.mkdir(parents=True, exist_ok=True)
-        inside(root.parent, root)  # created from a validated id; a planted symlink would fail here
         fresh = not (root / "begin.json").is_file()
         if fresh:
             (root / "begin.json").write_bytes(begin.to_payload())

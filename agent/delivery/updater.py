@@ -215,10 +215,13 @@ class Updater:
             self._handle_push(transfer_id, part, index, payload)
         except Exception as exc:  # a bug or an I/O error: never leave the transfer without a final state
             log.exception("Push %s of transfer %s failed", part, transfer_id)
-            ack = self.receiver.abort(transfer_id, f"The device failed while handling push {part}: {_reason(exc)}")
-            if ack is not None:
-                self._ack(ack)
-                self._state("rejected", None, error=ack.error, transfer=transfer_id)
+            error = f"The device failed while handling push {part}: {_reason(exc)}"
+            try:
+                ack = self.receiver.abort(transfer_id, error)
+                if ack is not None:
+                    self._ack(ack)
+            finally:
+                self._state("rejected", None, error=error, transfer=transfer_id)
 
     def _handle_push(self, transfer_id: str, part: str, index: int | None, payload: bytes) -> None:
         if part == "begin":
