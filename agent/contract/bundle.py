@@ -171,7 +171,9 @@ class Manifest:
     def from_bytes(cls, data: bytes) -> Manifest:
         """Parse manifest bytes: bounded (size, nesting) before JSON parsing, then typed field by field."""
         try:
-            doc = D.parse(data, "manifest.json", max_bytes=MAX_MANIFEST_BYTES, max_depth=MAX_MANIFEST_DEPTH)
+            # NaN may appear in `metrics` (e.g. a latency that was not measured); typed fields refuse it
+            doc = D.parse(data, "manifest.json", max_bytes=MAX_MANIFEST_BYTES, max_depth=MAX_MANIFEST_DEPTH,
+                          allow_nonfinite=True)
         except DocumentError as exc:
             raise BundleFormatError(str(exc)) from None
         return cls.from_dict(doc)

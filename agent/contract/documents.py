@@ -23,8 +23,12 @@ _SPECIAL = re.compile(r'[\\"\[\]{}]')
 _MISSING: Any = object()
 
 
-def parse(data: bytes | str, what: str, *, max_bytes: int, max_depth: int) -> Any:
-    """The JSON value of `data`, or DocumentError when it breaks a limit or is not strict JSON."""
+def parse(data: bytes | str, what: str, *, max_bytes: int, max_depth: int, allow_nonfinite: bool = False) -> Any:
+    """The JSON value of `data`, or DocumentError when it breaks a limit or is not strict JSON.
+
+    `allow_nonfinite` lets NaN/Infinity (and numbers that overflow to infinity) through as floats, for documents with
+    a free-form part that the workstation may write them into (a manifest's `metrics`); every typed field is still
+    range-checked by its `need_*` reader, which refuses them."""
     if len(data) > max_bytes:
         raise DocumentError(f"{what} is {len(data)} bytes; the limit is {max_bytes}")
     if isinstance(data, bytes | bytearray | memoryview):
@@ -38,6 +42,8 @@ def parse(data: bytes | str, what: str, *, max_bytes: int, max_depth: int) -> An
     if depth > max_depth:
         raise DocumentError(f"{what} is nested more than {max_depth} levels deep")
     try:
+        if allow_nonfinite:
+            return json.loads(text, object_pairs_hook=_unique_keys)
         return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float,
                           object_pairs_hook=_unique_keys)
     except DocumentError as exc:

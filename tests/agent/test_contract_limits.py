@@ -301,6 +301,19 @@ def test_wrong_typed_manifest_fields_name_the_key_path(mutate, message: str) -> 
         B.Manifest.from_bytes(json.dumps(doc).encode())
 
 
+def test_nan_is_allowed_in_metrics_only() -> None:
+    from tests.agent.test_contract_bundle import SPEC
+
+    m = B.Manifest(name="fm", version="1.0.0", created="x", labels=("a", "b"), input=SPEC,
+                   artifacts=(B.Artifact("model.onnx", "onnx", "int8", "0" * 64, 10),),
+                   metrics={"latency_ms": float("nan")})
+    assert B.Manifest.from_bytes(m.to_bytes()).metrics["latency_ms"] != 0  # NaN round-trips in metrics
+    doc = json.loads(m.to_bytes())
+    doc["input"]["scale"] = float("nan")
+    with pytest.raises(BundleFormatError, match=r"'input\.scale' must be a number"):
+        B.Manifest.from_bytes(json.dumps(doc).encode())
+
+
 def test_deep_or_huge_manifest_is_refused_before_parsing() -> None:
     with pytest.raises(BundleFormatError, match="nested more than"):
         B.Manifest.from_bytes(b'{"metrics": ' + b"[" * 50_000 + b"]" * 50_000 + b"}")

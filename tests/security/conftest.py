@@ -38,7 +38,7 @@ SEED_VERSION = "5.0.0"
 
 # Property-based fuzzing: a short run in CI, a long one with EDGECV_SLOW=1.
 settings.register_profile("ci", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("slow", max_examples=20_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("slow", max_examples=5_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("slow" if os.environ.get("EDGECV_SLOW") == "1" else "ci")
 
 

@@ -1,7 +1,7 @@
 """Property-based fuzzing (hypothesis) of what a hostile peer controls: push messages, command requests, archives and
 manifests. The properties: parsing fails only with the documented error type (never a TypeError, RecursionError,
 OverflowError, zlib.error...), what parses is within every limit, and extraction never writes outside its
-destination. CI runs a short form (150 examples per property); EDGECV_SLOW=1 runs 20,000 (profiles in conftest.py).
+destination. CI runs a short form (150 examples per property); EDGECV_SLOW=1 runs 5,000 (profiles in conftest.py).
 """
 
 from __future__ import annotations

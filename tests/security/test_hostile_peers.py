@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 import time
 import zlib
@@ -439,8 +440,12 @@ _manifest_case("labels a string", _json_edit(lambda d: d.update(labels="abc")), 
 _manifest_case("150k labels", _json_edit(lambda d: d.update(labels=["l"] * 150_000)), "at most 100000")
 _manifest_case("expected_top1 strings", _json_edit(lambda d: d["selftest"].update(expected_top1=["a"] * 4)),
                "expected_top1[0]' must be an integer")
-_manifest_case("scale NaN", _json_edit(lambda d: d["input"].update(scale=float("nan"))), "NaN")
-_manifest_case("scale 1e400", lambda d: d.replace(b'"scale": ', b'"scale": 1e400, "x": '), "out of range", "twice")
+_manifest_case("scale NaN", _json_edit(lambda d: d["input"].update(scale=float("nan"))),
+               "'input.scale' must be a number")
+_manifest_case("scale 1e400", _json_edit(lambda d: d["input"].update(scale=float("inf"))),
+               "'input.scale' must be a number")
+_manifest_case("bytes 1e400", lambda d: re.sub(rb'"bytes": \d+', b'"bytes": 1e400', d, count=1),
+               "'artifacts[0].bytes' must be an integer")
 _manifest_case("duplicate keys", lambda d: d[:-2] + b', "name": "again"}', "twice")
 _manifest_case("not UTF-8", lambda d: d.replace(b'"tiny"', b'"t\xff\xfe"'), "UTF-8")
 _manifest_case("unknown key", _json_edit(lambda d: d.update(run_me="rm -rf /")), "unknown key")
