@@ -139,6 +139,10 @@ def extract(archive: Path, dest: Path, *, max_bytes: int, max_members: int = 64)
         dest.mkdir(parents=True, exist_ok=False)
         try:
             _extract_members(stream, dest, max_bytes=max_bytes, max_members=max_members)
+        except (FileExistsError, IsADirectoryError, NotADirectoryError) as exc:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise UnsafeArchiveError(f"Bundle archive entries collide: {shown(exc.filename)} is both a file and a "
+                                     "directory, or appears twice") from None
         except BaseException:
             shutil.rmtree(dest, ignore_errors=True)
             raise

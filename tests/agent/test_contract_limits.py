@@ -260,6 +260,19 @@ def test_other_formats_duplicates_and_bad_checksums_are_refused(tmp_path: Path) 
             A.extract(_write(tmp_path, f"{name}.edgecv", data), tmp_path / f"out-{name}", max_bytes=1 << 20)
 
 
+@pytest.mark.parametrize("names", [("a", "a/b"), ("a/b", "a"), ("d/", "d")])
+def test_entries_that_collide_are_refused(tmp_path: Path, names: tuple[str, str]) -> None:
+    body = b""
+    for name in names:
+        if name.endswith("/"):
+            body += _raw(name, 0, tarfile.DIRTYPE)
+        else:
+            body += _raw(name, 1) + b"x" + bytes(511)
+    with pytest.raises(UnsafeArchiveError, match=r"collide|twice"):
+        A.extract(_write(tmp_path, "c.edgecv", gzip.compress(body + bytes(1024))), tmp_path / "out", max_bytes=100)
+    assert not (tmp_path / "out").exists()
+
+
 def test_gnu_tar_layout_with_dot_slash_names_extracts(tmp_path: Path) -> None:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz", format=tarfile.GNU_FORMAT) as tar:

@@ -240,3 +240,29 @@ def test_manifest_fields_of_any_type_parse_or_name_the_key(where: tuple[Any, ...
         B.Manifest.from_bytes(data)
     except BundleError as exc:
         assert "Manifest key" in str(exc) or "manifest.json" in str(exc) or "unknown key" in str(exc), exc
+
+
+NAMES = ["a", "b", "a/b", "a/b/c", "./a", "a/", "..", "../a", "a/../b", "/a", ".", "", "a" * 70, "m\u00f6", "c\\d"]
+KINDS = [tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.FIFOTYPE,
+         tarfile.CHRTYPE, tarfile.CONTTYPE, tarfile.GNUTYPE_SPARSE]
+
+
+@given(st.lists(st.tuples(st.sampled_from(NAMES), st.sampled_from(KINDS), st.binary(max_size=600)), max_size=6),
+       st.sampled_from([tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT]))
+def test_generated_tar_layouts_extract_or_fail_cleanly(entries: list[tuple[str, bytes, bytes]], fmt: int) -> None:
+    """Any sequence of names and entry types (collisions, links, devices, traversal), in every tar format."""
+    buf = io.BytesIO()
+    try:
+        with tarfile.open(fileobj=buf, mode="w:gz", format=fmt) as tar:
+            for name, kind, data in entries:
+                info = tarfile.TarInfo(name)
+                info.type = kind
+                if kind in (tarfile.REGTYPE, tarfile.AREGTYPE):
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                else:
+                    info.linkname = "target"
+                    tar.addfile(info)
+    except (ValueError, UnicodeEncodeError, tarfile.TarError):
+        return  # a name this tar format cannot even write
+    _extract(buf.getvalue())
