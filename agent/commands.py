@@ -12,7 +12,6 @@ Requests arrive on `<p>/<dev>/cmd/<name>` as JSON `{"id": "<request id>", ...}`;
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import queue
 import threading
@@ -22,6 +21,9 @@ from typing import Any, Protocol
 from edgecv.agent import __version__ as AGENT_VERSION
 from edgecv.agent.contract import topics as T
 from edgecv.agent.contract.bundle import Bundle
+from edgecv.agent.contract.commands import RequestError, parse_request
+from edgecv.agent.contract.documents import describe
+from edgecv.agent.contract.names import MAX_NAME, is_name
 from edgecv.agent.errors import EdgecvError
 from edgecv.agent.link.protocol import Link
 from edgecv.agent.vision.camera import Frame
@@ -77,14 +79,13 @@ class CommandHandler:
             self._thread.join(timeout=5)
 
     def _on_command(self, topic: str, payload: bytes) -> None:
-        name = topic.rsplit("/", 1)[-1]
+        """Parse strictly (agent/contract/commands.py), then answer: every request gets exactly one result."""
         try:
-            request = json.loads(payload) if payload else {}
-            if not isinstance(request, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as exc:
-            self._reply(name, {"id": None}, ok=False, error=f"Command payload is not a JSON object: {exc}")
+            parsed = parse_request(topic.rsplit("/", 1)[-1], payload)
+        except RequestError as exc:
+            self._reply(exc.name, {"id": exc.request_id}, ok=False, error=str(exc))
             return
+        name, request = parsed.name, parsed.body
         if name not in T.COMMANDS:
             self._reply(name, request, ok=False, error=f"Unknown command {name!r}; known: {', '.join(T.COMMANDS)}")
             return
@@ -115,8 +116,16 @@ class CommandHandler:
             self._reply(name, request, ok=True, **result)
 
     def _reply(self, name: str, request: dict[str, Any], *, ok: bool, **fields: Any) -> None:
+        if "error" in fields:
+            fields["error"] = T.bounded(fields["error"])
         payload = {"id": request.get("id"), "ok": ok, "device": self.device_id, "ts": T.now(), **fields}
-        self.link.publish(self.topics.cmd_result(name), T.encode(payload), qos=1)
+        try:
+            data = T.encode(payload)
+        except (TypeError, ValueError) as exc:  # a result that is not JSON: still answer, without it
+            log.error("Result of command %s is not JSON (%s); answering with an error", name, exc)
+            data = T.encode({"id": request.get("id"), "ok": False, "device": self.device_id,
+                             "ts": T.now(), "error": f"Command {name} produced a result that is not JSON"})
+        self.link.publish(self.topics.cmd_result(name), data, qos=1)
 
     # ------------------------------------------------------------------ commands
     def _model(self) -> dict[str, Any] | None:
@@ -135,8 +144,9 @@ class CommandHandler:
 
     def _cmd_rollback(self, request: dict[str, Any]) -> dict[str, Any]:
         to = request.get("to")
-        if to is not None and not isinstance(to, str):
-            raise EdgecvError("rollback: 'to' must be a version string")
+        if to is not None and not is_name(to, MAX_NAME + 16):
+            raise EdgecvError(f"rollback: 'to' must be an installed version, directory name or sha256 prefix "
+                              f"(letters, digits, '.', '_', '-'), got {describe(to)}")
         self._need_control().rollback(to=to, reason=f"Rollback requested (request {request.get('id')})")
         return {"model": self._model()}
 

@@ -26,6 +26,7 @@ from edgecv.agent.errors import ConfigError
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 PROTOCOLS = ("5", "3.1.1")
 RUNTIME_CHOICES = ("auto", "onnxruntime", "litert")
+DOWNGRADE_CHOICES = ("when-asked", "never")  # update.allow_downgrade
 PUBLISH_MODES = ("every", "on_change", "rate")
 
 _Check = tuple[Callable[[Any], bool], str]
@@ -163,6 +164,9 @@ class UpdateConfig:
     keep_versions: int = _opt(3, check=_POS_INT)
     probation_s: float = _opt(60.0, check=_NON_NEGATIVE)
     chunk_timeout_s: float = _opt(30.0, check=_POSITIVE)
+    # A pushed bundle older than the active one (or the same version with other content) is refused unless the push
+    # asks for it (`edgecv push --allow-downgrade`, "when-asked"); "never" refuses it even then (docs/DELIVERY.md).
+    allow_downgrade: str = _opt("when-asked", choices=DOWNGRADE_CHOICES)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,16 @@ class SignatureError(BundleError):
     """The bundle is unsigned where a signature is required, or the signature does not verify."""
 
 
+class UnsafeNameError(EdgecvError, ValueError):
+    """An identifier from a message (transfer id, version, command name, archive member) is not a safe file name or
+    topic level, or a path built from one would leave its root."""
+
+
+class DocumentError(EdgecvError, ValueError):
+    """A JSON document from a peer (push begin, manifest, signature, command) is too large, too deeply nested, not
+    UTF-8 JSON, or one of its fields has the wrong type or is out of range; the message names the key path."""
+
+
 class UnsafeArchiveError(BundleError):
     """An archive entry would escape the bundle (absolute path, '..', link, device) or is oversized."""
 
@@ -45,6 +55,10 @@ class IncompatibleBundleError(BundleError):
 
 class SelfTestError(BundleError):
     """The bundle loaded but its self-test vectors did not give the expected results."""
+
+
+class DowngradeError(BundleError):
+    """A pushed bundle is older than the active one, or the same version with other content (anti-rollback)."""
 
 
 class KeyFileError(EdgecvError):

@@ -11,16 +11,20 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
-import shutil
 import tarfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
-from edgecv.agent.contract.signing import Keyring, Signature, sign
-from edgecv.agent.errors import BundleFormatError, IntegrityError, SignatureError, UnsafeArchiveError
+from edgecv.agent.contract import archive as _archive
+from edgecv.agent.contract import documents as D
+from edgecv.agent.contract.names import is_name
+from edgecv.agent.contract.signing import MAX_SIGNATURE_BYTES, Keyring, Signature, sign
+from edgecv.agent.errors import BundleFormatError, DocumentError, IntegrityError, SignatureError
+from edgecv.agent.errors import UnsafeArchiveError as UnsafeArchiveError  # re-exported: what extract_archive raises
 
 SCHEMA = "edgecv.bundle/1"
 MANIFEST_NAME = "manifest.json"
@@ -35,6 +39,15 @@ PRECISIONS = ("int8", "fp32")
 TASKS = ("classification",)
 
 DEFAULT_MAX_BUNDLE_BYTES = 64 * 1024 * 1024
+# Bounds on what a manifest may declare, checked before anything is allocated from it.
+MAX_MANIFEST_BYTES = 1024 * 1024
+MAX_MANIFEST_DEPTH = 32
+MAX_INPUT_SIDE = 16384
+MAX_LABELS = 100_000
+MAX_LABEL_CHARS = 256
+MAX_SELFTEST_FRAMES = 4096
+MAX_ARTIFACT_BYTES = 1 << 40
+MAX_TEXT = 4096
 
 
 @dataclass(frozen=True)
@@ -57,7 +70,10 @@ class InputSpec:
     resize: str = "stretch"
 
     def __post_init__(self) -> None:
-        _check(self.width > 0 and self.height > 0, "input.width/height", "positive integers")
+        _check(0 < self.width <= MAX_INPUT_SIDE and 0 < self.height <= MAX_INPUT_SIDE, "input.width/height",
+               f"integers from 1 to {MAX_INPUT_SIDE}")
+        _check(math.isfinite(self.scale) and all(math.isfinite(v) for v in (*self.mean, *self.std)),
+               "input.scale/mean/std", "finite numbers")
         _check(self.channels in (1, 3), "input.channels", "1 or 3")
         _check(self.color in COLORS, "input.color", f"one of {COLORS}")
         _check((self.color == "GRAY") == (self.channels == 1), "input.color",
@@ -124,8 +140,11 @@ class Manifest:
     def __post_init__(self) -> None:
         _check(self.schema == SCHEMA, "schema", repr(SCHEMA))
         _check(self.task in TASKS, "task", f"one of {TASKS}")
-        _check(bool(self.name) and "/" not in self.name, "name", "a non-empty name without '/'")
-        _check(bool(self.version) and "/" not in self.version, "version", "a non-empty version without '/'")
+        _check(bool(self.name) and "/" not in self.name and len(self.name) <= 128
+               and not any(ord(c) < 32 or c == "\x7f" for c in self.name), "name",
+               "a non-empty name of at most 128 characters, without '/' or control characters")
+        _check(is_name(self.version), "version", "1 to 64 letters, digits, '.', '_' or '-', starting with a letter "
+               "or digit (it names a directory on the device), e.g. 1.2.0")
         _check(len(self.labels) >= 2, "labels", "at least 2 class labels")
         _check(len(self.artifacts) >= 1, "artifacts", "at least one artifact")
         if self.selftest is not None:
@@ -150,14 +169,25 @@ class Manifest:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Manifest:
+        """Parse manifest bytes: bounded (size, nesting) before JSON parsing, then typed field by field."""
         try:
-            doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise BundleFormatError(f"manifest.json is not valid JSON: {exc}") from exc
+            # NaN may appear in `metrics` (e.g. a latency that was not measured); typed fields refuse it
+            doc = D.parse(data, "manifest.json", max_bytes=MAX_MANIFEST_BYTES, max_depth=MAX_MANIFEST_DEPTH,
+                          allow_nonfinite=True)
+        except DocumentError as exc:
+            raise BundleFormatError(str(exc)) from None
         return cls.from_dict(doc)
 
     @classmethod
     def from_dict(cls, doc: Any) -> Manifest:
+        """A Manifest from parsed JSON; every wrong type or range is a BundleFormatError naming the key path."""
+        try:
+            return cls._from_dict(doc)
+        except DocumentError as exc:
+            raise BundleFormatError(str(exc)) from None
+
+    @classmethod
+    def _from_dict(cls, doc: Any) -> Manifest:
         _need(doc, dict, "manifest")
         _no_unknown(doc, {f for f in cls.__dataclass_fields__}, "")
         for key in ("schema", "name", "version", "created", "labels", "input", "artifacts"):
@@ -165,32 +195,42 @@ class Manifest:
         _check(doc["schema"] == SCHEMA, "schema", f"{SCHEMA!r} (this agent reads only bundle v1)")
         inp = _need(doc["input"], dict, "input")
         _no_unknown(inp, set(InputSpec.__dataclass_fields__), "input.")
-        try:
-            spec = InputSpec(**{**inp, **{k: tuple(inp[k]) for k in ("mean", "std") if k in inp}})
-        except TypeError as exc:
-            raise BundleFormatError(f"input: {exc}") from exc
+        side = (_int(1, MAX_INPUT_SIDE))
+        spec = InputSpec(
+            width=_key(inp, "width", "input.", side), height=_key(inp, "height", "input.", side),
+            channels=_key(inp, "channels", "input.", _int(1, 4)),
+            color=_key(inp, "color", "input.", _str(16), "RGB"), layout=_key(inp, "layout", "input.", _str(16), "NCHW"),
+            dtype=_key(inp, "dtype", "input.", _str(16), "float32"),
+            scale=_key(inp, "scale", "input.", _num(-1e9, 1e9), 1.0 / 255.0),
+            mean=_key(inp, "mean", "input.", _nums(-1e9, 1e9), (0.0,)),
+            std=_key(inp, "std", "input.", _nums(-1e9, 1e9), (1.0,)),
+            resize=_key(inp, "resize", "input.", _str(16), "stretch"))
         arts = []
-        for i, art in enumerate(_need(doc["artifacts"], list, "artifacts")):
-            _need(art, dict, f"artifacts[{i}]")
-            _no_unknown(art, set(Artifact.__dataclass_fields__), f"artifacts[{i}].")
-            try:
-                arts.append(Artifact(**art))
-            except TypeError as exc:
-                raise BundleFormatError(f"artifacts[{i}]: {exc}") from exc
+        raw_arts = _need(doc["artifacts"], list, "artifacts")
+        _check(len(raw_arts) <= 16, "artifacts", "at most 16 artifacts")
+        for i, art in enumerate(raw_arts):
+            where = f"artifacts[{i}]."
+            _need(art, dict, where[:-1])
+            _no_unknown(art, set(Artifact.__dataclass_fields__), where)
+            arts.append(Artifact(path=_key(art, "path", where, _str(255)), format=_key(art, "format", where, _str(16)),
+                                 precision=_key(art, "precision", where, _str(16)),
+                                 sha256=_key(art, "sha256", where, _str(64)),
+                                 bytes=_key(art, "bytes", where, _int(0, MAX_ARTIFACT_BYTES))))
         selftest = None
         if doc.get("selftest") is not None:
             st = _need(doc["selftest"], dict, "selftest")
             _no_unknown(st, set(SelfTest.__dataclass_fields__), "selftest.")
-            try:
-                selftest = SelfTest(**{**st, "expected_top1": tuple(int(i) for i in st["expected_top1"])})
-            except (TypeError, KeyError, ValueError) as exc:
-                raise BundleFormatError(f"selftest: {exc}") from exc
-        rest = {k: doc[k] for k in ("task", "metrics", "min_agent_version", "description", "name",
-                                    "version", "created") if k in doc}
-        for key in ("name", "version", "created"):
-            _need(rest[key], str, key)
-        return cls(labels=tuple(str(x) for x in _need(doc["labels"], list, "labels")), input=spec,
-                   artifacts=tuple(arts), selftest=selftest, **rest)
+            frames = _key(st, "expected_top1", "selftest.", _list(MAX_SELFTEST_FRAMES, _int(0, MAX_LABELS)))
+            selftest = SelfTest(path=_key(st, "path", "selftest.", _str(255)),
+                                sha256=_key(st, "sha256", "selftest.", _str(64)), expected_top1=tuple(frames),
+                                min_agreement=_key(st, "min_agreement", "selftest.", _num(0.0, 1.0), 1.0))
+        labels = _key(doc, "labels", "", _list(MAX_LABELS, _str(MAX_LABEL_CHARS)))
+        rest: dict[str, Any] = {key: _key(doc, key, "", _str(MAX_TEXT)) for key in
+                                ("name", "version", "created", "task", "min_agent_version", "description")
+                                if key in doc}
+        if "metrics" in doc:
+            rest["metrics"] = _need(doc["metrics"], dict, "metrics")
+        return cls(labels=tuple(labels), input=spec, artifacts=tuple(arts), selftest=selftest, **rest)
 
 
 @dataclass(frozen=True)
@@ -214,14 +254,38 @@ class Bundle:
 def load_bundle(root: Path) -> Bundle:
     """Parse a bundle directory. Raises BundleFormatError with the key path on any schema problem."""
     root = Path(root)
-    mpath = root / MANIFEST_NAME
-    if not mpath.is_file():
+    data = _read_bounded(root / MANIFEST_NAME, MAX_MANIFEST_BYTES)
+    if data is None:
         raise BundleFormatError(f"{root} is not a bundle: it has no {MANIFEST_NAME}")
-    data = mpath.read_bytes()
     manifest = Manifest.from_bytes(data)
-    sig_path = root / SIGNATURE_NAME
-    signature = Signature.from_bytes(sig_path.read_bytes()) if sig_path.is_file() else None
-    return Bundle(root=root, manifest=manifest, manifest_bytes=data, signature=signature)
+    return Bundle(root=root, manifest=manifest, manifest_bytes=data, signature=_read_signature(root))
+
+
+def check_signature(root: Path, keyring: Keyring | None, *, allow_unsigned: bool = False) -> str | None:
+    """Apply the signature rule of `verify_bundle` to a bundle directory's raw manifest bytes, before the manifest
+    is parsed: on a device with a keyring, an unsigned or forged manifest is refused without being read as JSON.
+    Returns the key id that signed, or None when unsigned bundles are allowed."""
+    root = Path(root)
+    data = _read_bounded(root / MANIFEST_NAME, MAX_MANIFEST_BYTES)
+    if data is None:
+        raise BundleFormatError(f"The bundle has no {MANIFEST_NAME}; build it with 'edgecv bundle' or pack_bundle")
+    return _signature_rule(data, _read_signature(root), keyring, allow_unsigned)
+
+
+def _read_bounded(path: Path, limit: int) -> bytes | None:
+    """A regular file's bytes, or None when it does not exist; BundleFormatError when it is larger than `limit`."""
+    if path.is_symlink() or not path.is_file():
+        return None
+    size = path.stat().st_size
+    if size > limit:
+        raise BundleFormatError(f"{path.name} is {size} bytes; the limit is {limit}")
+    return path.read_bytes()
+
+
+def _read_signature(root: Path) -> Signature | None:
+    data = _read_bounded(root / SIGNATURE_NAME, MAX_SIGNATURE_BYTES) if not (root / SIGNATURE_NAME).is_symlink() \
+        else None
+    return Signature.from_bytes(data) if data is not None else None
 
 
 @dataclass(frozen=True)
@@ -250,18 +314,23 @@ def verify_bundle(bundle: Bundle, keyring: Keyring | None, *, allow_unsigned: bo
         actual = file_sha256(path)
         if actual != digest:
             raise IntegrityError(f"Bundle file {rel} has sha256 {actual[:12]}…, the manifest says {digest[:12]}…")
-    if bundle.signature is None:
+    signed_by = _signature_rule(bundle.manifest_bytes, bundle.signature, keyring, allow_unsigned)
+    return Verification(signed_by=signed_by, checked_files=len(files))
+
+
+def _signature_rule(manifest_bytes: bytes, signature: Signature | None, keyring: Keyring | None,
+                    allow_unsigned: bool) -> str | None:
+    if signature is None:
         if keyring is not None and len(keyring) > 0 and not allow_unsigned:
             raise SignatureError("Bundle is unsigned and this device requires signed bundles; sign it with "
                                  "'edgecv bundle sign' (or set security.allow_unsigned = true on the device)")
-        return Verification(signed_by=None, checked_files=len(files))
+        return None
     if keyring is None or len(keyring) == 0:
         if allow_unsigned:
-            return Verification(signed_by=None, checked_files=len(files))
+            return None
         raise SignatureError("Bundle is signed but no keyring is configured to verify it; install the "
                              "workstation's public key in the device keyring")
-    return Verification(signed_by=keyring.verify(bundle.manifest_bytes, bundle.signature),
-                        checked_files=len(files))
+    return keyring.verify(manifest_bytes, signature)
 
 
 def file_sha256(path: Path) -> str:
@@ -323,54 +392,11 @@ def extract_archive(archive: Path, dest: Path, *, max_bytes: int = DEFAULT_MAX_B
                     max_members: int = 64) -> Path:
     """Safely extract a bundle archive into `dest` (which must not exist yet) and return it.
 
-    Refuses absolute paths, '..', links, devices and anything but regular files and directories, and stops
-    at `max_bytes` of content, so a hostile archive cannot write outside `dest` or fill the disk.
+    A strict, bounded reader (agent/contract/archive.py): only regular files and directories with safe names,
+    every header and size checked against its limit before it is read, at most `max_bytes` of content; a
+    hostile archive cannot write outside `dest`, fill the disk or the memory.
     """
-    dest = Path(dest)
-    try:
-        tar = tarfile.open(archive, mode="r:*")
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise BundleFormatError(f"{archive} is not a readable bundle archive: {exc}") from exc
-    with tar:
-        total = 0
-        members = []
-        try:
-            for count, member in enumerate(tar, start=1):
-                if count > max_members:
-                    raise UnsafeArchiveError(f"Bundle archive has more than {max_members} entries")
-                if not _is_safe_relpath(member.name):
-                    raise UnsafeArchiveError(f"Bundle archive entry {member.name!r} would escape the bundle")
-                if not (member.isfile() or member.isdir()):
-                    raise UnsafeArchiveError(
-                        f"Bundle archive entry {member.name!r} is a link or special file; only regular "
-                        "files are allowed")
-                total += member.size
-                if total > max_bytes:
-                    raise UnsafeArchiveError(f"Bundle archive content exceeds the limit of {max_bytes} bytes")
-                members.append(member)
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            raise BundleFormatError(f"Bundle archive {archive} is truncated or corrupt: {exc}") from exc
-        dest.mkdir(parents=True, exist_ok=False)
-        try:
-            for member in members:
-                target = dest / member.name
-                if member.isdir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                src = tar.extractfile(member)
-                assert src is not None
-                with src, open(target, "wb") as fh:
-                    shutil.copyfileobj(src, fh)
-                    if fh.tell() != member.size:
-                        raise BundleFormatError(f"Bundle archive entry {member.name!r} is truncated")
-        except (tarfile.TarError, EOFError, zlib_error()) as exc:
-            shutil.rmtree(dest, ignore_errors=True)
-            raise BundleFormatError(f"Bundle archive {archive} is truncated or corrupt: {exc}") from exc
-        except BaseException:
-            shutil.rmtree(dest, ignore_errors=True)
-            raise
-    return dest
+    return _archive.extract(Path(archive), Path(dest), max_bytes=max_bytes, max_members=max_members)
 
 
 def open_bundle(path: Path, workdir: Path, **limits: int) -> Bundle:
@@ -383,12 +409,6 @@ def open_bundle(path: Path, workdir: Path, **limits: int) -> Bundle:
     return load_bundle(extract_archive(path, Path(workdir), **limits))
 
 
-def zlib_error() -> type[Exception]:
-    import zlib
-
-    return zlib.error
-
-
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
@@ -399,15 +419,47 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def _is_safe_relpath(name: str) -> bool:
-    if not name or name.startswith(("/", "\\")) or "\\" in name or "\x00" in name:
-        return False
-    parts = PurePosixPath(name).parts
-    return all(p not in ("..", "") for p in parts) and not PurePosixPath(name).is_absolute()
+    """A relative path of safe names (names.is_name for each part), at most 255 characters."""
+    return 0 < len(name) <= 255 and all(is_name(part) for part in name.split("/"))
 
 
 def _check(ok: bool, key: str, expected: str) -> None:
     if not ok:
         raise BundleFormatError(f"Manifest key '{key}' is invalid: expected {expected}")
+
+
+def _key(doc: Mapping[str, Any], key: str, prefix: str, read: Callable[[Any, str], Any], default: Any = ...) -> Any:
+    """doc[key] through `read` (a typed reader from documents.py) with the key path in its error; `default` when
+    absent (required when no default is given)."""
+    if key not in doc:
+        if default is ...:
+            raise BundleFormatError(f"Manifest key '{prefix}{key}' is missing")
+        return default
+    return read(doc[key], f"Manifest key '{prefix}{key}'")
+
+
+def _int(lo: int, hi: int) -> Callable[[Any, str], int]:
+    return lambda v, where: D.need_int(v, where, lo, hi)
+
+
+def _num(lo: float, hi: float) -> Callable[[Any, str], float]:
+    return lambda v, where: D.need_number(v, where, lo, hi)
+
+
+def _str(max_len: int) -> Callable[[Any, str], str]:
+    return lambda v, where: D.need_str(v, where, max_len)
+
+
+def _list(max_len: int, item: Callable[[Any, str], Any]) -> Callable[[Any, str], list[Any]]:
+    def read(v: Any, where: str) -> list[Any]:
+        if not isinstance(v, list) or len(v) > max_len:
+            raise DocumentError(f"{where} must be an array of at most {max_len} items, got {D.describe(v)}")
+        return [item(x, f"{where[:-1]}[{i}]'") for i, x in enumerate(v)]
+    return read
+
+
+def _nums(lo: float, hi: float) -> Callable[[Any, str], tuple[float, ...]]:
+    return lambda v, where: tuple(_list(4, _num(lo, hi))(v, where))
 
 
 def _need(value: Any, typ: type | tuple[type, ...], key: str) -> Any:

@@ -18,10 +18,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edgecv.agent.errors import KeyFileError, SignatureError
+from edgecv.agent.errors import DocumentError, KeyFileError, SignatureError
 
 SIGNATURE_ALG = "ed25519"
 PUBLIC_KEY_SUFFIX = ".pub"
+MAX_SIGNATURE_BYTES = 4096  # manifest.sig is ~150 bytes; anything much larger is not a signature
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
@@ -43,12 +44,22 @@ class Signature:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Signature:
+        """Parse manifest.sig strictly: bounded, typed (a key id of hex digits, base64 of 64 bytes)."""
+        from edgecv.agent.contract import documents as D
+
         try:
-            doc = json.loads(data)
-            sig = cls(key_id=str(doc["key_id"]), signature=base64.b64decode(doc["sig"], validate=True),
-                      alg=str(doc["alg"]))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise SignatureError(f"manifest.sig is not a valid signature document: {exc}") from exc
+            doc = D.need_object(D.parse(data, "manifest.sig", max_bytes=MAX_SIGNATURE_BYTES, max_depth=2),
+                                "manifest.sig")
+            alg = D.need_str(D.field(doc, "alg"), "alg", 32)
+            if alg != SIGNATURE_ALG:
+                raise SignatureError(f"Unsupported signature algorithm {alg[:32]!r}; only {SIGNATURE_ALG} is known")
+            kid = D.need_str(D.field(doc, "key_id"), "key_id", 64)
+            if not kid or any(c not in "0123456789abcdef" for c in kid):
+                raise DocumentError("key_id must be lowercase hex digits")
+            raw = base64.b64decode(D.need_str(D.field(doc, "sig"), "sig", 256), validate=True)
+            sig = cls(key_id=kid, signature=raw, alg=alg)
+        except (DocumentError, ValueError) as exc:
+            raise SignatureError(f"manifest.sig is not a valid signature document: {exc}") from None
         if sig.alg != SIGNATURE_ALG:
             raise SignatureError(f"Unsupported signature algorithm {sig.alg!r}; only {SIGNATURE_ALG} is known")
         return sig

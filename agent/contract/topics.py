@@ -26,10 +26,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from edgecv.agent.contract.names import check_name
+
 DEFAULT_PREFIX = "edgecv"
 STATUS_ONLINE, STATUS_OFFLINE, STATUS_STOPPED = "online", "offline", "stopped"
 MODEL_STATES = ("idle", "receiving", "verifying", "active", "rejected", "rolled_back")
 COMMANDS = ("ping", "reload", "snapshot", "rollback")
+# The result topic level for a request whose command name is not a safe name (names.check_name): the request
+# still gets its one result, on `<p>/<dev>/cmd/_invalid/result` (no safe name starts with '_').
+INVALID_COMMAND = "_invalid"
+MAX_ERROR_CHARS = 300  # error texts in published states and results are cut to this length
 
 _LEVEL = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
@@ -78,24 +84,28 @@ class DeviceTopics:
         return f"{self.base}/model/push/#"
 
     def push(self, transfer: str, part: str) -> str:
-        return f"{self.base}/model/push/{transfer}/{part}"
+        return f"{self.base}/model/push/{check_name(transfer, 'Transfer id')}/{part}"
 
     def push_ack(self, transfer: str) -> str:
-        return f"{self.base}/model/push/{transfer}/ack"
+        """The ack topic of a transfer; the id must be a safe name (UnsafeNameError otherwise), so an ack can never
+        be published on a topic the broker refuses or that matches more than one transfer."""
+        return f"{self.base}/model/push/{check_name(transfer, 'Transfer id')}/ack"
 
     @property
     def cmd_filter(self) -> str:
         return f"{self.base}/cmd/+"
 
     def cmd(self, name: str) -> str:
-        return f"{self.base}/cmd/{name}"
+        return f"{self.base}/cmd/{check_name(name, 'Command name')}"
 
     def cmd_result(self, name: str) -> str:
-        return f"{self.base}/cmd/{name}/result"
+        """The result topic of a command: a safe name, or INVALID_COMMAND (UnsafeNameError otherwise)."""
+        level = name if name == INVALID_COMMAND else check_name(name, "Command name")
+        return f"{self.base}/cmd/{level}/result"
 
 
 def group_push(prefix: str, group: str, transfer: str, part: str) -> str:
-    return f"{prefix}/groups/{check_level(group, 'Group')}/model/push/{transfer}/{part}"
+    return f"{prefix}/groups/{check_level(group, 'Group')}/model/push/{check_name(transfer, 'Transfer id')}/{part}"
 
 
 def group_push_filter(prefix: str, group: str) -> str:
@@ -250,4 +260,11 @@ def model_state_payload(device: str, state: str, *, name: str | None = None, ver
     if state not in MODEL_STATES:
         raise ValueError(f"unknown model state {state!r}")
     return {"state": state, "ts": now(), "device": device, "name": name, "version": version,
-            "sha256": sha256, "error": error, "transfer": transfer}
+            "sha256": sha256, "error": bounded(error), "transfer": transfer}
+
+
+def bounded(text: str | None, limit: int = MAX_ERROR_CHARS) -> str | None:
+    """An error text fit to publish: at most `limit` characters (hostile input can make an error text huge)."""
+    if text is None or len(text) <= limit:
+        return text
+    return text[:limit - 1] + "…"

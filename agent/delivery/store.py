@@ -29,12 +29,14 @@ from pathlib import Path
 from edgecv.agent.contract.bundle import (
     DEFAULT_MAX_BUNDLE_BYTES,
     Bundle,
+    check_signature,
     extract_archive,
     load_bundle,
     verify_bundle,
 )
+from edgecv.agent.contract.names import check_name, inside
 from edgecv.agent.contract.signing import Keyring
-from edgecv.agent.errors import BundleError, NoModelError, StoreError, UnsafeArchiveError
+from edgecv.agent.errors import BundleError, NoModelError, StoreError, UnsafeArchiveError, UnsafeNameError
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,13 @@ class ModelStore:
                                          previous=path == prev))
             return out
 
+    def version_names(self) -> list[str]:
+        """Directory names under versions/ (installed bundles, valid or not)."""
+        try:
+            return [p.name for p in self.versions.iterdir()]
+        except FileNotFoundError:
+            return []
+
     # ------------------------------------------------------------------ changes
     def install(self, source: Path | str, keyring: Keyring | None = None, allow_unsigned: bool = False,
                 max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES) -> Bundle:
@@ -122,9 +131,11 @@ class ModelStore:
                 if source.is_dir():
                     bundle = self._copy_dir(source, stage, max_bytes)
                 else:
-                    bundle = load_bundle(extract_archive(source, stage, max_bytes=max_bytes))
+                    extract_archive(source, stage, max_bytes=max_bytes)
+                    check_signature(stage, keyring, allow_unsigned=allow_unsigned)  # before the manifest is parsed
+                    bundle = load_bundle(stage)
                 verify_bundle(bundle, keyring, allow_unsigned=allow_unsigned)
-                target = self.versions / dir_name(bundle)
+                target = self._version_path(dir_name(bundle))
                 if target.is_dir():
                     existing = self._valid(target)
                     if existing is not None:
@@ -310,8 +321,19 @@ class ModelStore:
             return []
         return sorted(dirs, key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
 
+    def _version_path(self, name: str) -> Path:
+        """versions/<name> for a validated name, checked to stay inside versions/."""
+        try:
+            return inside(self.versions, self.versions / check_name(name, "Bundle directory name", max_len=80))
+        except UnsafeNameError as exc:
+            raise UnsafeArchiveError(str(exc)) from None
+
     def _discard(self, path: Path) -> None:
-        """Move a version out of versions/ first, so a crash never leaves a half-deleted version dir there."""
+        """Move a version out of versions/ first, so a crash never leaves a half-deleted version dir there.
+        Only a directory strictly inside versions/ or staging/ is ever moved or deleted."""
+        real = Path(os.path.realpath(path))
+        if real.parent not in (Path(os.path.realpath(self.versions)), Path(os.path.realpath(self.root / STAGING))):
+            raise StoreError(f"Refusing to delete {path}: it is not a model version inside the store {self.root}")
         trash = self.staging_dir() / f"trash-{uuid.uuid4().hex[:12]}"
         os.rename(path, trash)
         _fsync_dir(path.parent)

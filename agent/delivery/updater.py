@@ -31,6 +31,7 @@ from edgecv.agent import __version__ as AGENT_VERSION
 from edgecv.agent.config import AgentConfig
 from edgecv.agent.contract import topics as T
 from edgecv.agent.contract.bundle import Bundle
+from edgecv.agent.contract.names import is_name, shown
 from edgecv.agent.contract.signing import Keyring
 from edgecv.agent.contract.transfer import (
     COMPLETE,
@@ -41,8 +42,9 @@ from edgecv.agent.contract.transfer import (
     TransferError,
     parse_push_topic,
 )
+from edgecv.agent.contract.versions import compare as compare_versions
 from edgecv.agent.delivery.store import ModelStore
-from edgecv.agent.errors import BundleError, EdgecvError, IncompatibleBundleError, StoreError
+from edgecv.agent.errors import BundleError, DowngradeError, EdgecvError, IncompatibleBundleError, StoreError
 from edgecv.agent.link.protocol import Link
 from edgecv.agent.vision.classifier import Classifier, run_selftest
 from edgecv.agent.vision.runtimes import candidates
@@ -217,17 +219,43 @@ class Updater:
 
     # ------------------------------------------------------------------ MQTT side (link worker thread)
     def _on_push(self, topic: str, payload: bytes) -> None:
+        """Handle one push message; whatever goes wrong, a begin or end is answered with a final state."""
         parsed = parse_push_topic(topic)
         if parsed is None:
             return
         transfer_id, part, index = parsed
         if part == "ack":
             return  # our own acks come back on the device push filter
+        if not is_name(transfer_id):
+            # Nothing may be built from this id (no ack topic, no directory): answer begin/end with a state only.
+            if part in ("begin", "end"):
+                self._state("rejected", None, retain=False,
+                            error=f"Push {part} refused: transfer id {shown(transfer_id)} is not a safe name (1 to "
+                                  "64 letters, digits, '.', '_' or '-')")
+            return
+        try:
+            self._handle_push(transfer_id, part, index, payload)
+        except Exception as exc:  # a bug or an I/O error: never leave the transfer without a final state
+            log.exception("Push %s of transfer %s failed", part, transfer_id)
+            error = f"The device failed while handling push {part}: {_reason(exc)}"
+            try:
+                ack = self.receiver.abort(transfer_id, error)
+                if ack is not None:
+                    self._ack(ack)
+            finally:
+                self._state("rejected", None, error=error, transfer=transfer_id)
+
+    def _handle_push(self, transfer_id: str, part: str, index: int | None, payload: bytes) -> None:
         if part == "begin":
             try:
                 begin = Begin.from_payload(payload)
+                if begin.transfer_id != transfer_id:
+                    raise TransferError(f"Push begin: transfer_id {shown(begin.transfer_id)} differs from the "
+                                        f"topic's {transfer_id!r}", transfer_id)
             except TransferError as exc:
-                log.warning("Ignoring malformed push begin on %s: %s", topic, exc)
+                log.warning("Refusing malformed push begin of transfer %s: %s", transfer_id, exc)
+                self._ack(Ack(transfer_id, self.cfg.device_id, FAILED, 0, 0, error=str(exc), ts=T.now()))
+                self._state("rejected", None, error=str(exc), transfer=transfer_id)
                 return
             with self._lock:
                 outcome = self._finished.get(begin.transfer_id)
@@ -271,7 +299,7 @@ class Updater:
         self.link.publish(self.topics.push_ack(ack.transfer_id), ack.to_payload(), qos=1)
 
     def _state(self, state: str, bundle: Bundle | None, *, begin: Begin | None = None, error: str | None = None,
-               progress: float | None = None, transfer: str | None = None) -> None:
+               progress: float | None = None, transfer: str | None = None, retain: bool = True) -> None:
         name: str | None
         version: str | None
         sha: str | None
@@ -292,7 +320,7 @@ class Updater:
                 self._finished.move_to_end(payload["transfer"])
                 while len(self._finished) > REMEMBER_TRANSFERS:
                     self._finished.popitem(last=False)
-        self.link.publish(self.topics.model_state, data, qos=1, retain=True)
+        self.link.publish(self.topics.model_state, data, qos=1, retain=retain)
 
     # ------------------------------------------------------------------ updater thread
     def _run(self) -> None:
@@ -317,38 +345,85 @@ class Updater:
                 log.exception("Updater step %s failed", kind)
 
     def _install(self, begin: Begin, archive: Path) -> None:
+        """Verify, check, self-test and activate a received archive. Every outcome publishes a final state: any
+        failure (a refused bundle, a full disk, or a bug) publishes `rejected` and leaves the old model serving."""
         transfer = begin.transfer_id
-        installed: Bundle | None = None
+        installed_new: Bundle | None = None  # installed by this push (so removed again if refused)
+        activated: Bundle | None = None
+        previous: Bundle | None = None
         try:
             with self._swap_lock:
+                known = set(self.store.version_names())
                 installed = self.store.install(archive, self.keyring, self.cfg.security.allow_unsigned,
                                                self.cfg.update.max_bundle_bytes)
+                if installed.root.name not in known:  # one installed before this push is never removed on refusal
+                    installed_new = installed
+                previous = self.store.current()
+                self._check_downgrade(installed, previous, begin)
                 check_compatible(installed, self.cfg.model.runtime)
                 new = self._load(installed)
                 report = run_selftest(new)
                 report.raise_for_failure()
-                previous = self.store.current()
                 if previous is not None and previous.root == installed.root:
                     log.info("Pushed bundle is the one already active; reloading it")
-                self.store.activate(installed)
+                activated = self.store.activate(installed)
                 probe = Probe(baseline_ms=report.median_infer_ms)
                 new.classify = probe.wrap(new.classify)  # type: ignore[method-assign]
                 self._swap(new)
+                activated = None  # swapped in: nothing to undo any more
                 self._probation = (new, probe, transfer) if self.cfg.update.probation_s > 0 else None
                 if self._probation is None:
                     del new.classify
             self._state("active", installed, begin=begin)
             log.info("Model %s %s active (%s)", begin.name, begin.version, report.detail)
-        except (BundleError, StoreError, EdgecvError) as exc:
-            log.warning("Rejected pushed bundle %s %s: %s", begin.name, begin.version, exc)
-            if installed is not None:
-                try:
-                    self.store.remove(installed)
-                except (StoreError, EdgecvError) as rm_exc:
-                    log.warning("Could not remove refused bundle: %s", rm_exc)
-            self._state("rejected", None, begin=begin, error=str(exc))
+        except Exception as exc:
+            expected = isinstance(exc, BundleError | StoreError | EdgecvError)
+            if expected:
+                log.warning("Rejected pushed bundle %s %s: %s", begin.name, begin.version, exc)
+            else:
+                log.exception("Installing pushed bundle %s %s failed unexpectedly", begin.name, begin.version)
+            reason = str(exc) if expected else f"The device failed while installing the bundle: {_reason(exc)}"
+            self._undo_install(activated, previous, installed_new)
+            self._state("rejected", None, begin=begin, error=reason)
         finally:
             self.receiver.finish(transfer)
+
+    def _undo_install(self, activated: Bundle | None, previous: Bundle | None, installed: Bundle | None) -> None:
+        """After a refusal: point the store back at what runs, and delete a version this push installed."""
+        try:
+            if activated is not None and previous is not None:
+                self.store.activate(previous)
+            if installed is not None:
+                self.store.remove(installed)
+        except Exception as exc:
+            log.warning("Could not clean up the refused bundle: %s", exc)
+
+    def _check_downgrade(self, bundle: Bundle, active: Bundle | None, begin: Begin) -> None:
+        """Anti-rollback (docs/DELIVERY.md): refuse a bundle older than the active one, or the same version with
+        other content, unless the push asked for it and update.allow_downgrade is "when-asked"."""
+        if active is None:
+            return
+        new, cur = bundle.manifest, active.manifest
+        order = compare_versions(new.version, cur.version)
+        if order == 1 or (order == 0 and bundle.manifest_sha256 == active.manifest_sha256):
+            return
+        if order is None:
+            problem = (f"version {new.version!r} cannot be ordered against the active {cur.version!r} (neither "
+                       "semver nor PEP 440)")
+        elif order == 0:
+            problem = (f"version {new.version} is the active version but with other content (manifest "
+                       f"{bundle.manifest_sha256[:12]} vs {active.manifest_sha256[:12]}); give it a new version")
+        else:
+            problem = f"version {new.version} is older than the active {cur.version}"
+        policy = self.cfg.update.allow_downgrade
+        if begin.allow_downgrade and policy == "when-asked":
+            log.warning("Installing %s %s although %s: the push asked for it (--allow-downgrade)", new.name,
+                        new.version, problem)
+            return
+        if begin.allow_downgrade:
+            raise DowngradeError(f"Refused: {problem}; this device forbids downgrades (update.allow_downgrade = "
+                                 "\"never\"): go back with 'edgecv rollback' instead")
+        raise DowngradeError(f"Refused: {problem}; go back with 'edgecv rollback', or push with --allow-downgrade")
 
     def _check_probation(self) -> None:
         if self._probation is None:
@@ -381,3 +456,8 @@ class Updater:
         if old is not None and "classify" in vars(old):
             del old.classify  # drop a probation wrapper: it references the classifier (a cycle)
         del old  # no cycle left: reference counting frees the old runtime at once (a gc pass would stall frames)
+
+
+def _reason(exc: BaseException) -> str:
+    """An unexpected exception as a short published reason (the full traceback goes to the log)."""
+    return T.bounded(f"{type(exc).__name__}: {exc}", 200) or type(exc).__name__

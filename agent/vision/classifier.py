@@ -130,6 +130,32 @@ class SelfTestReport:
             raise SelfTestError(self.detail)
 
 
+MAX_SELFTEST_BYTES = 32 * 1024 * 1024  # self-test frames are a few MB at most; more is a decompression bomb
+
+
+def load_selftest_frames(path: Path) -> np.ndarray:
+    """The `frames` array of a selftest.npz, after checking from the .npy header (before any allocation) that it
+    is uint8 and at most MAX_SELFTEST_BYTES: a small npz cannot make the device allocate gigabytes."""
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo("frames.npy")
+        if info.file_size > MAX_SELFTEST_BYTES + 4096:
+            raise ValueError(f"frames.npy is {info.file_size} bytes; the limit is {MAX_SELFTEST_BYTES}")
+        with zf.open(info) as fh:
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                shape, _fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+            elif version == (2, 0):
+                shape, _fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+            else:
+                raise ValueError(f"frames.npy has an unsupported format version {version}")
+    if dtype != np.uint8:
+        raise ValueError(f"frames are {dtype}, expected uint8 camera frames")
+    if int(np.prod(shape, dtype=np.float64)) > MAX_SELFTEST_BYTES:
+        raise ValueError(f"frames of shape {shape} exceed the limit of {MAX_SELFTEST_BYTES} bytes")
+    with np.load(path, allow_pickle=False) as npz:
+        return np.asarray(npz["frames"])
+
+
 def run_selftest(classifier: Classifier) -> SelfTestReport:
     """Replay the bundle's self-test frames through the classifier's own serving path; compare top-1 indices.
 
@@ -141,9 +167,8 @@ def run_selftest(classifier: Classifier) -> SelfTestReport:
     if st is None:
         return SelfTestReport(True, 1.0, float("nan"), "Bundle has no self-test vectors; nothing was compared")
     try:
-        with np.load(classifier.bundle.path_of(st.path), allow_pickle=False) as npz:
-            frames = np.asarray(npz["frames"])
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        frames = load_selftest_frames(classifier.bundle.path_of(st.path))
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         return SelfTestReport(False, 0.0, float("nan"),
                               f"Self-test vectors {st.path} are unreadable ({exc}); rebuild the bundle")
     expected = st.expected_top1

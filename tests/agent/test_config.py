@@ -154,6 +154,8 @@ def test_unknown_keys_name_the_full_path(doc: dict[str, Any], expected: str) -> 
     ({"device_id": "d", "broker": {"protocol": 5}}, "broker.protocol: expected one of '5' or '3.1.1', got 5"),
     ({"device_id": "d", "model": {"threads": 1.5}}, "model.threads: expected an integer >= 1, got 1.5"),
     ({"device_id": "d", "model": {"runtime": "tensorrt"}}, "model.runtime: expected one of 'auto'"),
+    ({"device_id": "d", "update": {"allow_downgrade": True}},
+     "update.allow_downgrade: expected one of 'when-asked' or 'never', got true"),
     ({"device_id": "d", "publish": {"qos": True}}, "publish.qos: expected one of 0 or 1 or 2, got true"),
     ({"device_id": "d", "publish": {"mode": "rate"}}, "publish.max_rate: expected a number > 0 when"),
     ({"device_id": "d", "motion": {"enabled": "yes"}}, "motion.enabled: expected true or false, got 'yes'"),

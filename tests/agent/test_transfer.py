@@ -26,7 +26,8 @@ from edgecv.agent.contract.transfer import (
     to_ranges,
 )
 
-ARCHIVE = os.urandom(10 * 1000 + 17)  # 11 chunks of 1000 bytes (the last one short)
+CHUNK = 4096  # the smallest chunk size the device accepts
+ARCHIVE = os.urandom(10 * CHUNK + 17)  # 11 chunks (the last one short)
 
 
 def _send(rx: Receiver, begin: Begin, indices: list[int], data: bytes = ARCHIVE) -> list[Ack]:
@@ -39,7 +40,7 @@ def _send(rx: Receiver, begin: Begin, indices: list[int], data: bytes = ARCHIVE)
 
 
 def test_messages_round_trip_and_topics() -> None:
-    b = begin_for(ARCHIVE, "m", "1.0", chunk_size=1000)
+    b = begin_for(ARCHIVE, "m", "1.0", chunk_size=CHUNK)
     assert b.chunks == 11 and b.transfer_id == b.sha256[:16]
     assert Begin.from_payload(b.to_payload()) == b
     ack = Ack(b.transfer_id, "dev", RECEIVING, 3, 11, [[3, 10]], None, 1.0)
@@ -65,7 +66,7 @@ def test_chunk_header_detects_corruption() -> None:
 
 def test_receive_out_of_order_with_duplicates_completes(tmp_path: Path) -> None:
     rx = Receiver(tmp_path, "dev")
-    b = begin_for(ARCHIVE, "m", "1.0", chunk_size=1000)
+    b = begin_for(ARCHIVE, "m", "1.0", chunk_size=CHUNK)
     [ack] = rx.begin(b)
     assert ack.state == RECEIVING and ack.missing == [[0, 10]]
     _send(rx, b, [10, 3, 3, 0, 1, 2, 4, 5, 6, 7, 8, 9, 9])
@@ -79,7 +80,7 @@ def test_receive_out_of_order_with_duplicates_completes(tmp_path: Path) -> None:
 
 def test_end_reports_missing_ranges_then_resend_completes(tmp_path: Path) -> None:
     rx = Receiver(tmp_path, "dev")
-    b = begin_for(ARCHIVE, "m", "1.0", chunk_size=1000)
+    b = begin_for(ARCHIVE, "m", "1.0", chunk_size=CHUNK)
     rx.begin(b)
     _send(rx, b, [0, 1, 2, 5, 6, 10])
     ack = rx.end(b.transfer_id)
@@ -90,7 +91,7 @@ def test_end_reports_missing_ranges_then_resend_completes(tmp_path: Path) -> Non
 
 def test_corrupted_chunk_is_dropped_and_requested_again(tmp_path: Path) -> None:
     rx = Receiver(tmp_path, "dev")
-    b = begin_for(ARCHIVE, "m", "1.0", chunk_size=1000)
+    b = begin_for(ARCHIVE, "m", "1.0", chunk_size=CHUNK)
     rx.begin(b)
     bad = bytearray(encode_chunk(chunk_data(ARCHIVE, b, 4)))
     bad[40] ^= 0xFF
@@ -100,7 +101,7 @@ def test_corrupted_chunk_is_dropped_and_requested_again(tmp_path: Path) -> None:
 
 
 def test_resume_after_receiver_restart(tmp_path: Path) -> None:
-    b = begin_for(ARCHIVE, "m", "1.0", chunk_size=1000)
+    b = begin_for(ARCHIVE, "m", "1.0", chunk_size=CHUNK)
     rx = Receiver(tmp_path, "dev")
     rx.begin(b)
     _send(rx, b, [0, 1, 2, 3, 4])
@@ -115,23 +116,23 @@ def test_resume_after_receiver_restart(tmp_path: Path) -> None:
 
 
 def test_size_limit_checked_at_begin_and_per_chunk(tmp_path: Path) -> None:
-    rx = Receiver(tmp_path, "dev", max_bytes=5000)
-    b = begin_for(ARCHIVE, "m", "1.0", chunk_size=1000)
+    rx = Receiver(tmp_path, "dev", max_bytes=5 * CHUNK)
+    b = begin_for(ARCHIVE, "m", "1.0", chunk_size=CHUNK)
     [ack] = rx.begin(b)
     assert ack.state == FAILED and "exceeds" in (ack.error or "")
     assert rx.active is None
     # a pusher that lies about the size: chunks longer than announced fail the transfer
-    small = os.urandom(3000)
-    b2 = begin_for(small, "m", "1.0", chunk_size=1000)
+    small = os.urandom(3 * CHUNK)
+    b2 = begin_for(small, "m", "1.0", chunk_size=CHUNK)
     rx.begin(b2)
-    fail = rx.chunk(b2.transfer_id, 2, encode_chunk(os.urandom(1000 + 500)))
+    fail = rx.chunk(b2.transfer_id, 2, encode_chunk(os.urandom(CHUNK + 500)))
     assert fail is not None and fail.state == FAILED and rx.active is None
     assert not (tmp_path / b2.transfer_id).exists()
 
 
 def test_whole_archive_sha256_is_checked(tmp_path: Path) -> None:
     rx = Receiver(tmp_path, "dev")
-    b = begin_for(ARCHIVE, "m", "1.0", chunk_size=1000)
+    b = begin_for(ARCHIVE, "m", "1.0", chunk_size=CHUNK)
     rx.begin(b)
     other = bytearray(ARCHIVE)
     other[5] ^= 1  # chunk headers match the (wrong) data, only the archive digest can catch it
@@ -143,13 +144,13 @@ def test_whole_archive_sha256_is_checked(tmp_path: Path) -> None:
 
 def test_newer_transfer_supersedes_same_id_resumes(tmp_path: Path) -> None:
     rx = Receiver(tmp_path, "dev")
-    b1 = begin_for(ARCHIVE, "m", "1.0", chunk_size=1000)
+    b1 = begin_for(ARCHIVE, "m", "1.0", chunk_size=CHUNK)
     rx.begin(b1)
     _send(rx, b1, [0, 1])
     [resume] = rx.begin(b1)
     assert resume.received == 2
-    other = os.urandom(2500)
-    b2 = begin_for(other, "m", "2.0", chunk_size=1000)
+    other = os.urandom(2 * CHUNK + 100)
+    b2 = begin_for(other, "m", "2.0", chunk_size=CHUNK)
     old, new = rx.begin(b2)
     assert old.transfer_id == b1.transfer_id and old.state == SUPERSEDED
     assert new.transfer_id == b2.transfer_id and new.state == RECEIVING
@@ -162,7 +163,7 @@ def test_newer_transfer_supersedes_same_id_resumes(tmp_path: Path) -> None:
 
 def test_stalled_transfer_is_reported_and_kept(tmp_path: Path) -> None:
     rx = Receiver(tmp_path, "dev")
-    b = begin_for(ARCHIVE, "m", "1.0", chunk_size=1000)
+    b = begin_for(ARCHIVE, "m", "1.0", chunk_size=CHUNK)
     rx.begin(b)
     assert rx.stalled(60.0) is None
     ack = rx.stalled(0.0)
@@ -171,7 +172,7 @@ def test_stalled_transfer_is_reported_and_kept(tmp_path: Path) -> None:
 
 def test_repeated_end_or_begin_after_completion_answers_complete(tmp_path: Path) -> None:
     rx = Receiver(tmp_path, "dev")
-    b = begin_for(ARCHIVE, "m", "1.0", chunk_size=1000)
+    b = begin_for(ARCHIVE, "m", "1.0", chunk_size=CHUNK)
     rx.begin(b)
     _send(rx, b, list(range(11)))
     assert rx.end(b.transfer_id).state == COMPLETE

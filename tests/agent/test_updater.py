@@ -83,8 +83,8 @@ def device(tmp_path: Path, key):  # type: ignore[no-untyped-def]
 
 
 def push(agent: FakeAgent, archive: bytes, version: str, *, group: str | None = None, chunk_size: int = 4096,
-         skip: set[int] | None = None) -> str:
-    b = begin_for(archive, "tiny", version, chunk_size=chunk_size)
+         skip: set[int] | None = None, allow_downgrade: bool = False) -> str:
+    b = begin_for(archive, "tiny", version, chunk_size=chunk_size, allow_downgrade=allow_downgrade)
     base = f"edgecv/groups/{group}" if group else "edgecv/dev1"
     agent.link.deliver(f"{base}/model/push/{b.transfer_id}/begin", b.to_payload())
     for i in range(b.chunks):
@@ -353,3 +353,158 @@ def test_begin_for_a_finished_transfer_repeats_its_outcome(device, tmp_path: Pat
     repeated = [(json.loads(p), r) for t, p, _q, r in new if t.endswith("/model/state")]
     assert [(d["state"], d["transfer"], r) for d, r in repeated] == [("active", tid, False)]
     assert updater.receiver.active is None  # nothing is received again
+
+
+# --------------------------------------------------------------------------- anti-rollback and final states
+def _device_at(tmp_path: Path, key, version: str, **update: Any):  # type: ignore[no-untyped-def]
+    ring = tmp_path / "keyring"
+    ring.mkdir(exist_ok=True)
+    (ring / "ws.pub").write_bytes(public_key_pem(key.public_key()))
+    agent = FakeAgent(tmp_path, ring, **update)
+    seed = make_archive(tmp_path / "seed", version, top1=2, key=key)
+    agent.classifier = Classifier.load(agent.store.ensure_model(seed, Keyring.from_path(ring)))
+    return agent, Updater(agent.config, agent.topics, agent.link, agent.store, load_keyring(ring), host=agent).start()
+
+
+@pytest.mark.parametrize(("policy", "asked", "outcome"), [
+    ("when-asked", False, "rejected"), ("when-asked", True, "active"), ("never", True, "rejected")])
+def test_downgrade_needs_the_push_to_ask_and_the_device_to_allow(tmp_path: Path, key, policy: str, asked: bool,  # type: ignore[no-untyped-def]
+                                                                 outcome: str) -> None:
+    agent, updater = _device_at(tmp_path, key, "2.0.0", allow_downgrade=policy)
+    try:
+        old = make_archive(tmp_path / "old", "1.5.0", top1=4, key=key).read_bytes()
+        state = wait_state(agent, push(agent, old, "1.5.0", allow_downgrade=asked), ("active", "rejected"))
+        assert state["state"] == outcome, state
+        if outcome == "rejected":
+            assert "older than the active 2.0.0" in state["error"]
+            assert ("never" in state["error"]) == (policy == "never")
+            assert agent.classifier.version == "2.0.0" and agent.store.current().manifest.version == "2.0.0"
+            assert [v.version for v in agent.store.history()] == ["2.0.0"]
+        else:
+            assert agent.classifier.version == "1.5.0"
+    finally:
+        updater.stop()
+
+
+def test_same_version_other_content_and_replays_are_refused_the_active_archive_reloads(tmp_path: Path, key) -> None:  # type: ignore[no-untyped-def]
+    agent, updater = _device_at(tmp_path, key, "1.0.0")
+    try:
+        v2 = make_archive(tmp_path / "v2", "2.0.0", top1=5, key=key).read_bytes()
+        assert wait_state(agent, push(agent, v2, "2.0.0"), ("active", "rejected"))["state"] == "active"
+        replay = (tmp_path / "seed" / "tiny-1.0.0.edgecv").read_bytes()  # the old signed archive, byte for byte
+        state = wait_state(agent, push(agent, replay, "1.0.0"), ("active", "rejected"))
+        assert state["state"] == "rejected" and "older than the active 2.0.0" in state["error"]
+        other = make_archive(tmp_path / "o", "2.0.0", top1=6, key=key).read_bytes()
+        state = wait_state(agent, push(agent, other, "2.0.0"), ("active", "rejected"))
+        assert state["state"] == "rejected" and "other content" in state["error"]
+        assert "1.0.0" in [v.version for v in agent.store.history()]  # the kept old version was not deleted
+        state = wait_state(agent, push(agent, v2, "2.0.0"), ("active", "rejected"))  # the active one again
+        assert state["state"] == "active" and agent.classifier.version == "2.0.0"
+        assert agent.classifier.classify(BRIGHT).top[0]["index"] == 5
+    finally:
+        updater.stop()
+
+
+def test_signed_manifest_with_wrong_types_is_rejected_naming_the_key(device, tmp_path: Path, key) -> None:  # type: ignore[no-untyped-def]
+    from edgecv.agent.contract.signing import sign
+
+    agent, _ = device
+    src = make_bundle(tmp_path / "w", "3.0", key=key)
+    doc = json.loads((src / "manifest.json").read_text())
+    doc["artifacts"][0]["bytes"] = str(doc["artifacts"][0]["bytes"])  # "12" instead of 12, then signed
+    (src / "manifest.json").write_text(json.dumps(doc))
+    (src / "manifest.sig").write_bytes(sign((src / "manifest.json").read_bytes(), key).to_bytes())
+    data = _pack_raw(src, tmp_path / "w.edgecv")
+    state = wait_state(agent, push(agent, data, "3.0"), ("active", "rejected"))
+    assert state["state"] == "rejected" and "artifacts[0].bytes" in state["error"], state
+    assert agent.classifier.version == "1.0"
+
+
+def _pack_raw(src: Path, out: Path) -> bytes:
+    """pack_bundle without its parse check (it refuses manifests that do not parse, as it should)."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
+        for p in sorted(src.iterdir()):
+            tar.add(p, p.name)
+    out.write_bytes(buf.getvalue())
+    return buf.getvalue()
+
+
+def test_unexpected_failure_while_installing_still_ends_in_rejected(device, tmp_path: Path, key,  # type: ignore[no-untyped-def]
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    agent, _ = device
+
+    def broken(*_a: Any, **_k: Any) -> Any:
+        raise TypeError("'<' not supported between instances of 'str' and 'int'")
+
+    monkeypatch.setattr(agent.store, "install", broken)
+    data = make_archive(tmp_path, "3.0", key=key).read_bytes()
+    tid = push(agent, data, "3.0")
+    state = wait_state(agent, tid, ("active", "rejected"))
+    assert state["state"] == "rejected" and "TypeError" in state["error"] and len(state["error"]) <= 300
+    assert agent.classifier.version == "1.0"
+    assert not (agent.store.transfers_dir() / tid).exists()
+
+
+def test_failure_while_handling_a_push_message_answers_failed(device, tmp_path: Path, key,  # type: ignore[no-untyped-def]
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    agent, updater = device
+
+    def io_error(_tid: str) -> Any:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(updater.receiver, "end", io_error)
+    data = make_archive(tmp_path, "3.0", key=key).read_bytes()
+    tid = push(agent, data, "3.0")
+    state = wait_state(agent, tid, ("rejected",))
+    assert "Input/output error" in state["error"]
+    assert acks(agent, tid)[-1]["state"] == "failed"
+    assert updater.receiver.active is None and not (agent.store.transfers_dir() / tid).exists()
+
+
+@pytest.mark.parametrize("tid", ["..", ".", "x" * 100, "tränsfer"])
+def test_begin_with_an_unsafe_transfer_id_is_rejected_without_touching_the_store(device, tid: str) -> None:  # type: ignore[no-untyped-def]
+    agent, _ = device
+    before = sorted(p.name for p in agent.store.root.iterdir())
+    b = begin_for(os.urandom(5000), "tiny", "3.0", chunk_size=4096)
+    doc = {**json.loads(b.to_payload()), "transfer_id": tid}
+    agent.link.deliver(f"edgecv/dev1/model/push/{tid}/begin", json.dumps(doc).encode())
+    [(topic, payload, _q, retain)] = agent.link.published[-1:]
+    state = json.loads(payload)
+    assert topic == "edgecv/dev1/model/state" and state["state"] == "rejected" and not retain
+    assert "not a safe name" in state["error"] and state["transfer"] is None
+    assert not any("/ack" in t for t, *_ in agent.link.published)
+    assert sorted(p.name for p in agent.store.root.iterdir()) == before
+    assert agent.store.current() is not None and (agent.store.transfers_dir()).is_dir()
+
+
+def test_begin_whose_payload_names_another_transfer_is_refused(device) -> None:  # type: ignore[no-untyped-def]
+    agent, updater = device
+    b = begin_for(os.urandom(5000), "tiny", "3.0", chunk_size=4096, transfer_id="other")
+    agent.link.deliver("edgecv/dev1/model/push/mine/begin", b.to_payload())
+    assert acks(agent, "mine")[-1]["state"] == "failed" and updater.receiver.active is None
+
+
+def test_commands_with_unsafe_names_or_payloads_get_exactly_one_result(device) -> None:  # type: ignore[no-untyped-def]
+    agent, updater = device
+    handler = CommandHandler("dev1", agent.topics, agent.link, device=agent, control=updater).start()
+    try:
+        cases = [("pïng", b"{}"), ("ping", b"[" * 5000), ("ping", b'{"id": {"x": 1}}'),
+                 ("rollback", b'{"id": "r", "to": "../../etc"}'), ("rollback", b'{"id": "r2", "to": 5}'),
+                 ("nosuch", b'{"id": "n"}'), ("ping", os.urandom(64))]
+        for name, payload in cases:
+            n = len(agent.link.published)
+            agent.link.deliver(f"edgecv/dev1/cmd/{name}", payload)
+            deadline = time.monotonic() + 10
+            while len(agent.link.published) == n and time.monotonic() < deadline:
+                time.sleep(0.01)
+            results = [(t, json.loads(p)) for t, p, _q, _r in agent.link.published[n:] if t.endswith("/result")]
+            assert len(results) == 1, (name, payload[:20], results)
+            topic, doc = results[0]
+            assert doc["ok"] is False and doc["error"], doc
+            assert topic == ("edgecv/dev1/cmd/_invalid/result" if name == "pïng" else f"edgecv/dev1/cmd/{name}/result")
+    finally:
+        handler.stop()

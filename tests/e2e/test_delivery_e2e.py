@@ -224,9 +224,10 @@ def test_group_push_to_ten_agents_and_staged_rollout(start_agent: StartAgent, sh
     assert res.returncode == 1
     lines = res.stdout.splitlines()
     assert sum(" rejected " in line for line in lines) == 2 and sum(" skipped " in line for line in lines) == 8
-    # staged rollout that succeeds: canary 1, then batches of 4; given a bundle directory (packed on the fly)
+    # staged rollout that succeeds: canary 1, then batches of 4; given a bundle directory (packed on the fly); 1.0
+    # is older than the active 2.0, so the push asks for the downgrade explicitly
     res = cli("push", str(bundles["1.0"].parent / "src-1.0"), "--group", "lab", "--canary", "1", "--batch-size",
-              "4", "--timeout", "60", "--no-progress", broker=shared_broker)
+              "4", "--timeout", "60", "--no-progress", "--allow-downgrade", broker=shared_broker)
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stderr.count("stage ") == 4 and sum(" active " in line for line in res.stdout.splitlines()) == 10
 
@@ -335,7 +336,8 @@ def test_agent_killed_during_receive_verify_swap_restarts_valid(start_agent: Sta
     for round_, archive in enumerate(archives):
         data = archive.read_bytes()
         pusher = Pusher(ClientOptions(host=shared_broker.host, port=shared_broker.port), data, "tiny",
-                        archive.stem.split("-")[1], chunk_size=32 * 1024, timeout=15)
+                        archive.stem.split("-")[1], chunk_size=32 * 1024, timeout=15,
+                        allow_downgrade=True)  # 2.0 and 1.0 alternate
         results: list[Any] = []
         t0 = time.monotonic()
         t = threading.Thread(target=lambda p=pusher, r=results: r.extend(p.push([agent.device])), daemon=True)

@@ -275,3 +275,22 @@ def test_shipped_bundle_verifies_with_the_demo_key_and_passes_its_selftest(runti
     assert m.metrics["test_images"] == 10000
     report = run_selftest(Classifier.load(directory, runtime=runtime))
     assert report.passed and report.agreement == 1.0, report.detail
+
+
+@pytest.mark.parametrize(("key", "value", "path"), [("bytes", "12", "artifacts[0].bytes"),
+                                                    ("width", "28", "input.width")])
+def test_inspect_and_verify_name_the_key_of_a_signed_wrong_typed_manifest(signed: dict, tmp_path: Path, key: str,
+                                                                          value: str, path: str,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    from edgecv.agent.contract.signing import load_private_key, sign
+
+    root = signed["dir"]
+    doc = json.loads((root / "manifest.json").read_text())
+    (doc["artifacts"][0] if key == "bytes" else doc["input"])[key] = value
+    (root / "manifest.json").write_text(json.dumps(doc))
+    (root / "manifest.sig").write_bytes(sign((root / "manifest.json").read_bytes(),
+                                             load_private_key(signed["key"])).to_bytes())
+    for argv in (["bundle", "inspect", str(root)], ["bundle", "verify", str(root), "--keyring", str(signed["ring"])]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("edgecv: error:") and f"'{path}' must be an integer" in err and "\n" not in err

@@ -29,7 +29,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--timeout", type=float, default=120.0, metavar="S",
                         help="seconds to wait for the devices (per stage; default 120)")
     parser.add_argument("--chunk-size", type=int, default=64 * 1024, metavar="BYTES",
-                        help="chunk size (default 65536; keep below the broker's message_size_limit)")
+                        help="chunk size, 4096 to 1048576 (default 65536; keep below the broker's "
+                             "message_size_limit)")
+    parser.add_argument("--allow-downgrade", action="store_true",
+                        help="ask devices to install the bundle even if it is older than their active model (or the "
+                             "same version with other content); devices with update.allow_downgrade = \"never\" "
+                             "still refuse. Going back to an installed version is 'edgecv rollback'")
     parser.add_argument("--transfer-id", help="reuse a transfer id to resume an interrupted push")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_broker_arguments(parser)
@@ -63,10 +68,12 @@ def push_cmd(args: argparse.Namespace) -> int:
             plan = RolloutPlan(canary=args.canary, batch_size=args.batch_size, max_failures=args.max_failures)
             results = rollout(options, archive, name, version, devices, plan, prefix=args.prefix,
                               chunk_size=args.chunk_size, timeout=args.timeout, progress=bar.update,
-                              on_stage=lambda n, s: print(f"stage {n + 1}: {', '.join(s)}", file=sys.stderr))
+                              on_stage=lambda n, s: print(f"stage {n + 1}: {', '.join(s)}", file=sys.stderr),
+                              allow_downgrade=args.allow_downgrade)
         else:
             pusher = Pusher(options, archive, name, version, prefix=args.prefix, chunk_size=args.chunk_size,
-                            timeout=args.timeout, transfer_id=args.transfer_id, progress=bar.update)
+                            timeout=args.timeout, transfer_id=args.transfer_id, progress=bar.update,
+                            allow_downgrade=args.allow_downgrade)
             results = pusher.push(devices, group=args.group if args.group else None)
     finally:
         bar.close()

@@ -19,10 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from edgecv.agent.contract import topics as T
+from edgecv.agent.contract.names import check_name
 from edgecv.agent.contract.transfer import (
     COMPLETE,
     DEFAULT_CHUNK_SIZE,
     FAILED,
+    MAX_CHUNK_SIZE,
+    MIN_CHUNK_SIZE,
     RECEIVING,
     STALLED,
     SUPERSEDED,
@@ -96,12 +99,19 @@ class Pusher:
 
     def __init__(self, options: ClientOptions, archive: bytes, name: str, version: str, *,
                  prefix: str = T.DEFAULT_PREFIX, chunk_size: int = DEFAULT_CHUNK_SIZE, timeout: float = 120.0,
-                 transfer_id: str | None = None, progress: Callable[[int], None] | None = None) -> None:
+                 transfer_id: str | None = None, progress: Callable[[int], None] | None = None,
+                 allow_downgrade: bool = False) -> None:
         self.options = options
         self.archive = archive
         self.prefix = prefix
+        if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+            raise FleetError(f"Chunk size {chunk_size} is outside the {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE} bytes "
+                             "devices accept; pick --chunk-size in that range (below the broker's message_size_limit)")
+        if transfer_id is not None:
+            check_name(transfer_id, "Transfer id")
         tid = transfer_id or f"{begin_for(archive, name, version, chunk_size).sha256[:12]}-{uuid.uuid4().hex[:6]}"
-        self.begin: Begin = begin_for(archive, name, version, chunk_size, transfer_id=tid)
+        self.begin: Begin = begin_for(archive, name, version, chunk_size, transfer_id=tid,
+                                      allow_downgrade=allow_downgrade)
         self.timeout = timeout
         self.progress = progress
         self.reconnects = 0
@@ -305,8 +315,9 @@ class Pusher:
 
 def push_to(options: ClientOptions, archive: bytes, name: str, version: str, devices: Sequence[str], *,
             group: str | None = None, prefix: str = T.DEFAULT_PREFIX, chunk_size: int = DEFAULT_CHUNK_SIZE,
-            timeout: float = 120.0, progress: Callable[[int], None] | None = None) -> list[DeviceResult]:
+            timeout: float = 120.0, progress: Callable[[int], None] | None = None,
+            allow_downgrade: bool = False) -> list[DeviceResult]:
     """Convenience wrapper: one transfer to `devices` (or `group`)."""
     pusher = Pusher(options, archive, name, version, prefix=prefix, chunk_size=chunk_size, timeout=timeout,
-                    progress=progress)
+                    progress=progress, allow_downgrade=allow_downgrade)
     return pusher.push(devices, group=group)
