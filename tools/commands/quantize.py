@@ -48,20 +48,26 @@ def register(subparsers: Any) -> None:
     parser.add_argument("checkpoint", nargs="?", type=Path, help="edgecv checkpoint (.pt) from 'edgecv train'")
     parser.add_argument("--out", type=Path, required=True,
                         help="output folder (artifacts + metrics.json; with --onnx: the bundle directory)")
-    parser.add_argument("--data", default="fashion-mnist",
+    parser.add_argument("--data", default=None,
                         help="'fashion-mnist' or an image folder <root>/<class>/*: calibration and test images "
-                             "(default: fashion-mnist)")
+                             "(default: fashion-mnist; checkpoints only)")
     parser.add_argument("--calib", type=int, default=200, help="number of calibration images (default 200)")
-    parser.add_argument("--method", choices=METHODS, default="minmax",
-                        help="activation range calibration (default minmax)")
+    parser.add_argument("--method", choices=METHODS, default=None,
+                        help="activation range calibration (default: checkpoints minmax; --onnx tries minmax and "
+                             "percentile and keeps the better)")
     parser.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel weights")
     parser.add_argument("--max-drop", type=float, default=None,
                         help="accuracy-aware: keep the most sensitive layers in float until the int8 ONNX loses "
-                             "at most this much accuracy vs fp32 on the validation split (e.g. 0.005)")
-    parser.add_argument("--formats", default="onnx,tflite",
-                        help=f"comma list of {', '.join(FORMATS)} (default onnx,tflite; fp32 ONNX always)")
-    parser.add_argument("--limit", type=int, default=None, help="cap the images loaded per split (quick runs)")
-    parser.add_argument("--threads", type=int, default=1, help="runtime threads for evaluation (default 1)")
+                             "at most this much accuracy vs fp32 (checkpoints: on the validation split; --onnx: "
+                             "on labelled class folders, or as 1 - agreement with fp32 without them)")
+    parser.add_argument("--formats", default=None,
+                        help=f"comma list of {', '.join(FORMATS)} (default onnx,tflite; fp32 ONNX always; "
+                             "checkpoints only)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="cap the images loaded per split (quick runs; checkpoints only)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="runtime threads for evaluation (default 1; checkpoints only: --onnx measures on one "
+                             "thread, as the device runs)")
     parser.add_argument("--latency-runs", type=int, default=500,
                         help="batch-1 inferences timed per artifact (default 500; 0 skips latency)")
     byom = parser.add_argument_group("bring your own model (with --onnx)")
@@ -71,14 +77,30 @@ def register(subparsers: Any) -> None:
     byom.add_argument("--size", help="HxW input size when the model's is dynamic (e.g. 224x224)")
     byom.add_argument("--color", choices=("rgb", "bgr", "gray"), help="channel order the model expects")
     byom.add_argument("--layout", choices=("NCHW", "NHWC"), help="tensor layout (default: read from the model)")
-    byom.add_argument("--mean", default="0", help="per-channel mean after scaling, e.g. 0.485,0.456,0.406")
-    byom.add_argument("--std", default="1", help="per-channel std, e.g. 0.229,0.224,0.225")
-    byom.add_argument("--scale", type=float, default=1.0 / 255.0, help="pixel multiplier before mean/std "
+    byom.add_argument("--mean", default=None, help="per-channel mean after scaling, e.g. 0.485,0.456,0.406 "
+                      "(default 0)")
+    byom.add_argument("--std", default=None, help="per-channel std, e.g. 0.229,0.224,0.225 (default 1)")
+    byom.add_argument("--scale", type=float, default=None, help="pixel multiplier before mean/std "
                       "(default 1/255)")
+    byom.add_argument("--resize", choices=("stretch", "letterbox", "center-crop", "shorter-side"), default=None,
+                      help="how a camera frame becomes the model's size (default stretch); shorter-side scales "
+                           "the shorter side to --shorter-side then centre-crops (ImageNet: 256 then 224)")
+    byom.add_argument("--shorter-side", type=int, default=None,
+                      help="with --resize shorter-side: pixels of the shorter side before the crop (default "
+                           "input size × 8/7, i.e. 256 for 224)")
     byom.add_argument("--name", help="bundle name (default: the ONNX file name)")
-    byom.add_argument("--version", dest="bundle_version", default="1", help="bundle version (default 1)")
+    byom.add_argument("--version", dest="bundle_version", default=None,
+                      help="bundle version (default 1.0.0+<UTC date>.<time>.<model sha>, different per build)")
     byom.add_argument("--key", type=Path, help="private key to sign the bundle (from 'edgecv keys generate')")
     byom.add_argument("--include-fp32", action="store_true", help="also ship the fp32 ONNX in the bundle")
+    byom.add_argument("--prefer", choices=("auto", "speed", "size"), default=None,
+                      help="auto (default): int8 alone when it is clearly faster than fp32 here, else int8 and "
+                           "fp32 so the device measures; size: int8 only; speed: only the faster of the two")
+    byom.add_argument("--min-agreement", type=float, default=None,
+                      help="top-1 agreement with fp32 every shipped artifact must reach (default 0.97; and 0.99 "
+                           "on images fp32 is confident about)")
+    byom.add_argument("--force", action="store_true",
+                      help="sign and ship even an artifact below the agreement bound (recorded in the manifest)")
     parser.set_defaults(handler=run)
 
 
@@ -201,10 +223,32 @@ def run(args: argparse.Namespace) -> int:
     if args.calib < 1:
         raise ExportError(f"--calib {args.calib} must be at least 1 (a few hundred images is typical)")
     if args.onnx is not None:
+        given = [flag for flag, dest in CHECKPOINT_ONLY if getattr(args, dest) is not None]
+        if given:
+            raise ExportError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --onnx (a "
+                              "brought model is calibrated on --calib-images and measured on one thread); drop "
+                              f"{'it' if len(given) == 1 else 'them'}")
         return _run_byom(args)
     if args.checkpoint is None:
         raise ExportError("Pass a checkpoint to quantize (edgecv quantize CKPT ...) or your own model with --onnx")
+    given = [flag for flag, dest in BYOM_ONLY if getattr(args, dest) not in (None, False)]
+    if given:
+        raise ExportError(f"{', '.join(given)} apply only to --onnx (bring your own model); a checkpoint carries "
+                          "its own labels and preprocessing: drop them")
+    args.data = args.data or "fashion-mnist"
+    args.method = args.method or "minmax"
+    args.formats = args.formats or "onnx,tflite"
+    args.threads = args.threads or 1
     return _run_checkpoint(args)
+
+
+# Options of one path that the other would silently ignore: naming them is an error instead.
+CHECKPOINT_ONLY = (("--data", "data"), ("--formats", "formats"), ("--limit", "limit"), ("--threads", "threads"))
+BYOM_ONLY = (("--calib-images", "calib_images"), ("--labels", "labels"), ("--size", "size"), ("--color", "color"),
+             ("--layout", "layout"), ("--mean", "mean"), ("--std", "std"), ("--scale", "scale"),
+             ("--resize", "resize"), ("--shorter-side", "shorter_side"), ("--name", "name"),
+             ("--version", "bundle_version"), ("--key", "key"), ("--include-fp32", "include_fp32"),
+             ("--prefer", "prefer"), ("--min-agreement", "min_agreement"), ("--force", "force"))
 
 
 def _run_checkpoint(args: argparse.Namespace) -> int:
@@ -264,6 +308,7 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
 
 
 def _run_byom(args: argparse.Namespace) -> int:
+    from edgecv.tools.artifacts import Bound
     from edgecv.tools.byom import TFLITE_SKIPPED, quantize_byom
     from edgecv.tools.datasets import parse_size
     from edgecv.tools.errors import ExportError
@@ -273,22 +318,33 @@ def _run_byom(args: argparse.Namespace) -> int:
         raise ExportError(f"With --onnx also pass {' and '.join(missing)}")
     if args.checkpoint is not None:
         raise ExportError("Pass either a checkpoint or --onnx, not both")
-    if args.max_drop is not None:
-        log.warning("--max-drop applies to checkpoints; for --onnx the int8 model is reported against fp32")
+    min_agreement = args.min_agreement
+    max_drop = args.max_drop
+    if max_drop is not None and not 0.0 <= max_drop < 1.0:
+        raise ExportError(f"--max-drop is a fraction in [0, 1) (0.01 = one point), got {max_drop}")
+    bound = Bound(min_agreement=0.97 if min_agreement is None else min_agreement, max_drop=max_drop)
     result = quantize_byom(args.onnx, args.calib_images, args.labels, args.out, size=parse_size(args.size),
-                           color=args.color, layout=args.layout, mean=_floats(args.mean, "--mean"),
-                           std=_floats(args.std, "--std"), scale=args.scale, calib=args.calib, method=args.method,
-                           per_channel=not args.per_tensor, name=args.name, version=args.bundle_version,
-                           private_key=args.key, include_fp32=args.include_fp32,
+                           color=args.color, layout=args.layout, mean=_floats(args.mean or "0", "--mean"),
+                           std=_floats(args.std or "1", "--std"),
+                           scale=1.0 / 255.0 if args.scale is None else args.scale,
+                           resize=args.resize or "stretch", shorter_side=args.shorter_side, calib=args.calib,
+                           methods=[args.method] if args.method else None,
+                           per_channel=False if args.per_tensor else None, name=args.name,
+                           version=args.bundle_version, private_key=args.key, include_fp32=args.include_fp32,
+                           prefer=args.prefer or "auto", bound=bound, force=args.force,
                            latency_runs=args.latency_runs, progress=lambda m: print(m, file=sys.stderr))
-    m = result.metrics
-    fp32, int8 = m["fp32_onnx"], m["int8_onnx"]
-    print(f"int8 ONNX {int8['bytes']:,} bytes (gzip {int8['gzip_bytes']:,}) vs fp32 {fp32['bytes']:,}; agreement "
-          f"{m['int8_fp32_agreement']:.4f} on {m['eval_images']} images"
-          + (f"; accuracy {int8['accuracy']:.4f} vs {fp32['accuracy']:.4f}" if "accuracy" in int8 else ""))
+    arts = result.artifacts
+    print(f"{arts.eval_images} evaluation images; model output: {arts.output}; one thread, onnxruntime, this machine")
+    print(arts.table())
+    print(arts.verdict)
+    kept = next((m.kept_float for m in arts.ship if m.kept_float), ())
+    if kept:
+        print(f"kept in float: {', '.join(kept)}")
     print(TFLITE_SKIPPED)
     signed = " (signed)" if args.key else " (unsigned: sign it with 'edgecv bundle sign --key ...')"
-    print(f"wrote bundle {result.bundle.manifest.name} {result.bundle.manifest.version} to {args.out}{signed}")
+    manifest = result.bundle.manifest
+    print(f"wrote bundle {manifest.name} {manifest.version} ({', '.join(a.path for a in manifest.artifacts)}) to "
+          f"{args.out} and {result.archive}{signed}")
     return 0
 
 
