@@ -411,7 +411,7 @@ def build_onnx_artifacts(fp32_src: Path, calib_x: np.ndarray, eval_x: np.ndarray
             if kept_m is not None:
                 candidates.append(kept_m)
 
-    _side_by_side_latency([fp32, *candidates], eval_x[:1], latency_runs)
+    side_by_side_latency([fp32, *candidates], eval_x[:1], latency_runs)
     fp32.misses = []
     chosen, ship, verdict = _choose(fp32, candidates, prefer)
     say(verdict)
@@ -535,7 +535,7 @@ def _weighted_names(path: Path) -> set[str]:
     return {n.name for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type in WEIGHTED_OPS}
 
 
-def _side_by_side_latency(models: Sequence[Measured], sample: np.ndarray, runs: int, rounds: int = 5) -> None:
+def side_by_side_latency(models: Sequence[Measured], sample: np.ndarray, runs: int, rounds: int = 5) -> None:
     """Median single-thread batch-1 latency of every model, measured in interleaved rounds so that load from
     other processes falls on all of them alike; fills `latency_ms` in place."""
     from edgecv.agent.vision.runtimes import open_engine

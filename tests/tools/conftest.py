@@ -145,3 +145,9 @@ def fashion_checkpoint(tmp_path_factory: pytest.TempPathFactory, fashion_mnist_d
     save_checkpoint(path, model, spec, splits.classes, model.arch, result.history,
                     {"data": "fashion-mnist", "seed": 0, "limit": 1000, "val_fraction": 0.1, "test_fraction": 0.1})
     return path
+
+
+@pytest.fixture(scope="session")
+def zoo_cache(request: pytest.FixtureRequest) -> Path:
+    """Where exported zoo models live between tests (pytest's cache folder: CI pays an export once per run)."""
+    return Path(request.config.cache.mkdir("edgecv-zoo"))

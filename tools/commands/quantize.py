@@ -318,6 +318,10 @@ def _run_byom(args: argparse.Namespace) -> int:
         raise ExportError(f"With --onnx also pass {' and '.join(missing)}")
     if args.checkpoint is not None:
         raise ExportError("Pass either a checkpoint or --onnx, not both")
+    if args.shorter_side is not None and args.resize != "shorter-side":
+        resize = args.resize or "stretch"
+        raise ExportError(f"--shorter-side applies only to --resize shorter-side (got --resize {resize}); add "
+                          "--resize shorter-side or drop --shorter-side")
     min_agreement = args.min_agreement
     max_drop = args.max_drop
     if max_drop is not None and not 0.0 <= max_drop < 1.0:
