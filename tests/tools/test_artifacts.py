@@ -253,3 +253,18 @@ def test_lite0_u8s8_turns_every_convolution_into_an_int8_kernel(zoo_cache: Path,
     assert u8.confident_agreement >= 0.99 and u8.bytes * 3.5 < arts.fp32.bytes
     ref = run_logits(open_engine(arts.fp32.path, "onnx"), x[24:25])
     assert ref.shape == (1, 1000)
+
+
+def test_devices_table_shows_the_short_model_sha() -> None:
+    import json
+
+    from edgecv.agent.contract import topics as T
+    from edgecv.tools.fleet.devices import HEADERS, DeviceInfo, update
+    from edgecv.tools.fleet.mqtt_client import Received
+
+    infos: dict[str, DeviceInfo] = {}
+    status = T.status_payload("pi-1", "online", "0.1.0", {"name": "m", "version": "1.0.0+20261129.1.ab",
+                                                          "sha256": "f07c2a9be81d" + "0" * 52})
+    update(infos, "edgecv", Received("edgecv/pi-1/status", json.dumps(status).encode()))
+    row = infos["pi-1"].row()
+    assert row[HEADERS.index("SHA")] == "f07c2a9be81d" and row[HEADERS.index("MODEL")] == "1.0.0+20261129.1.ab"
