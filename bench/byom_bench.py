@@ -18,7 +18,9 @@ TFLite and OpenVINO rows belong to `extra_runtime_rows` (owned with those runtim
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
+import io
 import json
 import logging
 import sys
@@ -153,7 +155,8 @@ def _nncf(fp32: Path, calib: np.ndarray, out: Path) -> Path | None:
     model = onnx.load(str(fp32))
     name = model.graph.input[0].name
     dataset = nncf.Dataset([calib[i:i + 1] for i in range(len(calib))], lambda x: {name: x})
-    quantized = nncf.quantize(model, dataset, subset_size=len(calib))
+    with contextlib.redirect_stdout(io.StringIO()):  # NNCF draws progress bars on stdout, where the table goes
+        quantized = nncf.quantize(model, dataset, subset_size=len(calib))
     onnx.save(quantized, str(out))
     return out
 

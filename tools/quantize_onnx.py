@@ -1,12 +1,12 @@
-"""Static int8 quantization of fp32 ONNX classifiers with onnxruntime, and an accuracy-aware fallback.
+"""Static int8 quantization of fp32 ONNX classifiers with onnxruntime.
 
 A `QuantRecipe` names one configuration: activation type (uint8 or int8; weights are always int8), QDQ or
 QOperator format, per-channel or per-tensor weights, the calibration method, and whether only the weighted
 ops are quantized. Activation ranges are calibrated once per method on real, already preprocessed images
 (`calibrate`) and reused by every recipe. `quantize_dynamic` is deliberately not offered: on CNNs it turns
 convolutions into ConvInteger, measured 6.5x slower than fp32. Which recipe ships is decided by
-measurement in `edgecv.tools.artifacts`; `accuracy_aware_quantize` keeps the most sensitive Conv/Gemm/MatMul
-nodes in float until the accuracy drop against fp32 is within a bound (checkpoints with labelled data).
+measurement in `edgecv.tools.artifacts`, which also keeps the most sensitive nodes in float when no recipe
+meets the agreement bound.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import io
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -272,84 +272,3 @@ def _node_exists(model_path: Path, name: str) -> bool:
     import onnx
 
     return any(n.name == name for n in onnx.load(str(model_path), load_external_data=False).graph.node)
-
-
-@dataclass
-class AccuracyAwareResult:
-    """What `accuracy_aware_quantize` produced and measured (accuracies on the eval set, drops vs fp32)."""
-
-    path: Path
-    kept_float: list[str]
-    fp32_accuracy: float
-    int8_accuracy: float
-    bound_met: bool
-    # One entry per quantization tried: {"kept_float": [...], "accuracy": a, "drop": d}.
-    attempts: list[dict[str, object]] = field(default_factory=list)
-    # Accuracy drop with only that node kept float (the sensitivity ranking), highest gain first.
-    sensitivity: list[dict[str, object]] = field(default_factory=list)
-
-    @property
-    def drop(self) -> float:
-        return self.fp32_accuracy - self.int8_accuracy
-
-    @property
-    def drops(self) -> list[float]:
-        return [float(a["drop"]) for a in self.attempts]  # type: ignore[arg-type]
-
-
-def accuracy_aware_quantize(fp32_path: Path, calib: np.ndarray, x_eval: np.ndarray, y_eval: np.ndarray,
-                            max_drop: float, out: Path, method: str = "minmax", per_channel: bool = True,
-                            predict: Callable[[Path, np.ndarray], np.ndarray] | None = None,
-                            progress: Callable[[str], None] | None = None) -> AccuracyAwareResult:
-    """Quantize; while the accuracy drop vs fp32 on (x_eval, y_eval) exceeds `max_drop`, keep more layers float.
-
-    Sensitivity is measured once: the model is quantized with each weighted node kept float in turn and
-    nodes are ranked by the accuracy that gives. Nodes are then kept float in that order (re-quantizing
-    each time) until the bound holds or every candidate is float. `predict(path, x) -> top1` runs a model;
-    by default onnxruntime through `tools.evaluate`. Returns the result with every measured drop.
-    """
-    from edgecv.tools.evaluate import predict_top1
-
-    run = predict or (lambda path, x: predict_top1(path, "onnx", x))
-    fp32_path, out = Path(fp32_path), Path(out)
-    y_eval = np.asarray(y_eval)
-    say = progress or (lambda msg: log.info("%s", msg))
-    fp32_acc = float(np.mean(run(fp32_path, x_eval) == y_eval))
-    attempts: list[dict[str, object]] = []
-
-    with tempfile.TemporaryDirectory(prefix="edgecv-aaq-") as tmp_dir:
-        tmp = Path(tmp_dir)
-        pre = preprocess_for_quantization(fp32_path, tmp / "pre.onnx")
-        ranges = calibrate(pre, calib, method, tmp / "ranges.json")
-
-        def try_quantize(kept: Sequence[str], dest: Path) -> float:
-            _quantize_preprocessed(pre, ranges, dest, method=method, per_channel=per_channel, exclude_nodes=kept)
-            acc = float(np.mean(run(dest, x_eval) == y_eval))
-            attempts.append({"kept_float": list(kept), "accuracy": acc, "drop": fp32_acc - acc})
-            return acc
-
-        acc = try_quantize([], out)
-        say(f"int8 accuracy {acc:.4f} vs fp32 {fp32_acc:.4f} (drop {fp32_acc - acc:+.4f}, bound {max_drop})")
-        if fp32_acc - acc <= max_drop:
-            return AccuracyAwareResult(out, [], fp32_acc, acc, True, attempts)
-
-        candidates = quantizable_nodes(pre)
-        sensitivity = []
-        for node in candidates:
-            node_acc = try_quantize([node], tmp / "probe.onnx")
-            sensitivity.append({"node": node, "accuracy": node_acc, "drop": fp32_acc - node_acc})
-            say(f"sensitivity: {node} kept float → drop {fp32_acc - node_acc:+.4f}")
-        # Most sensitive first: the node whose float version recovers the most accuracy.
-        sensitivity.sort(key=lambda s: -float(s["accuracy"]))  # type: ignore[arg-type]
-        kept: list[str] = []
-        best_acc = acc
-        for entry in sensitivity:
-            kept.append(str(entry["node"]))
-            best_acc = try_quantize(kept, out)
-            say(f"kept float {kept} → drop {fp32_acc - best_acc:+.4f}")
-            if fp32_acc - best_acc <= max_drop:
-                return AccuracyAwareResult(out, kept, fp32_acc, best_acc, True, attempts, sensitivity)
-        log.warning("Accuracy drop %.4f still exceeds %.4f with every weighted layer kept float (%s); the "
-                    "remaining loss comes from quantized activations", fp32_acc - best_acc, max_drop,
-                    ", ".join(kept) or "none")
-        return AccuracyAwareResult(out, kept, fp32_acc, best_acc, False, attempts, sensitivity)

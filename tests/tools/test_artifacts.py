@@ -82,6 +82,24 @@ def test_output_kind_from_the_graph_or_the_values(zoo_cache: Path) -> None:
     assert not looks_like_probabilities(np.array([[0.1, 0.2], [0.3, 0.1]]))  # in [0, 1] but not summing to 1
 
 
+def test_sensitive_nodes_are_kept_float_and_named_until_the_bound_holds(zoo_cache: Path, tmp_path: Path) -> None:
+    model = zoo.softmax_opset11(zoo_cache)
+    x = _inputs(model, 96)
+    # a deliberately weak recipe (per-tensor, int8 activations, 8 calibration images) and an exact bound
+    weak = [QuantRecipe(activations="int8", per_channel=False, method="percentile")]
+    exact = Bound(min_agreement=1.0, min_confident_agreement=1.0)
+    plain = build_onnx_artifacts(model.path, x[:8], x[32:], tmp_path / "a", recipes=weak, latency_runs=10,
+                                 search_float=False, bound=exact)
+    assert plain.candidates[0].agreement < 1.0  # it flips an image
+    arts = build_onnx_artifacts(model.path, x[:8], x[32:], tmp_path / "b", recipes=weak, latency_runs=10,
+                                bound=exact)
+    kept = arts.candidates[-1]
+    assert kept.kept_float and kept.agreement > plain.candidates[0].agreement
+    names = {n.name for n in onnx.load(str(kept.path)).graph.node}
+    assert set(kept.kept_float) <= names  # named as in the model: kept float, not wrapped in Q/DQ
+    assert f"+{len(kept.kept_float)} float" in kept.name and kept.name in arts.table()
+
+
 # ------------------------------------------------------------------------------------------ selection rules
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -114,6 +116,8 @@ class QuantizeReport:
     seconds: dict[str, float]
     kept_float: list[str] = field(default_factory=list)
     accuracy_aware: dict[str, Any] | None = None
+    selection: dict[str, Any] | None = None  # the int8 ONNX recipes measured and the one kept
+
 
     def metrics(self) -> dict[str, Any]:
         doc: dict[str, Any] = {}
@@ -122,24 +126,30 @@ class QuantizeReport:
                          "seconds_to_build": round(self.seconds.get(name, 0.0), 3), "file": self.paths[name].name}
         if self.accuracy_aware is not None:
             doc["accuracy_aware"] = self.accuracy_aware
+        if self.selection is not None:
+            doc["int8_onnx_selection"] = {k: v for k, v in self.selection.items() if k != "table"}
         return doc
 
 
 def build_artifacts(model: torch.nn.Module, spec: InputSpec, calib_x: np.ndarray, test_x: np.ndarray,
                     test_y: np.ndarray, out_dir: Path, *, formats: Sequence[str] = ("onnx", "tflite"),
-                    method: str = "minmax", per_channel: bool = True, max_drop: float | None = None,
+                    method: str | None = None, per_channel: bool = True, max_drop: float | None = None,
+                    min_agreement: float = 0.97,
                     val_x: np.ndarray | None = None, val_y: np.ndarray | None = None, threads: int = 1,
                     latency_runs: int = 500, progress: Callable[[str], None] | None = None) -> QuantizeReport:
     """fp32 ONNX (always) + int8 ONNX + int8 TFLite (+ fp32 TFLite) in `out_dir`, each run on the test set.
 
-    Names: model.fp32.onnx, model.int8.onnx, model.int8.tflite, model.fp32.tflite. With `max_drop`, the
-    int8 ONNX is accuracy-aware on (val_x, val_y) (the test set stays untouched for reporting).
+    Names: model.fp32.onnx, model.int8.onnx, model.int8.tflite, model.fp32.tflite. The int8 ONNX comes from
+    the artifact chain (`edgecv.tools.artifacts`): recipes measured on (val_x, val_y), the fastest within the
+    agreement bound (and `max_drop` of accuracy) kept, sensitive nodes kept float when none is; `method` and
+    `per_channel=False` narrow the search. The test set stays untouched for reporting.
     """
     import numpy as np
 
+    from edgecv.tools.artifacts import Bound, build_onnx_artifacts
     from edgecv.tools.evaluate import agreement, evaluate_artifact
     from edgecv.tools.export_onnx import export_onnx
-    from edgecv.tools.quantize_onnx import accuracy_aware_quantize, quantize_onnx_int8, torch_module_names
+    from edgecv.tools.quantize_onnx import torch_module_names
     from edgecv.tools.quantize_tflite import export_tflite_fp32, export_tflite_int8
 
     say = progress or (lambda msg: log.info("%s", msg))
@@ -162,27 +172,31 @@ def build_artifacts(model: torch.nn.Module, spec: InputSpec, calib_x: np.ndarray
 
     timed("fp32 onnx", lambda: export_onnx(model, spec, out_dir / "model.fp32.onnx"))
     if "onnx" in formats:
-        if max_drop is not None:
-            ex = val_x if val_x is not None else test_x
-            ey = val_y if val_y is not None else test_y
+        ex = val_x if val_x is not None else test_x
+        ey = val_y if val_y is not None else test_y
 
-            def aaq() -> Path:
-                res = accuracy_aware_quantize(paths["fp32 onnx"], calib_x, ex, ey, max_drop,
-                                              out_dir / "model.int8.onnx", method=method, per_channel=per_channel,
-                                              progress=say)
-                report.kept_float = list(res.kept_float)
-                report.accuracy_aware = {"max_drop": max_drop, "bound_met": res.bound_met,
-                                         "kept_float": list(res.kept_float),
+        def chain() -> Path:
+            # The same chain as optimize and BYOM: recipes measured on the validation split, the fastest one
+            # within the bound written (or, when none meets it, the closest, reported as such).
+            with tempfile.TemporaryDirectory(prefix="edgecv-quantize-") as tmp:
+                arts = build_onnx_artifacts(paths["fp32 onnx"], calib_x, ex, Path(tmp), eval_y=ey,
+                                            bound=Bound(min_agreement=min_agreement, max_drop=max_drop),
+                                            methods=[method] if method else None,
+                                            per_channel=None if per_channel else False,
+                                            latency_runs=min(latency_runs, 300), progress=say)
+                pick = arts.chosen or max(arts.candidates, key=lambda c: (c.confident_agreement, c.agreement))
+                shutil.copyfile(pick.path, out_dir / "model.int8.onnx")
+            report.kept_float = list(pick.kept_float)
+            report.selection = {**arts.metrics(), "table": arts.table(), "recipe": pick.name}
+            if max_drop is not None:
+                report.accuracy_aware = {"max_drop": max_drop, "bound_met": pick.meets_bound,
+                                         "kept_float": list(pick.kept_float),
                                          "torch_modules": torch_module_names(paths["fp32 onnx"]),
-                                         "eval_fp32_accuracy": res.fp32_accuracy,
-                                         "eval_int8_accuracy": res.int8_accuracy, "attempts": res.attempts,
-                                         "sensitivity": res.sensitivity}
-                return res.path
+                                         "eval_fp32_accuracy": arts.fp32.accuracy,
+                                         "eval_int8_accuracy": pick.accuracy, "misses": list(pick.misses)}
+            return out_dir / "model.int8.onnx"
 
-            timed("int8 onnx", aaq)
-        else:
-            timed("int8 onnx", lambda: quantize_onnx_int8(paths["fp32 onnx"], calib_x, out_dir / "model.int8.onnx",
-                                                          method=method, per_channel=per_channel))
+        timed("int8 onnx", chain)
     if "tflite" in formats:
         timed("int8 tflite", lambda: export_tflite_int8(model, spec, calib_x, out_dir / "model.int8.tflite",
                                                         per_channel=per_channel))
@@ -236,7 +250,6 @@ def run(args: argparse.Namespace) -> int:
         raise ExportError(f"{', '.join(given)} apply only to --onnx (bring your own model); a checkpoint carries "
                           "its own labels and preprocessing: drop them")
     args.data = args.data or "fashion-mnist"
-    args.method = args.method or "minmax"
     args.formats = args.formats or "onnx,tflite"
     args.threads = args.threads or 1
     return _run_checkpoint(args)
@@ -248,7 +261,7 @@ BYOM_ONLY = (("--calib-images", "calib_images"), ("--labels", "labels"), ("--siz
              ("--layout", "layout"), ("--mean", "mean"), ("--std", "std"), ("--scale", "scale"),
              ("--resize", "resize"), ("--shorter-side", "shorter_side"), ("--name", "name"),
              ("--version", "bundle_version"), ("--key", "key"), ("--include-fp32", "include_fp32"),
-             ("--prefer", "prefer"), ("--min-agreement", "min_agreement"), ("--force", "force"))
+             ("--prefer", "prefer"), ("--force", "force"))
 
 
 def _run_checkpoint(args: argparse.Namespace) -> int:
@@ -286,6 +299,7 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
     try:
         report = build_artifacts(ckpt.model, spec, calib_x, test_x, test_y, args.out, formats=formats,
                                  method=args.method, per_channel=not args.per_tensor, max_drop=args.max_drop,
+                                 min_agreement=0.97 if args.min_agreement is None else args.min_agreement,
                                  val_x=val_x, val_y=splits.val.labels if val_x is not None else None,
                                  threads=args.threads, latency_runs=args.latency_runs, progress=progress)
         bar.update(bar.total - bar.n)
@@ -295,14 +309,20 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
                "method": args.method, "per_channel": not args.per_tensor, "test_images": len(test_x),
                "artifacts": report.metrics()}
     (Path(args.out) / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=float) + "\n")
-    print(f"{splits.describe()}; calibration {len(calib_x)} images ({args.method}); test {len(test_x)} images")
+    method = args.method or "minmax and percentile measured"
+    print(f"{splits.describe()}; calibration {len(calib_x)} images ({method}); test {len(test_x)} images")
+    if report.selection is not None:
+        print("int8 ONNX recipes, measured on the validation split (one thread, this machine):")
+        print(report.selection["table"])
+        print(report.selection["verdict"])
     print(format_table(report))
     if args.max_drop is not None and report.accuracy_aware is not None:
         aa = report.accuracy_aware
         modules = aa["torch_modules"]
         kept = ", ".join(f"{n} ({modules[n]})" if n in modules else n for n in report.kept_float) or "none"
         state = "met" if aa["bound_met"] else "NOT met"
-        print(f"accuracy-aware (max drop {args.max_drop} on validation): bound {state}; layers kept in float: {kept}")
+        print(f"accuracy-aware (max drop {args.max_drop} on validation): bound {state}; layers kept in float: {kept}"
+              + (f" ({'; '.join(aa['misses'])})" if aa.get("misses") else ""))
     print(f"wrote {', '.join(p.name for p in report.paths.values())} and metrics.json to {args.out}")
     return 0
 
