@@ -197,14 +197,15 @@ def prepare_fp32(src: Path, dst: Path, probe: np.ndarray) -> tuple[Path, list[st
 
     src, dst = Path(src), Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL
+                   for t in onnx.load(str(src), load_external_data=False).graph.initializer)
     model = onnx.load(str(src))  # external data, if any, is pulled in: the artifact is one file
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset >= MIN_OPSET_PER_CHANNEL:
-        if src.resolve() != dst.resolve():
-            if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-                onnx.save(model, str(dst))
-            else:
-                shutil.copyfile(src, dst)
+        if external:
+            onnx.save(model, str(dst))
+        elif src.resolve() != dst.resolve():
+            shutil.copyfile(src, dst)
         return dst, [], True
     from onnx import version_converter
 

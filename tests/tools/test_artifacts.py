@@ -338,3 +338,18 @@ def test_byom_bench_quick_run_on_the_small_models(tmp_path: Path) -> None:
     doc = json.loads((tmp_path / "b.json").read_text())
     assert {r["variant"] for r in doc["rows"]} >= {"fp32", "ort quantize_static defaults"}
     assert any(r["shipped"] for r in doc["rows"]) and "| softmax-opset11 |" in proc.stdout
+
+
+def test_a_model_with_external_weights_becomes_one_self_contained_file(zoo_cache: Path, tmp_path: Path) -> None:
+    from edgecv.tools.artifacts import prepare_fp32
+
+    src = onnx.load(str(zoo.softmax_opset11(zoo_cache).path))
+    src = onnx.version_converter.convert_version(src, 13)
+    split = tmp_path / "split" / "model.onnx"
+    split.parent.mkdir()
+    onnx.save(src, str(split), save_as_external_data=True, all_tensors_to_one_file=True, location="weights.bin",
+              size_threshold=0)
+    out, notes, per_channel_ok = prepare_fp32(split, tmp_path / "one" / "model.fp32.onnx", np.zeros((1, 3, 32, 32),
+                                                                                                   np.float32))
+    assert per_channel_ok and not notes and sorted(p.name for p in out.parent.iterdir()) == ["model.fp32.onnx"]
+    assert open_engine(out, "onnx").run(np.zeros((1, 3, 32, 32), np.float32)).shape == (1, 4)
