@@ -212,7 +212,8 @@ class Agent:
         """The prediction encoder of this camera and model (made again after a model swap)."""
         loop.clf = clf
         loop.encoder = T.PredictionEncoder(boot=self.boot, device=self.config.device_id, camera=loop.name,
-                                           model_name=clf.name, model_version=clf.version, labels=clf.labels)
+                                           model_name=clf.name, model_version=clf.version, labels=clf.labels,
+                                           model_sha=clf.bundle.manifest_sha256)
         return loop.encoder
 
     def _mark_ready(self, status: str) -> bool:

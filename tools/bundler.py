@@ -59,11 +59,12 @@ def build_bundle(out_dir: Path, *, name: str, version: str, labels: Sequence[str
                  artifacts: Sequence[ArtifactSource], selftest_frames: np.ndarray,
                  selftest_expected: Sequence[int], metrics: Mapping[str, Any] | None = None,
                  private_key: Ed25519PrivateKey | Path | str | None = None, description: str = "",
-                 min_agreement: float = 1.0) -> Bundle:
+                 min_agreement: float = 1.0, output: str = "logits") -> Bundle:
     """Write a bundle directory at `out_dir` and return it parsed (signed when `private_key` is given).
 
     `out_dir` must be absent, empty or an earlier bundle (which is replaced). Frames are uint8 N×H×W×C
     camera-like images (BGR for 3 channels, H×W×1 for gray) and `selftest_expected` their top-1 indices.
+    `output` says whether the artifacts output logits or probabilities (the manifest's `output`).
     """
     out_dir = Path(out_dir)
     if not artifacts:
@@ -91,7 +92,7 @@ def build_bundle(out_dir: Path, *, name: str, version: str, labels: Sequence[str
         labels=tuple(str(x) for x in labels), input=spec, artifacts=tuple(placed),
         selftest=SelfTest(path=SELFTEST_NAME, sha256=file_sha256(out_dir / SELFTEST_NAME),
                           expected_top1=tuple(int(i) for i in selftest_expected), min_agreement=min_agreement),
-        metrics=_jsonable(dict(metrics or {})), description=description)
+        metrics=_jsonable(dict(metrics or {})), description=description, output=output)
     write_manifest(out_dir, manifest)
     if private_key is not None:
         key = private_key if isinstance(private_key, Ed25519PrivateKey) else load_private_key(Path(private_key))
@@ -124,12 +125,13 @@ def dataset_to_frames(images: np.ndarray) -> np.ndarray:
 def choose_selftest_frames(images: np.ndarray, preprocess: Callable[[np.ndarray], np.ndarray],
                            reference: LogitsFn, candidates: Mapping[str, LogitsFn], *, count: int = 8,
                            min_margin: float = 0.3, floor: float = 0.02, pool: int = 512,
-                           seed: int = 0) -> tuple[np.ndarray, list[int]]:
+                           seed: int = 0, output: str = "logits") -> tuple[np.ndarray, list[int]]:
     """Pick `count` test images on which every candidate agrees with the fp32 reference by a clear margin.
 
     `images` are dataset images (RGB or gray); they are converted to camera-like frames, and `preprocess`
     (frames → float32 model input, the device's math) feeds `reference` and each candidate (→ logits).
-    An image's margin is the smallest, over all models, of top-1 minus runner-up softmax probability.
+    An image's margin is the smallest, over all models, of top-1 minus runner-up probability (softmax of the
+    outputs, or the outputs themselves when `output` is "probabilities").
     Images where all models give the same top-1 with margin ≥ `min_margin` come first, so int8 rounding on
     another CPU cannot flip them; an under-confident model is filled up with the clearest remaining
     agreeing images (margin ≥ `floor`). Frames are spread over classes. Returns (frames, expected top-1).
@@ -138,12 +140,13 @@ def choose_selftest_frames(images: np.ndarray, preprocess: Callable[[np.ndarray]
     idx = np.sort(rng.permutation(len(images))[:pool])
     frames = dataset_to_frames(np.asarray(images)[idx])
     x = preprocess(frames)
-    ref = _softmax(np.asarray(reference(x), dtype=np.float64))
+    scores = _softmax if output == "logits" else (lambda p: p)
+    ref = scores(np.asarray(reference(x), dtype=np.float64))
     top = ref.argmax(axis=1)
     margin = _margin(ref)
     agree = np.ones(len(x), dtype=bool)
     for name, fn in candidates.items():
-        probs = _softmax(np.asarray(fn(x), dtype=np.float64))
+        probs = scores(np.asarray(fn(x), dtype=np.float64))
         same = probs.argmax(axis=1) == top
         agree &= same
         margin = np.minimum(margin, _margin(probs))
@@ -158,7 +161,7 @@ def choose_selftest_frames(images: np.ndarray, preprocess: Callable[[np.ndarray]
     chosen = _spread(strong, top, count)
     if len(chosen) < count:
         chosen += _spread(weak, top, count - len(chosen))
-        log.warning("Only %d self-test images have a softmax margin >= %.2f; the rest have margins down to %.3f "
+        log.warning("Only %d self-test images have a probability margin >= %.2f; the rest have margins down to %.3f "
                     "(the model is not very confident)", len(strong), min_margin, min(margin[chosen]))
     return frames[chosen], [int(top[i]) for i in chosen]
 
@@ -254,3 +257,15 @@ def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, str | int | float | bool):
         return value
     raise BundleError(f"Bundle metric value {value!r} of type {type(value).__name__} is not JSON-serializable")
+
+
+def build_version(base: str = "1.0.0", when: datetime | None = None) -> str:
+    """The default version of a new build: `<base>.post<UTC yyyymmddHHMMSS>`, e.g. 1.0.0.post20261129181502.
+
+    It differs per build and orders the way the device's anti-rollback check orders versions
+    (`edgecv.agent.contract.versions`, PEP 440): a later build of the same base sorts higher, every build sorts
+    above the bare `base` and below the next release (1.0.1). It is a safe name (no '+'), as every version must be:
+    it names a directory in the device's model store. Two builds are told apart on the wire by `model.sha` too.
+    """
+    when = when or datetime.now(UTC)
+    return f"{base}.post{when:%Y%m%d%H%M%S}"

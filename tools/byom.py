@@ -1,26 +1,33 @@
 """Bring your own model: turn an existing fp32 ONNX image classifier into an int8 edgecv bundle.
 
 The user supplies the ONNX file, a folder of calibration images (flat, or one sub-folder per class) and a
-labels file; the preprocessing comes from the model's input shape plus command-line options. The model is
-quantized (static QDQ int8), both precisions are run in onnxruntime on the images, and the bundle is built
-with self-test vectors. No TFLite is produced: there is no TensorFlow-free ONNX→TFLite converter (onnx2tf
+labels file; the preprocessing comes from the model's input shape plus command-line options (resize mode
+included). Quantization goes through the one artifact chain (`edgecv.tools.artifacts`): any opset, logits or
+probabilities detected, int8 recipes measured against fp32 and the fastest one meeting the agreement bound
+shipped (with fp32 beside it when int8 is not clearly faster). The bundle is built with self-test vectors and
+packed as a `.edgecv` archive. No TFLite is produced: there is no TensorFlow-free ONNX→TFLite converter (onnx2tf
 needs TensorFlow and pins old packages), so such bundles run on onnxruntime.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgecv.agent.contract.bundle import Bundle, InputSpec
+from edgecv.agent.contract.bundle import BUNDLE_SUFFIX, RESIZE_MODES, Bundle, InputSpec
+from edgecv.tools.artifacts import Bound
 from edgecv.tools.errors import DatasetError, ExportError
+
+if TYPE_CHECKING:
+    from edgecv.tools.artifacts import ArtifactSet
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +50,8 @@ class OnnxInputInfo:
 @dataclass
 class ByomResult:
     bundle: Bundle
-    int8_path: Path
-    fp32_path: Path
+    artifacts: ArtifactSet
+    archive: Path
     metrics: dict[str, Any]
     tflite_skipped: str = TFLITE_SKIPPED
     notes: list[str] = field(default_factory=list)
@@ -85,7 +92,8 @@ def inspect_onnx(path: Path) -> OnnxInputInfo:
 
 def input_spec_for(info: OnnxInputInfo, *, size: tuple[int, int] | None = None, color: str | None = None,
                    layout: str | None = None, mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,),
-                   scale: float = 1.0 / 255.0) -> InputSpec:
+                   scale: float = 1.0 / 255.0, resize: str = "stretch",
+                   shorter_side: int | None = None) -> InputSpec:
     """The InputSpec for a model: layout/size/channels from its input shape, the rest from the options.
 
     A static shape wins over nothing, options fill dynamic dimensions; an option that contradicts a
@@ -109,8 +117,8 @@ def input_spec_for(info: OnnxInputInfo, *, size: tuple[int, int] | None = None, 
                           "(gray) or 3 (colour) channel images — check --layout")
     if size is not None:
         if (height, width) != (None, None) and (height, width) != tuple(size):
-            raise ExportError(f"--size {size[0]}x{size[1]} contradicts the model input {height}x{width}; drop --size "
-                              "or pass the model's size")
+            raise ExportError(f"--size {size[0]}x{size[1]} contradicts the model input {_dim(height)}x{_dim(width)}; "
+                              "drop --size or pass the model's size")
         height, width = size
     if height is None or width is None:
         raise ExportError(f"The model input {_fmt_dims(info.dims)} has a dynamic height/width; pass --size HxW")
@@ -122,9 +130,20 @@ def input_spec_for(info: OnnxInputInfo, *, size: tuple[int, int] | None = None, 
     if col not in ("RGB", "BGR", "GRAY") or (col == "GRAY") != (channels == 1):
         raise ExportError(f"--color {color} does not fit a {channels}-channel input; use gray for 1 channel, rgb or "
                           "bgr for 3")
+    if resize not in RESIZE_MODES:
+        raise ExportError(f"--resize {resize} is not one of {', '.join(RESIZE_MODES)}")
+    if resize == "shorter-side":
+        # ImageNet's convention: shorter side to 256 for a 224 crop (crop = 87.5 % of the shorter side).
+        shorter_side = shorter_side or round(max(int(height), int(width)) * 8 / 7)
+        if shorter_side < max(int(height), int(width)):
+            raise ExportError(f"--shorter-side {shorter_side} is smaller than the {height}x{width} crop; pass at "
+                              f"least {max(int(height), int(width))} (ImageNet models: 256 for a 224 crop)")
+    elif shorter_side is not None:
+        raise ExportError(f"--shorter-side applies only to --resize shorter-side (got --resize {resize})")
     try:
         return InputSpec(width=int(width), height=int(height), channels=int(channels), color=col, layout=layout,
-                         scale=float(scale), mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std))
+                         scale=float(scale), mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
+                         resize=resize, shorter_side=shorter_side)
     except Exception as exc:  # BundleFormatError from the spec's own validation
         raise ExportError(f"Invalid preprocessing options: {exc}") from exc
 
@@ -144,9 +163,11 @@ def read_labels(path: Path) -> list[str]:
     return labels
 
 
-def load_calibration_images(root: Path, spec: InputSpec, limit: int | None = None,
-                            seed: int = 0) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
-    """Images from a flat folder or a class-per-sub-folder tree, resized to the spec (uint8 N×H×W×C, RGB/gray).
+def load_calibration_images(root: Path, spec: InputSpec, limit: int | None = None, seed: int = 0,
+                            size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray | None,
+                                                                          list[str] | None]:
+    """Images from a flat folder or a class-per-sub-folder tree, resized to `size` (H, W; default the
+    spec's) as uint8 N×H×W×C, RGB or gray.
 
     Returns (images, labels or None, class names or None); labels only when sub-folders name classes.
     """
@@ -157,7 +178,7 @@ def load_calibration_images(root: Path, spec: InputSpec, limit: int | None = Non
         raise DatasetError(f"Calibration folder {root} does not exist or is not a folder; pass a folder of images "
                            "like the ones the camera will see (flat, or one sub-folder per class)")
     color = "gray" if spec.channels == 1 else "rgb"
-    size = (spec.height, spec.width)
+    size = size or (spec.height, spec.width)
     subdirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
     if len(subdirs) >= 2:
         _, per_class = scan_image_folder(root)
@@ -183,89 +204,124 @@ def load_calibration_images(root: Path, spec: InputSpec, limit: int | None = Non
     return np.stack(images), None, None
 
 
+def frame_size_for(spec: InputSpec) -> tuple[int, int]:
+    """(H, W) of the camera-like frames calibration and self-test images are brought to.
+
+    Stretch models see frames at their own size (nothing else changes the result). The other resize modes
+    need frames of another shape to mean anything, so images become 4:3 frames a little larger than the
+    model input, and the device's own preprocessing (resize mode included) turns them into model input.
+    """
+    if spec.resize == "stretch":
+        return spec.height, spec.width
+    short = spec.shorter_side or round(max(spec.height, spec.width) * 8 / 7)
+    short = max(short, spec.height, spec.width)
+    return short, round(short * 4 / 3)
+
+
 def quantize_byom(onnx_path: Path, calib_dir: Path, labels_path: Path, out_dir: Path, *,
                   size: tuple[int, int] | None = None, color: str | None = None, layout: str | None = None,
                   mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,), scale: float = 1.0 / 255.0,
-                  calib: int = 200, method: str = "minmax", per_channel: bool = True, name: str | None = None,
-                  version: str = "1", private_key: Path | None = None, include_fp32: bool = False,
-                  max_eval: int = 2000, latency_runs: int = 200,
+                  resize: str = "stretch", shorter_side: int | None = None,
+                  calib: int = 200, methods: Sequence[str] | None = None, per_channel: bool | None = None,
+                  name: str | None = None, version: str | None = None, private_key: Path | None = None,
+                  include_fp32: bool = False, prefer: str = "auto", bound: Bound | None = None,
+                  force: bool = False, max_eval: int = 2000, latency_runs: int = 200,
                   progress: Callable[[str], None] | None = None) -> ByomResult:
-    """Quantize a user's fp32 ONNX classifier and build an edgecv bundle of it at `out_dir`."""
+    """Quantize a user's fp32 ONNX classifier and build a signed-if-keyed bundle of it at `out_dir` (and the
+    `.edgecv` archive beside it). The int8 recipe, and whether fp32 ships too, are chosen by measurement
+    (`edgecv.tools.artifacts`); an artifact below the agreement bound stops the build unless `force`."""
     from edgecv.agent.vision.preprocess import Preprocessor
-    from edgecv.tools.bundler import build_bundle, choose_selftest_frames
-    from edgecv.tools.datasets import to_model_input
-    from edgecv.tools.evaluate import agreement, evaluate_artifact, run_logits
-    from edgecv.tools.quantize_onnx import quantize_onnx_int8
+    from edgecv.agent.vision.runtimes import open_engine
+    from edgecv.tools.artifacts import build_onnx_artifacts, enforce_bound
+    from edgecv.tools.bundler import build_bundle, build_version, choose_selftest_frames, pack
+    from edgecv.tools.evaluate import run_logits
 
     say = progress or (lambda msg: log.info("%s", msg))
-    onnx_path = Path(onnx_path)
+    onnx_path, out_dir = Path(onnx_path), Path(out_dir)
+    bound = bound or Bound()
     info = inspect_onnx(onnx_path)
     labels = read_labels(labels_path)
     if info.num_classes is not None and info.num_classes != len(labels):
         raise DatasetError(f"{Path(labels_path).name} has {len(labels)} labels but {onnx_path.name} outputs "
                            f"{info.num_classes} classes; give one label per output, in output order")
-    spec = input_spec_for(info, size=size, color=color, layout=layout, mean=mean, std=std, scale=scale)
+    spec = input_spec_for(info, size=size, color=color, layout=layout, mean=mean, std=std, scale=scale,
+                          resize=resize, shorter_side=shorter_side)
+    geometry = spec.resize if spec.resize != "shorter-side" else f"shorter side {spec.shorter_side}, centre crop"
     say(f"Model input '{info.input_name}' {_fmt_dims(info.dims)} → {spec.height}x{spec.width} {spec.color} "
-        f"{spec.layout}, x = (pixel*{spec.scale:.6g} - {list(spec.mean)}) / {list(spec.std)}")
-    images, img_labels, classes = load_calibration_images(calib_dir, spec, limit=calib + max_eval)
+        f"{spec.layout} ({geometry}), x = (pixel*{spec.scale:.6g} - {list(spec.mean)}) / {list(spec.std)}")
+    images, img_labels, classes = load_calibration_images(calib_dir, spec, limit=calib + max_eval,
+                                                          size=frame_size_for(spec))
     # Files come sorted by class; shuffle so the calibration part covers every class.
     order = np.random.default_rng(0).permutation(len(images))
     images = images[order]
     img_labels = None if img_labels is None else img_labels[order]
-    x = to_model_input(images, spec)
+    pre = Preprocessor(spec)
+    x = pre.batch(dataset_frames(images))  # the device's own preprocessing, resize mode included
     y = _map_labels(img_labels, classes, labels)
     calib_x, eval_x = x[:calib], x if len(x) <= calib else x[calib:]
     eval_y = None if y is None else (y if len(x) <= calib else y[calib:])
+    if eval_y is None and bound.max_drop is not None:
+        say(f"No class folders, so no accuracy: --max-drop {bound.max_drop} bounds disagreement with fp32 instead "
+            f"(agreement ≥ {1 - bound.max_drop:.1%})")
+        bound = Bound(min_agreement=1.0 - bound.max_drop, min_confident_agreement=bound.min_confident_agreement)
     held_out = "" if len(x) > calib else " (the calibration images themselves: add images for a held-out check)"
     say(f"Calibration: {len(calib_x)} images from {calib_dir}; evaluation on {len(eval_x)} images{held_out}"
         f"{' with labels from class folders' if eval_y is not None else ' (no class folders: agreement only)'}")
 
-    from edgecv.agent.vision.runtimes import open_engine
-
-    fp32_engine = open_engine(onnx_path, "onnx")
-    probe = fp32_engine.run(x[:1])
+    probe = open_engine(onnx_path, "onnx").run(x[:1])
     if probe.shape[-1] != len(labels):
         raise DatasetError(f"{Path(labels_path).name} has {len(labels)} labels but {onnx_path.name} outputs "
                            f"{probe.shape[-1]} values per image; give one label per output, in output order")
 
     with tempfile.TemporaryDirectory(prefix="edgecv-byom-") as tmp:
-        int8_path = Path(tmp) / "model.int8.onnx"
         started = time.perf_counter()
-        quantize_onnx_int8(onnx_path, calib_x, int8_path, method=method, per_channel=per_channel)
-        quant_s = time.perf_counter() - started
-        ref = evaluate_artifact(onnx_path, "onnx", eval_x, eval_y if eval_y is not None else np.zeros(len(eval_x)),
-                                latency_runs=latency_runs)
-        q = evaluate_artifact(int8_path, "onnx", eval_x, eval_y if eval_y is not None else np.zeros(len(eval_x)),
-                              latency_runs=latency_runs)
-        agree = agreement(ref.top1, q.top1)
+        arts = build_onnx_artifacts(onnx_path, calib_x, eval_x, Path(tmp), eval_y=eval_y, bound=bound,
+                                    prefer=prefer, methods=methods, per_channel=per_channel,
+                                    latency_runs=latency_runs, progress=say)
+        ship = list(arts.ship)
+        if include_fp32 and not any(m.precision == "fp32" for m in ship):
+            ship.append(arts.fp32)
+        forced = enforce_bound([(m.name, m.agreement, m.confident_agreement, m.confident_images, m.misses)
+                                for m in ship], force=force, say=say)
         metrics: dict[str, Any] = {
-            "source": "byom", "calibration_images": len(calib_x), "calibration_method": method,
-            "eval_images": len(eval_x), "quantize_seconds": round(quant_s, 3),
-            "int8_fp32_agreement": agree,
-            "fp32_onnx": _eval_metrics(ref, eval_y is not None),
-            "int8_onnx": _eval_metrics(q, eval_y is not None),
-            "tflite": "skipped: no TensorFlow-free ONNX to TFLite converter",
-        }
+            "source": "byom", "calibration_images": len(calib_x), "eval_images": len(eval_x),
+            "quantize_seconds": round(time.perf_counter() - started, 3), "artifacts": arts.metrics(),
+            "tflite": "skipped: no TensorFlow-free ONNX to TFLite converter"}
+        if arts.int8 is not None:
+            metrics["int8_fp32_agreement"] = arts.int8.agreement
+        if forced:
+            metrics["below_bound"] = forced
         log.debug("%s", TFLITE_SKIPPED)
 
-        int8_engine = open_engine(int8_path, "onnx")
-        pre = Preprocessor(spec)
-        frames, expected = _selftest(images, pre.batch, lambda b: run_logits(fp32_engine, b),
-                                     {"int8 onnx": lambda b: run_logits(int8_engine, b)}, choose_selftest_frames)
-        artifacts: list[tuple[Path, str, str]] = [(int8_path, "onnx", "int8")]
-        if include_fp32:
-            artifacts.append((onnx_path, "onnx", "fp32"))
-        bundle = build_bundle(Path(out_dir), name=name or onnx_path.stem, version=version, labels=labels, spec=spec,
+        engines = {m.name: open_engine(m.path, "onnx") for m in ship}
+        fp32_engine = open_engine(arts.fp32.path, "onnx")
+        candidates: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+            n: functools.partial(run_logits, e) for n, e in engines.items()}
+        frames, expected = _selftest(images, pre.batch, functools.partial(run_logits, fp32_engine), candidates,
+                                     choose_selftest_frames, arts.output)
+        artifacts = [(m.path, "onnx", m.precision) for m in ship]
+        if version is None:
+            version = build_version()
+        bundle = build_bundle(out_dir, name=name or onnx_path.stem, version=version, labels=labels, spec=spec,
                               artifacts=artifacts, selftest_frames=frames, selftest_expected=expected,
-                              metrics=metrics, private_key=private_key,
+                              metrics=metrics, private_key=private_key, output=arts.output,
                               description=f"Brought-your-own model from {onnx_path.name}")
-    return ByomResult(bundle=bundle, int8_path=Path(out_dir) / "model.int8.onnx", fp32_path=onnx_path,
-                      metrics=metrics)
+        archive = pack(out_dir, out_dir.with_name(out_dir.name + BUNDLE_SUFFIX))
+    return ByomResult(bundle=bundle, artifacts=arts, archive=archive, metrics=metrics,
+                      notes=list(arts.notes))
+
+
+def dataset_frames(images: np.ndarray) -> np.ndarray:
+    """RGB (or gray) dataset images → camera-like frames (BGR), as the device receives them."""
+    from edgecv.tools.bundler import dataset_to_frames
+
+    return dataset_to_frames(images)
 
 
 def _selftest(images: np.ndarray, preprocess: Callable[[np.ndarray], np.ndarray],
               reference: Callable[[np.ndarray], np.ndarray], candidates: dict[str, Callable[[np.ndarray], np.ndarray]],
-              choose: Callable[..., tuple[np.ndarray, list[int]]]) -> tuple[np.ndarray, list[int]]:
+              choose: Callable[..., tuple[np.ndarray, list[int]]], output: str = "logits") -> tuple[np.ndarray,
+                                                                                                     list[int]]:
     """Self-test frames with a clear margin; with few or hard images, accept fewer frames and a smaller margin."""
     from edgecv.agent.errors import BundleError
 
@@ -274,7 +330,7 @@ def _selftest(images: np.ndarray, preprocess: Callable[[np.ndarray], np.ndarray]
         if count > len(images):
             continue
         try:
-            return choose(images, preprocess, reference, candidates, count=count, min_margin=margin)
+            return choose(images, preprocess, reference, candidates, count=count, min_margin=margin, output=output)
         except BundleError as exc:
             last = exc
     raise ExportError(f"Cannot pick self-test frames: {last}. Give more calibration images, or check that int8 "
@@ -301,5 +357,13 @@ def _eval_metrics(ev: Any, with_accuracy: bool) -> dict[str, Any]:
     return doc
 
 
-def _fmt_dims(dims: Sequence[int | None]) -> str:
-    return "(" + ", ".join("?" if d is None else str(d) for d in dims) + ")"
+def format_dims(dims: Sequence[int | None]) -> str:
+    """A shape for messages, '?' for every dynamic dimension: (?, 3, 224, 224)."""
+    return "(" + ", ".join(_dim(d) for d in dims) + ")"
+
+
+_fmt_dims = format_dims
+
+
+def _dim(d: int | None) -> str:
+    return "?" if d is None or d < 0 else str(d)

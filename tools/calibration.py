@@ -39,9 +39,11 @@ class ArrayCalibrationReader(CalibrationDataReader):  # type: ignore[misc]
         expected = [d.dim_value if d.HasField("dim_value") else None for d in dims[1:]]
         got = list(self.data.shape[1:])
         if len(expected) != len(got) or any(e is not None and e != g for e, g in zip(expected, got, strict=True)):
-            raise ExportError(f"Calibration data has per-image shape {tuple(got)} but the model input "
-                              f"'{self.input_name}' expects {tuple(expected)}; check the input size, channels "
-                              "and layout")
+            from edgecv.tools.byom import format_dims
+
+            raise ExportError(f"Calibration data has per-image shape {format_dims(got)} but the model input "
+                              f"'{self.input_name}' expects {format_dims(expected)}; check the input size, "
+                              "channels and layout")
         self._iter: Iterator[dict[str, np.ndarray]] | None = None
 
     def _batches(self) -> Iterator[dict[str, np.ndarray]]:

@@ -21,6 +21,10 @@ class ExportError(ToolsError):
     """Exporting or quantizing a model failed, or the result did not verify in its runtime."""
 
 
+class BoundError(ExportError):
+    """An artifact agrees with fp32 less than the bound asks; it is not signed unless the user forces it."""
+
+
 class FleetError(ToolsError):
     """Talking to devices over MQTT failed (broker unreachable, timeouts, devices reporting failure)."""
 

@@ -50,7 +50,9 @@ class OptimizeConfig:
     sparsity: float = 0.5
     structured: float = 0.0
     calib: int = 200
-    method: str = "minmax"
+    method: str | None = None  # None: the artifact chain measures minmax and percentile
+    prefer: str = "auto"  # which ONNX artifacts ship (edgecv.tools.artifacts): auto | speed | size
+    force: bool = False  # ship an artifact below its agreement bound
     max_drop: float | None = 0.005
     seed: int = 0
     limit: int | None = None
@@ -80,7 +82,7 @@ class OptimizeConfig:
             raise ToolsError(f"--finetune-epochs must be >= 0, got {self.finetune_epochs}")
         if self.calib < 1:
             raise ToolsError(f"--calib must be >= 1 image, got {self.calib}")
-        if self.method not in METHODS:
+        if self.method is not None and self.method not in METHODS:
             raise ToolsError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.max_drop is not None and not 0.0 <= self.max_drop < 1.0:
             raise ToolsError(f"--max-drop is an accuracy fraction in [0, 1) (0.005 = half a point), "
@@ -194,20 +196,29 @@ def run_pipeline(cfg: OptimizeConfig, say: Say | None = None) -> PipelineResult:
         clock.note(f"{human_bytes(fp32.stat().st_size)}")
     fp32_ref = record.stages[-1]
 
-    # 5. int8 ONNX (accuracy-aware when a bound is given)
+    # 5. int8 ONNX: recipes measured against fp32 on the validation split, the fastest within the bound chosen
     with clock("int8 ONNX"):
+        import shutil
+
+        from edgecv.tools.artifacts import Bound, build_onnx_artifacts, enforce_bound
+
         int8_onnx = work / "model.int8.onnx"
-        if cfg.max_drop is not None:
-            from edgecv.tools.quantize_onnx import accuracy_aware_quantize
-
-            aaq = accuracy_aware_quantize(fp32, calib, x_val, y_val, cfg.max_drop, int8_onnx, method=cfg.method,
-                                          progress=lambda m: log.debug("%s", m))
-            record.model["int8_onnx_kept_float"] = aaq.kept_float
-            clock.note(f"validation drop {aaq.drop * 100:+.2f} points, kept float: {aaq.kept_float or 'none'}")
-        else:
-            from edgecv.tools.quantize_onnx import quantize_onnx_int8
-
-            quantize_onnx_int8(fp32, calib, int8_onnx, method=cfg.method)
+        arts = build_onnx_artifacts(fp32, calib, x_val, work / "onnx", eval_y=y_val,
+                                    bound=Bound(max_drop=cfg.max_drop), prefer=cfg.prefer,
+                                    methods=[cfg.method] if cfg.method else None,
+                                    latency_runs=min(cfg.latency_runs, 300), progress=lambda m: log.debug("%s", m))
+        int8_pick = arts.chosen or max(arts.candidates, key=lambda c: (c.confident_agreement, c.agreement))
+        shutil.copyfile(int8_pick.path, int8_onnx)
+        onnx_ship = [(int8_onnx if m.precision == "int8" else fp32, m.precision) for m in arts.ship]
+        forced = enforce_bound([(m.name, m.agreement, m.confident_agreement, m.confident_images, m.misses)
+                                for m in arts.ship], force=cfg.force, say=clock.note)
+        record.model["int8_onnx_kept_float"] = list(int8_pick.kept_float)
+        record.model["onnx_artifacts"] = arts.metrics()
+        if forced:
+            record.model["below_bound"] = forced
+        for line in arts.table().splitlines():
+            clock.note(line)
+        clock.note(arts.verdict)
 
     # 6. int8 TFLite
     with clock("int8 TFLite"):
@@ -234,7 +245,7 @@ def run_pipeline(cfg: OptimizeConfig, say: Say | None = None) -> PipelineResult:
 
     # 8. bundle (directory + archive), signed when a key is given
     with clock("bundle"):
-        bundle, archive = _bundle(cfg, name, labels, spec, splits, fp32, int8_onnx, int8_tflite, record, out)
+        bundle, archive = _bundle(cfg, name, labels, spec, splits, fp32, onnx_ship, int8_tflite, record, out)
         record.bundle = {"dir": name, "archive": archive.name, "archive_bytes": archive.stat().st_size,
                          "manifest_sha256": bundle.manifest_sha256,
                          "key_id": bundle.signature.key_id if bundle.signature else "unsigned",
@@ -310,7 +321,8 @@ class _StageClock:
 
 def _settings(cfg: OptimizeConfig) -> dict[str, Any]:
     return {"epochs": cfg.epochs, "finetune_epochs": cfg.finetune_epochs, "sparsity": cfg.sparsity,
-            "structured": cfg.structured, "calib_images": cfg.calib, "calibration": cfg.method,
+            "structured": cfg.structured, "calib_images": cfg.calib,
+            "calibration": cfg.method or "measured: minmax, percentile",
             "max_drop": cfg.max_drop, "seed": cfg.seed, "limit": cfg.limit}
 
 
@@ -376,22 +388,25 @@ def _logits_fn(path: Path, fmt: str) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def _bundle(cfg: OptimizeConfig, name: str, labels: list[str], spec: InputSpec, splits: Splits, fp32: Path,
-            int8_onnx: Path, int8_tflite: Path, record: RunRecord, out: Path) -> tuple[Bundle, Path]:
+            onnx_ship: list[tuple[Path, str]], int8_tflite: Path, record: RunRecord,
+            out: Path) -> tuple[Bundle, Path]:
     from edgecv.agent.contract.bundle import verify_bundle
     from edgecv.agent.contract.signing import Keyring, load_private_key
     from edgecv.agent.vision.preprocess import Preprocessor
     from edgecv.tools.bundler import build_bundle, choose_selftest_frames, pack, read_selftest
 
     pre = Preprocessor(spec)
-    candidates = {f"int8 {label}": _logits_fn(path, fmt)
-                  for label, path, fmt in (("ONNX", int8_onnx, "onnx"), ("TFLite", int8_tflite, "tflite"))
-                  if fmt in cfg.bundle_formats}
+    # The ONNX artifacts the chain chose (int8, and fp32 beside it when int8 is not clearly faster here).
+    artifacts: list[tuple[Path, str, str]] = [(path, "onnx", precision) for path, precision in onnx_ship
+                                              if "onnx" in cfg.bundle_formats]
+    if "tflite" in cfg.bundle_formats:
+        artifacts.append((int8_tflite, "tflite", "int8"))
+    if cfg.include_fp32 and not any(fmt == "onnx" and p == "fp32" for _, fmt, p in artifacts):
+        artifacts.append((fp32, "onnx", "fp32"))
+    candidates = {f"{precision} {fmt}": _logits_fn(path, fmt) for path, fmt, precision in artifacts
+                  if precision == "int8"}
     frames, expected = choose_selftest_frames(splits.test.images, pre.batch, _logits_fn(fp32, "onnx"), candidates,
                                               count=min(cfg.selftest_count, len(splits.test)), seed=cfg.seed)
-    artifacts = [(path, fmt, "int8") for path, fmt in ((int8_onnx, "onnx"), (int8_tflite, "tflite"))
-                 if fmt in cfg.bundle_formats]
-    if cfg.include_fp32:
-        artifacts.append((fp32, "onnx", "fp32"))
     by_stage = {s.stage: s for s in record.stages}
     metrics = {
         "dataset": record.dataset.get("source", cfg.data),

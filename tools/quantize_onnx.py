@@ -1,9 +1,12 @@
-"""Static int8 quantization of fp32 ONNX classifiers with onnxruntime (QDQ), and an accuracy-aware fallback.
+"""Static int8 quantization of fp32 ONNX classifiers with onnxruntime.
 
-Weights are int8 (per output channel by default), activations int8 with ranges calibrated on real,
-already preprocessed images. `quantize_dynamic` is deliberately not offered: on CNNs it turns
-convolutions into ConvInteger, measured 6.5x slower than fp32. `accuracy_aware_quantize` keeps the most
-sensitive Conv/Gemm/MatMul nodes in float until the accuracy drop against fp32 is within a bound.
+A `QuantRecipe` names one configuration: activation type (uint8 or int8; weights are always int8), QDQ or
+QOperator format, per-channel or per-tensor weights, the calibration method, and whether only the weighted
+ops are quantized. Activation ranges are calibrated once per method on real, already preprocessed images
+(`calibrate`) and reused by every recipe. `quantize_dynamic` is deliberately not offered: on CNNs it turns
+convolutions into ConvInteger, measured 6.5x slower than fp32. Which recipe ships is decided by
+measurement in `edgecv.tools.artifacts`, which also keeps the most sensitive nodes in float when no recipe
+meets the agreement bound.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ import io
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +30,47 @@ log = logging.getLogger(__name__)
 METHODS = ("minmax", "entropy", "percentile")
 # Node types whose weights are quantized; the candidates the accuracy-aware search may keep in float.
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+ACTIVATIONS = ("uint8", "int8")
+QUANT_FORMATS = ("qdq", "qoperator")
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    """One static int8 configuration (weights are always int8, symmetric; activations asymmetric).
+
+    `weighted_only` quantizes only Conv/Gemm/MatMul: element-wise ops whose int8 kernels are missing or slower
+    (HardSigmoid, HardSwish, Mul in squeeze-excite blocks) stay float instead of being wrapped in convert steps.
+    """
+
+    activations: str = "int8"
+    per_channel: bool = True
+    format: str = "qdq"
+    method: str = "minmax"
+    weighted_only: bool = False
+
+    def __post_init__(self) -> None:
+        if self.activations not in ACTIVATIONS:
+            raise ExportError(f"Activation type {self.activations!r} is not one of {', '.join(ACTIVATIONS)}")
+        if self.format not in QUANT_FORMATS:
+            raise ExportError(f"Quantization format {self.format!r} is not one of {', '.join(QUANT_FORMATS)}")
+        if self.method not in METHODS:
+            raise ExportError(f"Unknown calibration method {self.method!r}; use one of {', '.join(METHODS)}")
+
+    @property
+    def label(self) -> str:
+        """Short name, e.g. 'U8S8 QDQ per-channel minmax'."""
+        act = "U8S8" if self.activations == "uint8" else "S8S8"
+        fmt = "QDQ" if self.format == "qdq" else "QOperator"
+        scope = " weighted-only" if self.weighted_only else ""
+        return f"{act} {fmt} {'per-channel' if self.per_channel else 'per-tensor'} {self.method}{scope}"
+
+    def as_dict(self) -> dict[str, object]:
+        return {"activations": self.activations, "weights": "int8", "format": self.format,
+                "per_channel": self.per_channel, "calibration": self.method, "weighted_only": self.weighted_only}
+
+
+# The recipe edgecv used before recipes were chosen by measurement (int8 activations, QDQ, per channel).
+LEGACY_RECIPE = QuantRecipe()
 
 
 def quantize_onnx_int8(fp32_path: Path, calib: np.ndarray, out: Path, method: str = "minmax",
@@ -60,7 +104,28 @@ def preprocess_for_quantization(fp32_path: Path, out: Path) -> Path:
         except Exception as exc2:
             raise ExportError(f"Cannot prepare {fp32_path} for quantization: {exc2}; check that it is a valid "
                               "fp32 ONNX model (onnx.checker)") from exc2
+    _name_nodes(out)
     return out
+
+
+def _name_nodes(path: Path) -> None:
+    """Give every unnamed node a unique name (`<op>_<n>`): onnxruntime excludes nodes from quantization by
+    name only, and exporters often leave element-wise nodes (HardSigmoid, Mul) unnamed."""
+    import onnx
+
+    model = onnx.load(str(path))
+    taken = {n.name for n in model.graph.node if n.name}
+    changed = False
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+            changed = True
+    if changed:
+        onnx.save(model, str(path))
 
 
 def quantizable_nodes(model_path: Path) -> list[str]:
@@ -171,6 +236,14 @@ def calibrate(pre: Path, calib: np.ndarray, method: str, cache: Path) -> Path:
 
 def _quantize_preprocessed(pre: Path, ranges: Path, out: Path, *, method: str, per_channel: bool,
                            exclude_nodes: Sequence[str]) -> Path:
+    return quantize_with_recipe(pre, ranges, out, QuantRecipe(per_channel=per_channel, method=method),
+                                exclude_nodes=exclude_nodes)
+
+
+def quantize_with_recipe(pre: Path, ranges: Path, out: Path, recipe: QuantRecipe,
+                         exclude_nodes: Sequence[str] = ()) -> Path:
+    """Quantize the pre-processed model `pre` with activation ranges `ranges` (from `calibrate` with
+    `recipe.method`) into `out`; `exclude_nodes` (node names of `pre`) stay float."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     names = set(quantizable_nodes(pre))
@@ -179,16 +252,19 @@ def _quantize_preprocessed(pre: Path, ranges: Path, out: Path, *, method: str, p
         raise ExportError(f"Nodes {unknown} to keep in float are not in the model; pick from {sorted(names)}")
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    act = QuantType.QUInt8 if recipe.activations == "uint8" else QuantType.QInt8
+    fmt = QuantFormat.QDQ if recipe.format == "qdq" else QuantFormat.QOperator
+    ops = list(WEIGHTED_OPS) if recipe.weighted_only else None
     try:
         quantize_static(
             str(pre), str(out), calibration_data_reader=None, calibration_cache_path=str(ranges),
-            quant_format=QuantFormat.QDQ, per_channel=per_channel, activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude_nodes), calibrate_method=_method(method),
+            quant_format=fmt, per_channel=recipe.per_channel, activation_type=act, weight_type=QuantType.QInt8,
+            nodes_to_exclude=list(exclude_nodes), op_types_to_quantize=ops, calibrate_method=_method(recipe.method),
             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
     except Exception as exc:  # onnxruntime raises plain Exceptions and its own Fail types
-        raise ExportError(f"onnxruntime static quantization of {pre.name} failed ({method}): {exc}") from exc
-    log.info("Quantized %s → %s (%s, %s, %d nodes kept float) in %.2f s", pre.name, out, method,
-             "per-channel" if per_channel else "per-tensor", len(exclude_nodes), time.perf_counter() - started)
+        raise ExportError(f"onnxruntime static quantization of {pre.name} failed ({recipe.label}): {exc}") from exc
+    log.info("Quantized %s → %s (%s, %d nodes kept float) in %.2f s", pre.name, out, recipe.label,
+             len(exclude_nodes), time.perf_counter() - started)
     return out
 
 
@@ -196,84 +272,3 @@ def _node_exists(model_path: Path, name: str) -> bool:
     import onnx
 
     return any(n.name == name for n in onnx.load(str(model_path), load_external_data=False).graph.node)
-
-
-@dataclass
-class AccuracyAwareResult:
-    """What `accuracy_aware_quantize` produced and measured (accuracies on the eval set, drops vs fp32)."""
-
-    path: Path
-    kept_float: list[str]
-    fp32_accuracy: float
-    int8_accuracy: float
-    bound_met: bool
-    # One entry per quantization tried: {"kept_float": [...], "accuracy": a, "drop": d}.
-    attempts: list[dict[str, object]] = field(default_factory=list)
-    # Accuracy drop with only that node kept float (the sensitivity ranking), highest gain first.
-    sensitivity: list[dict[str, object]] = field(default_factory=list)
-
-    @property
-    def drop(self) -> float:
-        return self.fp32_accuracy - self.int8_accuracy
-
-    @property
-    def drops(self) -> list[float]:
-        return [float(a["drop"]) for a in self.attempts]  # type: ignore[arg-type]
-
-
-def accuracy_aware_quantize(fp32_path: Path, calib: np.ndarray, x_eval: np.ndarray, y_eval: np.ndarray,
-                            max_drop: float, out: Path, method: str = "minmax", per_channel: bool = True,
-                            predict: Callable[[Path, np.ndarray], np.ndarray] | None = None,
-                            progress: Callable[[str], None] | None = None) -> AccuracyAwareResult:
-    """Quantize; while the accuracy drop vs fp32 on (x_eval, y_eval) exceeds `max_drop`, keep more layers float.
-
-    Sensitivity is measured once: the model is quantized with each weighted node kept float in turn and
-    nodes are ranked by the accuracy that gives. Nodes are then kept float in that order (re-quantizing
-    each time) until the bound holds or every candidate is float. `predict(path, x) -> top1` runs a model;
-    by default onnxruntime through `tools.evaluate`. Returns the result with every measured drop.
-    """
-    from edgecv.tools.evaluate import predict_top1
-
-    run = predict or (lambda path, x: predict_top1(path, "onnx", x))
-    fp32_path, out = Path(fp32_path), Path(out)
-    y_eval = np.asarray(y_eval)
-    say = progress or (lambda msg: log.info("%s", msg))
-    fp32_acc = float(np.mean(run(fp32_path, x_eval) == y_eval))
-    attempts: list[dict[str, object]] = []
-
-    with tempfile.TemporaryDirectory(prefix="edgecv-aaq-") as tmp_dir:
-        tmp = Path(tmp_dir)
-        pre = preprocess_for_quantization(fp32_path, tmp / "pre.onnx")
-        ranges = calibrate(pre, calib, method, tmp / "ranges.json")
-
-        def try_quantize(kept: Sequence[str], dest: Path) -> float:
-            _quantize_preprocessed(pre, ranges, dest, method=method, per_channel=per_channel, exclude_nodes=kept)
-            acc = float(np.mean(run(dest, x_eval) == y_eval))
-            attempts.append({"kept_float": list(kept), "accuracy": acc, "drop": fp32_acc - acc})
-            return acc
-
-        acc = try_quantize([], out)
-        say(f"int8 accuracy {acc:.4f} vs fp32 {fp32_acc:.4f} (drop {fp32_acc - acc:+.4f}, bound {max_drop})")
-        if fp32_acc - acc <= max_drop:
-            return AccuracyAwareResult(out, [], fp32_acc, acc, True, attempts)
-
-        candidates = quantizable_nodes(pre)
-        sensitivity = []
-        for node in candidates:
-            node_acc = try_quantize([node], tmp / "probe.onnx")
-            sensitivity.append({"node": node, "accuracy": node_acc, "drop": fp32_acc - node_acc})
-            say(f"sensitivity: {node} kept float → drop {fp32_acc - node_acc:+.4f}")
-        # Most sensitive first: the node whose float version recovers the most accuracy.
-        sensitivity.sort(key=lambda s: -float(s["accuracy"]))  # type: ignore[arg-type]
-        kept: list[str] = []
-        best_acc = acc
-        for entry in sensitivity:
-            kept.append(str(entry["node"]))
-            best_acc = try_quantize(kept, out)
-            say(f"kept float {kept} → drop {fp32_acc - best_acc:+.4f}")
-            if fp32_acc - best_acc <= max_drop:
-                return AccuracyAwareResult(out, kept, fp32_acc, best_acc, True, attempts, sensitivity)
-        log.warning("Accuracy drop %.4f still exceeds %.4f with every weighted layer kept float (%s); the "
-                    "remaining loss comes from quantized activations", fp32_acc - best_acc, max_drop,
-                    ", ".join(kept) or "none")
-        return AccuracyAwareResult(out, kept, fp32_acc, best_acc, False, attempts, sensitivity)

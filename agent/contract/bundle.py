@@ -33,7 +33,10 @@ BUNDLE_SUFFIX = ".edgecv"  # a gzip-compressed tar of the bundle directory
 
 COLORS = ("RGB", "BGR", "GRAY")
 LAYOUTS = ("NCHW", "NHWC")
-RESIZE_MODES = ("stretch", "letterbox", "center-crop")
+RESIZE_MODES = ("stretch", "letterbox", "center-crop", "shorter-side")
+# What an artifact's output holds: raw class scores (the agent applies softmax) or probabilities (used as they
+# are). A manifest without the key means logits, so bundles written before the key existed keep their bytes.
+OUTPUT_KINDS = ("logits", "probabilities")
 FORMATS = ("onnx", "tflite")
 PRECISIONS = ("int8", "fp32")
 TASKS = ("classification",)
@@ -56,6 +59,9 @@ class InputSpec:
 
     value = ((pixel * scale) - mean[c]) / std[c], after resizing to width x height and converting colour.
     The int8 input quantization of an artifact, if any, is read from the model itself by the runtime.
+    `resize = "shorter-side"` scales the frame so its shorter side is `shorter_side` pixels (aspect kept), then
+    takes the centred width x height crop (ImageNet's "resize 256, center-crop 224"); `shorter_side` is
+    written to the manifest only for that mode.
     """
 
     width: int
@@ -68,6 +74,7 @@ class InputSpec:
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
     resize: str = "stretch"
+    shorter_side: int | None = None
 
     def __post_init__(self) -> None:
         _check(0 < self.width <= MAX_INPUT_SIDE and 0 < self.height <= MAX_INPUT_SIDE, "input.width/height",
@@ -81,6 +88,12 @@ class InputSpec:
         _check(self.layout in LAYOUTS, "input.layout", f"one of {LAYOUTS}")
         _check(self.dtype == "float32", "input.dtype", "'float32'")
         _check(self.resize in RESIZE_MODES, "input.resize", f"one of {RESIZE_MODES}")
+        if self.resize == "shorter-side":
+            _check(isinstance(self.shorter_side, int) and not isinstance(self.shorter_side, bool)
+                   and self.shorter_side >= min(self.width, self.height), "input.shorter_side",
+                   "an integer of at least min(width, height) when resize is 'shorter-side'")
+        else:
+            _check(self.shorter_side is None, "input.shorter_side", "absent unless resize is 'shorter-side'")
         _check(len(self.mean) in (1, self.channels), "input.mean", f"1 or {self.channels} values")
         _check(len(self.std) in (1, self.channels) and all(s > 0 for s in self.std), "input.std",
                f"1 or {self.channels} positive values")
@@ -136,9 +149,11 @@ class Manifest:
     metrics: Mapping[str, Any] = field(default_factory=dict)
     min_agent_version: str = "0.1.0"
     description: str = ""
+    output: str = "logits"
 
     def __post_init__(self) -> None:
         _check(self.schema == SCHEMA, "schema", repr(SCHEMA))
+        _check(self.output in OUTPUT_KINDS, "output", f"one of {OUTPUT_KINDS}")
         _check(self.task in TASKS, "task", f"one of {TASKS}")
         _check(bool(self.name) and "/" not in self.name and len(self.name) <= 128
                and not any(ord(c) < 32 or c == "\x7f" for c in self.name), "name",
@@ -161,6 +176,11 @@ class Manifest:
         doc = asdict(self)
         doc["labels"] = list(self.labels)
         doc["metrics"] = dict(self.metrics)
+        # Defaults that older manifests lack stay absent, so those manifests serialize to the same bytes.
+        if self.output == "logits":
+            del doc["output"]
+        if self.input.shorter_side is None:
+            del doc["input"]["shorter_side"]
         return doc
 
     def to_bytes(self) -> bytes:
@@ -204,7 +224,8 @@ class Manifest:
             scale=_key(inp, "scale", "input.", _num(-1e9, 1e9), 1.0 / 255.0),
             mean=_key(inp, "mean", "input.", _nums(-1e9, 1e9), (0.0,)),
             std=_key(inp, "std", "input.", _nums(-1e9, 1e9), (1.0,)),
-            resize=_key(inp, "resize", "input.", _str(16), "stretch"))
+            resize=_key(inp, "resize", "input.", _str(16), "stretch"),
+            shorter_side=_key(inp, "shorter_side", "input.", _int(1, 4 * MAX_INPUT_SIDE), None))
         arts = []
         raw_arts = _need(doc["artifacts"], list, "artifacts")
         _check(len(raw_arts) <= 16, "artifacts", "at most 16 artifacts")
@@ -226,8 +247,8 @@ class Manifest:
                                 min_agreement=_key(st, "min_agreement", "selftest.", _num(0.0, 1.0), 1.0))
         labels = _key(doc, "labels", "", _list(MAX_LABELS, _str(MAX_LABEL_CHARS)))
         rest: dict[str, Any] = {key: _key(doc, key, "", _str(MAX_TEXT)) for key in
-                                ("name", "version", "created", "task", "min_agent_version", "description")
-                                if key in doc}
+                                ("name", "version", "created", "task", "min_agent_version", "description",
+                                 "output") if key in doc}
         if "metrics" in doc:
             rest["metrics"] = _need(doc["metrics"], dict, "metrics")
         return cls(labels=tuple(labels), input=spec, artifacts=tuple(arts), selftest=selftest, **rest)

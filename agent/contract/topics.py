@@ -38,6 +38,7 @@ INVALID_COMMAND = "_invalid"
 MAX_ERROR_CHARS = 300  # error texts in published states and results are cut to this length
 
 _LEVEL = re.compile(r"^[A-Za-z0-9_.\-]+$")
+SHORT_SHA = 12  # hex digits of a bundle's manifest sha256 that identify a model build in payloads and tables
 
 
 def check_level(value: str, what: str) -> str:
@@ -155,12 +156,17 @@ class PredictionEncoder:
     """
 
     def __init__(self, *, boot: str, device: str, camera: str, model_name: str, model_version: str,
-                 labels: tuple[str, ...] | list[str]) -> None:
+                 labels: tuple[str, ...] | list[str], model_sha: str = "") -> None:
         d = json.dumps
-        self._identity = {"boot": boot, "camera": camera, "device": device,
-                          "model": {"name": model_name, "version": model_version}}
+        # model.sha: the first 12 hex digits of the bundle's manifest sha256, so two builds with the same name
+        # and version are told apart on the wire (absent when the caller has no bundle hash).
+        model: dict[str, str] = {"name": model_name, "version": model_version}
+        sha = f',"sha":{d(model_sha[:SHORT_SHA])}' if model_sha else ""
+        if model_sha:
+            model = {"name": model_name, "sha": model_sha[:SHORT_SHA], "version": model_version}
+        self._identity = {"boot": boot, "camera": camera, "device": device, "model": model}
         self._head = f'{{"boot":{d(boot)},"camera":{d(camera)},"device":{d(device)},"frame_ts":'
-        self._model = f',"model":{{"name":{d(model_name)},"version":{d(model_version)}}},"seq":'
+        self._model = f',"model":{{"name":{d(model_name)}{sha},"version":{d(model_version)}}},"seq":'
         self._label_names = tuple(labels)
         # '{"index":3,"label":"Dress","score":' per label: the template then formats only the score
         self._entries = [f'{{"index":{i},"label":{d(label)},"score":' for i, label in enumerate(labels)]

@@ -50,6 +50,8 @@ class Classifier:
             self._codes = (engine, self.preprocessor.code_table(engine.input_quantizer))
         self.top_k = top_k
         self.min_score = min_score
+        # A model that ends in softmax outputs probabilities already: softmax again would flatten the scores.
+        self.probabilities = bundle.manifest.output == "probabilities"
 
     @classmethod
     def load(cls, bundle: Bundle | Path | str, runtime: str = "auto", threads: int = 1, top_k: int = 3,
@@ -89,7 +91,8 @@ class Classifier:
         """uint8 frame (HxWx3 BGR or HxWx1 gray) → Result. Raises InferenceError if the runtime fails."""
         logits, pre_ms, infer_ms = self.forward(image)
         t = time.perf_counter()
-        top = rank(logits, self.labels, self.top_k if top_k is None else top_k, self.min_score)
+        top = rank(logits, self.labels, self.top_k if top_k is None else top_k, self.min_score,
+                   probabilities=self.probabilities)
         post_ms = (time.perf_counter() - t) * 1e3
         return Result(top=top, logits=logits, latency_ms={
             "pre": pre_ms, "infer": infer_ms, "post": post_ms, "total": pre_ms + infer_ms + post_ms})
@@ -113,7 +116,7 @@ class Classifier:
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "sha256": self.bundle.manifest_sha256,
-                "engine": self.engine.describe()}
+                "output": self.bundle.manifest.output, "engine": self.engine.describe()}
 
 
 @dataclass(frozen=True)

@@ -27,18 +27,24 @@ def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
 SMALL_HEAD = 64  # up to this many classes, top-k in plain Python beats a chain of numpy calls (3 µs vs 10 µs)
 
 
-def top_k(logits: np.ndarray, labels: Sequence[str], k: int, min_score: float = 0.0) -> list[dict[str, Any]]:
-    """The k most probable classes of one frame's logits as [{"label", "index", "score"}], best first (ties:
+def top_k(logits: np.ndarray, labels: Sequence[str], k: int, min_score: float = 0.0, *,
+          probabilities: bool = False) -> list[dict[str, Any]]:
+    """The k most probable classes of one frame's output as [{"label", "index", "score"}], best first (ties:
     lower index first).
 
-    Scores are softmax probabilities; classes scoring below `min_score` are left out (possibly all of them).
+    Scores are softmax probabilities of the logits, or the output itself when the model already outputs
+    probabilities (`probabilities`, the manifest's `output`); classes scoring below `min_score` are left out
+    (possibly all of them).
     """
     flat = np.asarray(logits).reshape(-1)
     n = flat.shape[0]
     if n != len(labels):
         raise ValueError(f"Model gives {n} scores but the bundle has {len(labels)} labels")
     k = max(0, min(k, n))
-    if n <= SMALL_HEAD:  # runs once per frame: the common case of a few classes stays out of numpy
+    if probabilities:
+        scores = [float(v) for v in flat.tolist()]
+        best = heapq.nlargest(k, range(n), key=scores.__getitem__)
+    elif n <= SMALL_HEAD:  # runs once per frame: the common case of a few classes stays out of numpy
         values = flat.tolist()
         peak = max(values)
         exps = [math.exp(v - peak) for v in values]

@@ -1,7 +1,7 @@
 """Turn a camera frame into the model input, exactly as the bundle's InputSpec says.
 
-Order: resize (stretch | letterbox | center-crop) to width x height, convert colour (BGR frame → RGB, BGR or
-GRAY; a 1-channel frame is expanded when the model wants 3), then `x = (pixel * scale - mean[c]) / std[c]`
+Order: resize (stretch | letterbox | center-crop | shorter-side) to width x height, convert colour (BGR frame →
+RGB, BGR or GRAY; a 1-channel frame is expanded when the model wants 3), then `x = (pixel * scale - mean[c]) / std[c]`
 as float32, in NCHW or NHWC with a batch dimension of 1. This runs for every frame, so it uses OpenCV and
 vectorised numpy only. Letterbox padding is pixel value 0 (black) before normalisation.
 """
@@ -53,6 +53,14 @@ class Preprocessor:
         tw, th = self.spec.width, self.spec.height
         h, w = image.shape[:2]
         mode = self.spec.resize
+        if mode == "shorter-side":
+            # ImageNet style: shorter side to `shorter_side` pixels (aspect kept), then the centred crop.
+            side = self.spec.shorter_side or min(tw, th)
+            scale = side / min(w, h)
+            nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
+            resized = _resize(image, nw, nh)
+            x0, y0 = (nw - tw) // 2, (nh - th) // 2
+            return np.ascontiguousarray(resized[y0:y0 + th, x0:x0 + tw])
         if mode == "center-crop":
             # Crop the largest centred region with the target aspect ratio, then scale it.
             if w * th > h * tw:

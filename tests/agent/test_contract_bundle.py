@@ -283,3 +283,23 @@ def test_truncated_and_garbage_archives_are_format_errors(tmp_path: Path) -> Non
 def test_open_bundle_on_missing_path(tmp_path: Path) -> None:
     with pytest.raises(BundleFormatError, match="does not exist"):
         B.open_bundle(tmp_path / "nope.edgecv", tmp_path / "w")
+
+
+def test_output_kind_and_shorter_side_are_absent_unless_set_so_old_manifests_keep_their_bytes(
+        tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path / "b")
+    assert b'"output"' not in bundle.manifest_bytes and b"shorter_side" not in bundle.manifest_bytes
+    assert bundle.manifest.output == "logits"  # absent means logits
+    assert B.Manifest.from_bytes(bundle.manifest_bytes).to_bytes() == bundle.manifest_bytes
+    from dataclasses import replace
+
+    probs = replace(bundle.manifest, output="probabilities",
+                    input=replace(bundle.manifest.input, resize="shorter-side", shorter_side=256))
+    data = probs.to_bytes()
+    assert b'"output": "probabilities"' in data and b'"shorter_side": 256' in data
+    again = B.Manifest.from_bytes(data)
+    assert again.output == "probabilities" and again.input.shorter_side == 256 and again.to_bytes() == data
+    doc = json.loads(data)
+    doc["output"] = "softmax"
+    with pytest.raises(BundleFormatError, match="output"):
+        B.Manifest.from_dict(doc)

@@ -113,3 +113,17 @@ def test_prediction_encoder_follows_changing_latency_keys_and_top_lengths() -> N
         doc = json.loads(enc(3, 10.0, 9.0, top, latency, None))
         assert doc["latency_ms"] == latency
         assert doc["top"] == [{"index": t["index"], "label": t["label"], "score": t["score"]} for t in top]
+
+
+def test_prediction_encoder_carries_the_short_model_sha() -> None:
+    sha = "f07c2a9be81d" + "0" * 52
+    enc = topics.PredictionEncoder(boot="b", device="pi-1", camera="cam0", model_name="m", model_version="1.0.0",
+                                   labels=("a", "b"), model_sha=sha)
+    top = [{"label": "a", "index": 0, "score": 0.9}]
+    doc = json.loads(enc(seq=1, ts=2.0, frame_ts=1.0, top=top, latency_ms={"total": 1.0}))
+    assert doc["model"] == {"name": "m", "sha": "f07c2a9be81d", "version": "1.0.0"}
+    assert list(doc) == sorted(doc)
+    # the NaN fallback writes the same identity
+    nan = json.loads(enc(seq=2, ts=2.0, frame_ts=1.0, top=[{"label": "a", "index": 0, "score": float("nan")}],
+                         latency_ms={"total": 1.0}))
+    assert nan["model"] == doc["model"] and nan["top"][0]["score"] is None

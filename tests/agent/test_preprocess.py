@@ -150,3 +150,22 @@ def test_code_table_gives_the_same_codes_as_normalise_then_quantise(color: str, 
     assert codes.dtype == np.int8 and codes.shape == spec.shape(1)
     np.testing.assert_array_equal(codes, expected)
     assert codes.min() == -128 or codes.max() == 127  # the table covers saturation, not just the mid-range
+
+
+def test_shorter_side_scales_the_short_side_then_takes_the_centre_crop() -> None:
+    import cv2
+
+    spec = InputSpec(width=224, height=224, channels=3, color="BGR", resize="shorter-side", shorter_side=256)
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    got = Preprocessor(spec).resize(frame)
+    # reference: shorter side 300 → 256 keeps the aspect (400 → 341), then the middle 224×224
+    ref = cv2.resize(frame, (341, 256), interpolation=cv2.INTER_LINEAR)[16:240, 58:282]
+    assert got.shape == (224, 224, 3)
+    assert np.abs(got.astype(int) - ref.astype(int)).mean() < 2.0
+    tall = Preprocessor(spec).resize(rng.integers(0, 256, (500, 256, 3), dtype=np.uint8))
+    assert tall.shape == (224, 224, 3)
+    with pytest.raises(Exception, match="shorter_side"):
+        InputSpec(width=224, height=224, channels=3, resize="shorter-side", shorter_side=100)
+    with pytest.raises(Exception, match="shorter_side"):
+        InputSpec(width=224, height=224, channels=3, resize="stretch", shorter_side=256)

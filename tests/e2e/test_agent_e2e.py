@@ -72,7 +72,7 @@ def test_predictions_status_and_health_follow_the_documented_schema(start_agent:
     for p in preds:
         assert set(p) == PREDICTION_KEYS | {"truth"}, set(p) ^ (PREDICTION_KEYS | {"truth"})
         assert p["device"] == agent.device and p["camera"] == "cam0"
-        assert set(p["model"]) == {"name", "version"}
+        assert set(p["model"]) == {"name", "sha", "version"} and len(p["model"]["sha"]) == 12
         assert set(p["latency_ms"]) == {"pre", "infer", "post", "total"}
         assert 1 <= len(p["top"]) <= 3 and all(set(t) == {"label", "index", "score"} for t in p["top"])
         assert p["top"][0]["score"] >= p["top"][-1]["score"]
@@ -83,6 +83,8 @@ def test_predictions_status_and_health_follow_the_documented_schema(start_agent:
     status = of_kind(msgs, "status")
     assert status and status[0]["state"] == "online" and set(status[0]) >= STATUS_KEYS
     assert status[-1]["model"]["name"] and "cam0" in status[-1]["cameras"]
+    # model.sha in every prediction is the start of the bundle hash the status carries
+    assert {p["model"]["sha"] for p in preds} == {status[-1]["model"]["sha256"][:12]}
     health = of_kind(msgs, "health")[0]
     assert set(health) >= HEALTH_KEYS
     assert health["rss_mb"] > 10 and health["cpu_percent"] is not None and health["latency_ms"]["p50"] > 0

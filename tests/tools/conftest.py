@@ -194,3 +194,7 @@ def collected(tmp_path: Path) -> CollectedDataset:
     """Six unlabelled samples (predicted circle, square, circle, triangle, square, circle) and `circle/` with two
     labelled images."""
     return make_collected_dataset(tmp_path / "dataset")
+@pytest.fixture(scope="session")
+def zoo_cache(request: pytest.FixtureRequest) -> Path:
+    """Where exported zoo models live between tests (pytest's cache folder: CI pays an export once per run)."""
+    return Path(request.config.cache.mkdir("edgecv-zoo"))

@@ -16,7 +16,7 @@ from edgecv.tools.cli import main
 from edgecv.tools.errors import ExportError
 from edgecv.tools.evaluate import agreement, evaluate_artifact, gzip_size, measure_latency, predict_top1
 from edgecv.tools.export_onnx import export_onnx
-from edgecv.tools.quantize_onnx import accuracy_aware_quantize, quantizable_nodes, quantize_onnx_int8
+from edgecv.tools.quantize_onnx import quantizable_nodes, quantize_onnx_int8
 from edgecv.tools.quantize_tflite import export_tflite_int8
 from tests.tools.conftest import ImageFolder
 from tests.tools.test_export import Tiny, make_tiny, torch_top1
@@ -97,25 +97,6 @@ def test_bad_inputs_are_reported_clearly(fp32: Path, tmp_path: Path) -> None:
         quantize_onnx_int8(fp32, np.zeros((4, 1, 16, 16), np.float32), tmp_path / "x.onnx", exclude_nodes=["nope"])
 
 
-def test_accuracy_aware_meets_an_easy_bound_without_keeping_layers(tiny: Tiny, fp32: Path, tmp_path: Path) -> None:
-    res = accuracy_aware_quantize(fp32, tiny.x_train[:64], tiny.x_test, tiny.y_test, 0.2, tmp_path / "aa.onnx")
-    assert res.bound_met and res.kept_float == [] and len(res.attempts) == 1
-    assert res.drop <= 0.2 and res.path.is_file()
-
-
-def test_accuracy_aware_with_an_impossible_bound_keeps_layers_float_and_reports_them(
-        tiny: Tiny, fp32: Path, tmp_path: Path) -> None:
-    candidates = quantizable_nodes(fp32)
-    res = accuracy_aware_quantize(fp32, tiny.x_train[:64], tiny.x_test, tiny.y_test, -1.0, tmp_path / "aa.onnx")
-    assert not res.bound_met
-    assert sorted(res.kept_float) == sorted(candidates)  # tried everything, most sensitive first
-    assert [s["node"] for s in res.sensitivity] and {s["node"] for s in res.sensitivity} == set(candidates)
-    # one full quantization, one probe per candidate, then one per kept layer
-    assert len(res.attempts) == 1 + 2 * len(candidates) and len(res.drops) == len(res.attempts)
-    model = onnx.load(str(res.path))
-    inits = {t.name: t for t in model.graph.initializer}
-    assert all(inits[w].data_type == onnx.TensorProto.FLOAT for w in _weight_inputs(model).values())
-
 
 def test_int8_tflite_has_int8_tensors_and_agrees_with_torch(tiny: Tiny, tmp_path: Path) -> None:
     from ai_edge_litert.interpreter import Interpreter
@@ -153,7 +134,8 @@ def test_quantize_command_builds_and_verifies_every_artifact(shapes_checkpoint: 
                                               "metrics.json"}
     metrics = json.loads((out / "metrics.json").read_text())
     arts = metrics["artifacts"]
-    assert set(arts) == {"fp32 onnx", "int8 onnx", "int8 tflite"}
+    assert set(arts) == {"fp32 onnx", "int8 onnx", "int8 tflite", "int8_onnx_selection"}
+    assert arts["int8_onnx_selection"]["candidates"]  # the recipes the artifact chain measured
     assert arts["fp32 onnx"]["agreement_with_fp32"] == 1.0
     for name in ("int8 onnx", "int8 tflite"):
         assert arts[name]["bytes"] < arts["fp32 onnx"]["bytes"]
@@ -167,12 +149,16 @@ def test_quantize_command_accuracy_aware_names_the_layers_kept_float(shapes_chec
                                                                      capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "aa"
     code = main(["quantize", str(shapes_checkpoint), "--data", str(image_folder.root),
-                 "--calib", "16", "--latency-runs", "0", "--formats", "onnx", "--max-drop", "-1", "--out", str(out)])
+                 "--calib", "16", "--latency-runs", "0", "--formats", "onnx", "--max-drop", "0", "--min-agreement",
+                 "1.0", "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
-    kept = json.loads((out / "metrics.json").read_text())["artifacts"]["accuracy_aware"]["kept_float"]
-    assert kept and "bound NOT met" in printed
-    assert all(name in printed for name in kept)
+    doc = json.loads((out / "metrics.json").read_text())["artifacts"]
+    aa, selection = doc["accuracy_aware"], doc["int8_onnx_selection"]
+    # the checkpoint path goes through the same chain as optimize and BYOM: recipes measured, one kept
+    assert len(selection["candidates"]) >= 5 and "U8S8 QDQ per-channel minmax" in printed
+    assert ("bound met" in printed) == aa["bound_met"] and "accuracy-aware (max drop 0.0" in printed
+    assert all(name in printed for name in aa["kept_float"])
     assert not (out / "model.int8.tflite").exists()
 
 

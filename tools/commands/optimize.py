@@ -29,8 +29,14 @@ def register(subparsers: Any) -> None:
     p.add_argument("--structured", type=float, default=0.0, metavar="RATIO",
                    help="fraction of conv filters / dense units removed by channel pruning (default 0 = off)")
     p.add_argument("--calib", type=int, default=200, help="calibration images for int8 (default 200)")
-    p.add_argument("--method", default="minmax", choices=("minmax", "entropy", "percentile"),
-                   help="activation calibration for int8 ONNX (default minmax)")
+    p.add_argument("--method", default=None, choices=("minmax", "entropy", "percentile"),
+                   help="activation calibration for int8 ONNX (default: minmax and percentile are both measured)")
+    p.add_argument("--prefer", default="auto", choices=("auto", "speed", "size"),
+                   help="ONNX artifacts shipped: auto (default) int8 alone when it is clearly faster than fp32 on "
+                        "this machine, else int8 and fp32 so the device measures; size: int8 only; speed: only "
+                        "the faster of the two")
+    p.add_argument("--force", action="store_true",
+                   help="sign and ship an artifact below its agreement bound (recorded in the manifest)")
     p.add_argument("--max-drop", type=float, default=0.005,
                    help="accuracy drop vs fp32 the int8 ONNX may lose on the validation set before layers are "
                         "kept float (default 0.005 = half a point; negative = plain quantization)")
@@ -55,6 +61,7 @@ def handle(args: argparse.Namespace) -> int:
         data=args.data, out=args.out, work=args.work, name=args.name, version=args.version,
         description=args.description, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
         sparsity=args.sparsity, structured=args.structured, calib=args.calib, method=args.method,
+        prefer=args.prefer, force=args.force,
         max_drop=None if args.max_drop < 0 else args.max_drop, seed=args.seed, limit=args.limit, size=args.size,
         color=args.color, key=args.key, include_fp32=args.include_fp32, latency_runs=args.latency_runs,
         bundle_formats=tuple(f.strip() for f in args.bundle_formats.split(",") if f.strip()),

@@ -22,6 +22,7 @@ class DeviceInfo:
     agent_version: str | None = None
     model: str | None = None  # "name version"
     model_version: str | None = None
+    model_sha: str | None = None  # first digits of the bundle's manifest sha256: tells builds apart
     model_state: str | None = None
     groups: tuple[str, ...] = ()
     last_seen: float | None = None  # epoch seconds of the newest message from it
@@ -32,13 +33,14 @@ class DeviceInfo:
     def row(self, now: float | None = None) -> list[str]:
         now = now or time.time()
         seen = "-" if self.last_seen is None else _ago(now - self.last_seen)
-        return [self.device, self.state, self.model_version or "-", self.model_state or "-", seen,
+        return [self.device, self.state, self.model_version or "-", self.model_sha or "-", self.model_state or "-",
+                seen,
                 "-" if self.fps is None else f"{self.fps:.1f}",
                 "-" if self.latency_p50_ms is None else f"{self.latency_p50_ms:.1f}",
                 ",".join(self.groups) or "-"]
 
 
-HEADERS = ["DEVICE", "STATE", "MODEL", "MODEL STATE", "LAST SEEN", "FPS", "P50 MS", "GROUPS"]
+HEADERS = ["DEVICE", "STATE", "MODEL", "SHA", "MODEL STATE", "LAST SEEN", "FPS", "P50 MS", "GROUPS"]
 
 
 def discover(options: ClientOptions, prefix: str = T.DEFAULT_PREFIX, wait: float = 1.0) -> dict[str, DeviceInfo]:
@@ -72,12 +74,17 @@ def update(infos: dict[str, DeviceInfo], prefix: str, msg: Received) -> None:
         if isinstance(model, dict) and model:
             info.model_version = model.get("version")
             info.model = f"{model.get('name')} {model.get('version')}"
+            sha = model.get("sha256")
+            info.model_sha = sha[:T.SHORT_SHA] if isinstance(sha, str) and sha else info.model_sha
         groups = doc.get("groups") or ()
         info.groups = tuple(str(g) for g in groups) if isinstance(groups, list | tuple) else ()
     elif kind == "model/state":
         info.model_state = doc.get("state")
         if doc.get("state") == "active" and doc.get("version"):
             info.model_version = info.model_version or doc.get("version")
+            sha = doc.get("sha256")
+            if isinstance(sha, str) and sha and not info.model_sha:
+                info.model_sha = sha[:T.SHORT_SHA]
     elif kind == "health":
         fps = doc.get("fps")
         info.fps = float(fps) if isinstance(fps, int | float) else info.fps
