@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="score runs against truth and a reference run")
     compare.add_argument("--pair", nargs=3, action="append", required=True, metavar=("LABEL", "REF", "RUN"),
                          help="runtime name, reference run file, run file (repeatable)")
-    compare.add_argument("--min-accuracy", type=float, default=0.85)
+    compare.add_argument("--min-accuracy", type=float, default=0.75)
     compare.add_argument("--max-gap", type=float, default=0.005, help="largest accuracy difference to the reference")
     compare.add_argument("--min-agreement", type=float, default=0.99,
                          help="smallest share of frames whose top-1 equals the reference's")

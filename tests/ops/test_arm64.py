@@ -62,6 +62,28 @@ def test_bad_arguments_fail_with_one_clear_line_before_touching_anything(args: t
     assert not cache.exists()
 
 
+def test_a_second_run_on_the_same_cache_stops_and_leaves_the_first_runs_mounts_alone(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the script refuses to start without it, before it takes the lock")
+    import fcntl
+
+    cache = tmp_path / "cache"
+    busy = cache / "bookworm-arm64" / "proc"  # where the first run's guest /proc would be mounted
+    busy.mkdir(parents=True)
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(busy)], check=True)
+        try:
+            out = subprocess.run(["bash", str(SCRIPT), "--frames", "10"], capture_output=True, text=True,
+                                 timeout=60, env={**os.environ, "EDGECV_ARM64_ROOT": str(cache)})
+            assert out.returncode == 1
+            assert out.stderr.strip() == (f"arm64-check: error: Another arm64-check is using {cache}; wait for it "
+                                          "or set EDGECV_ARM64_ROOT")
+            assert mounts_under(cache) == [str(busy)]
+        finally:
+            subprocess.run(["umount", str(busy)], check=False)
+
+
 @pytest.fixture
 def collected(tmp_path: Path, start_agent: StartAgent, shared_broker: Broker) -> Iterator[dict[str, Any]]:
     """40 predictions of a real x86 agent, collected by the scorer the way the check script does it."""
@@ -109,7 +131,7 @@ def test_compare_passes_equal_runs_and_fails_loudly_on_wrong_ones(collected: dic
     wrong.write_text(json.dumps({**run, "top1": [(p + 1) % 10 for p in run["top1"]]}))
     out = score("compare", "--pair", "onnxruntime", good, str(wrong))
     assert out.returncode == 1
-    assert "FAIL onnxruntime: accuracy 0.0000 is below 0.85" in out.stderr
+    assert "FAIL onnxruntime: accuracy 0.0000 is below 0.75" in out.stderr
     assert "FAIL onnxruntime: only 0 of 40 top-1 predictions equal the reference's" in out.stderr
 
     fallback = tmp_path / "fallback.json"  # the agent quietly ran another runtime than asked
@@ -193,7 +215,7 @@ def test_arm64_check_fails_when_the_emulated_cpu_computes_wrong_int8(broker: Bro
     # qemu's `max` CPU makes LiteRT's int8 kernels return wrong classes (FIELD-NOTES): the check must say so.
     out = check("--frames", "200", "--cpu", "max", "--broker", f"127.0.0.1:{broker.port}", timeout=3300)
     assert out.returncode == 1
-    assert re.search(r"FAIL litert: accuracy 0\.\d+ is below 0\.85", out.stderr), out.stderr[-4000:]
+    assert re.search(r"FAIL litert: accuracy 0\.\d+ is below 0\.75", out.stderr), out.stderr[-4000:]
     assert "FAIL onnxruntime" not in out.stderr
     assert "arm64-check: FAILED" in out.stderr and "PASSED" not in out.stdout
     assert mounts_under(CACHE) == []
