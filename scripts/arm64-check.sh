@@ -178,7 +178,8 @@ done
 if [ "${#missing[@]}" -gt 0 ]; then
   note "installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
-  run_logged apt-install sh -c "apt-get install -y ${missing[*]} || { apt-get update && apt-get install -y ${missing[*]}; }"
+  run_logged apt-install sh -c \
+    "apt-get install -y ${missing[*]} || { apt-get update && apt-get install -y ${missing[*]}; }"
 fi
 command -v "$host_python" >/dev/null 2>&1 || die "No '$host_python' on PATH: install python3 or set PYTHON"
 "$host_python" -c 'import ensurepip, venv' 2>/dev/null \
@@ -256,9 +257,11 @@ fi
 # Guest configuration, cheap to repeat: name resolution, the host's pip settings and extra CA certificates
 # (never the per-user pip config: it may point at x86-only wheel folders), and a Pi-like /proc/cpuinfo.
 cp /etc/resolv.conf "$root/etc/resolv.conf" 2>/dev/null || true
-[ -s "$root/etc/hosts" ] || printf '127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' >"$root/etc/hosts"
+[ -s "$root/etc/hosts" ] || printf '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n' >"$root/etc/hosts"
 [ ! -f /etc/pip.conf ] || cp /etc/pip.conf "$root/etc/pip.conf"
-if [ -d /etc/xdg/pip ]; then mkdir -p "$root/etc/xdg" && rm -rf "$root/etc/xdg/pip" && cp -r /etc/xdg/pip "$root/etc/xdg/"; fi
+if [ -d /etc/xdg/pip ]; then
+  mkdir -p "$root/etc/xdg" && rm -rf "$root/etc/xdg/pip" && cp -r /etc/xdg/pip "$root/etc/xdg/"
+fi
 ca_changed=0
 for crt in /usr/local/share/ca-certificates/*.crt; do
   [ -f "$crt" ] || continue
@@ -268,11 +271,14 @@ for crt in /usr/local/share/ca-certificates/*.crt; do
   fi
 done
 [ "$ca_changed" -eq 0 ] || run_logged guest-ca "${guest[@]}" update-ca-certificates
-# The guest otherwise sees the host's x86 /proc/cpuinfo, and onnxruntime and LiteRT crash on import/Interpreter().
+# The guest otherwise sees the host's x86 /proc/cpuinfo, on which `import onnxruntime` crashes (SIGSEGV).
 case "$cpu" in
-  cortex-a72) features="fp asimd evtstrm crc32 cpuid"; variant=0x0; part=0xd08; revision=3; board="Raspberry Pi 4" ;;
-  cortex-a76|max) features="fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp"
-                  variant=0x4; part=0xd0b; revision=1; board="Raspberry Pi 5" ;;
+  cortex-a72)
+    features="fp asimd evtstrm crc32 cpuid"
+    variant=0x0; part=0xd08; revision=3; board="Raspberry Pi 4" ;;
+  cortex-a76|max)
+    features="fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp"
+    variant=0x4; part=0xd0b; revision=1; board="Raspberry Pi 5" ;;
 esac
 cpuinfo="$cache/cpuinfo-$cpu"
 : >"$cpuinfo"
@@ -299,7 +305,8 @@ fi
 # ------------------------------------------------------------------------------------------- install in the guest
 step "install '${wheel_name}[litert]' in a fresh guest venv"
 guest_os="$("${guest[@]}" sh -c '. /etc/os-release; echo "$PRETTY_NAME"')"
-guest_py="$("${guest[@]}" python3 -c 'import platform, sys; print(platform.machine(), "Python", sys.version.split()[0], "glibc", platform.libc_ver()[1])')"
+guest_py="$("${guest[@]}" python3 -c 'import platform as p; print(p.machine(), "Python", p.python_version(),
+  "glibc", p.libc_ver()[1])')"
 rm -rf "${root:?}$guest_dir"
 mkdir -p "$root$guest_dir/dist"
 cp "$wheel" "$root$guest_dir/dist/"
@@ -443,7 +450,8 @@ qemu_version="$(qemu-aarch64-static --version 2>/dev/null | head -n 1 || echo 'q
   echo
   echo "edgecv arm64 check: $wheel_name"
   echo "guest:   $guest_os, $guest_py, $qemu_version, QEMU_CPU=$cpu"
-  echo "install: pip install --only-binary=:all: '${wheel_name}[litert]' into a fresh venv: ${install_s} s, ${venv_mb} MB"
+  echo "install: pip install --only-binary=:all: '${wheel_name}[litert]' into a fresh venv:" \
+    "${install_s} s, ${venv_mb} MB"
   echo "wheels resolved in the guest (all prebuilt):"
   echo "$wheels"
   echo "x86 reference: $x86_versions"
