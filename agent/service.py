@@ -181,14 +181,18 @@ class Agent:
         self._threads.append(thread)
 
     def _start_extensions(self) -> None:
-        """The updater (pushes), remote commands and Home Assistant discovery all hang off the link."""
+        """The updater (pushes), remote commands, Home Assistant discovery and the announce responder hang off the
+        link."""
         from edgecv.agent.commands import CommandHandler
         from edgecv.agent.delivery.updater import Updater
+        from edgecv.agent.link.announce import AnnounceResponder
         from edgecv.agent.link.discovery import HomeAssistantDiscovery
 
         self.updater = Updater(self).start()
         self.commands = CommandHandler(self, self.updater).start()
         self.discovery = HomeAssistantDiscovery(self).start()
+        AnnounceResponder(self.link, T.announce_topic(self.config.prefix),
+                          [self.publish_status, self.updater.republish_state]).start()
 
     def _shutdown(self) -> None:
         log.info("Stopping: finishing the current frames and flushing %d buffered message(s)",

@@ -141,6 +141,7 @@ class Updater:
         self._swap_lock = threading.RLock()
         self._lock = threading.Lock()
         self._finished: OrderedDict[str, bytes] = OrderedDict()  # final model/state payload by transfer id
+        self._retained_state: bytes | None = None  # the newest retained model/state payload
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Updater:
@@ -270,7 +271,16 @@ class Updater:
                 self._finished.move_to_end(payload["transfer"])
                 while len(self._finished) > REMEMBER_TRANSFERS:
                     self._finished.popitem(last=False)
+        with self._lock:
+            self._retained_state = data
         self.agent.link.publish(self.topics.model_state, data, qos=1, retain=True)
+
+    def republish_state(self) -> None:
+        """Publish the newest retained model/state again, unchanged (an answer to the announce request)."""
+        with self._lock:
+            data = self._retained_state
+        if data is not None:
+            self.agent.link.publish(self.topics.model_state, data, qos=1, retain=True)
 
     # ------------------------------------------------------------------ updater thread
     def _run(self) -> None:

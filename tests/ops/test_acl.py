@@ -79,6 +79,20 @@ def test_only_the_workstation_sends_commands_and_pushes(fleet: FleetBroker, ws: 
         hall.close()
 
 
+def test_the_announce_request_reaches_every_device_from_the_workstation_only(fleet: FleetBroker, ws: Probe) -> None:
+    kitchen, hall = login(fleet, "pi-kitchen"), login(fleet, "pi-hall")
+    try:
+        assert kitchen.subscribe("edgecv/announce") and hall.subscribe("edgecv/announce")
+        assert ws.publish("edgecv/announce", b'{"id":"a1"}')
+        assert [m.payload for m in kitchen.collect(3, n=1)] == [b'{"id":"a1"}']
+        assert [m.payload for m in hall.collect(3, n=1)] == [b'{"id":"a1"}']
+        assert not kitchen.publish("edgecv/announce")  # a device cannot make the fleet answer
+        assert hall.collect(0.5) == []
+    finally:
+        kitchen.close()
+        hall.close()
+
+
 def test_group_pushes_reach_members_only(fleet: FleetBroker, ws: Probe) -> None:
     kitchen, hall, garage = (login(fleet, u) for u in ("pi-kitchen", "pi-hall", "pi-garage"))
     try:
