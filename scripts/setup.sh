@@ -8,6 +8,10 @@ venv="${EDGECV_VENV:-$HOME/.local/share/edgecv/venv}"
 need_apt=()
 command -v mosquitto >/dev/null 2>&1 || need_apt+=(mosquitto)
 command -v mosquitto_sub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
+# The broker matrix (tests/e2e/test_broker_matrix.py, test_broker_cluster.py) runs NATS's MQTT gateway too.
+command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || need_apt+=(nats-server)
+# The slow RabbitMQ check (tests/e2e/test_rabbitmq.py) starts a private node of its own; only for EDGECV_SLOW=1.
+if [ "${EDGECV_SLOW:-}" = 1 ] && [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then need_apt+=(rabbitmq-server); fi
 [ -d /usr/share/datasets/fashion-mnist ] || need_apt+=(dataset-fashion-mnist)
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 if [ ${#need_apt[@]} -gt 0 ]; then
