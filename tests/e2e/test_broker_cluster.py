@@ -3,7 +3,8 @@
 Three nats-servers joined by routes, JetStream clustered (the MQTT gateway keeps retained messages and sessions in
 JetStream streams replicated to all three), MQTT 3.1.1 on every node. Two agents attach to two different nodes;
 the workstation talks to the third only: it lists both devices from their retained status, pushes a signed
-bundle to their group, sees their predictions, commands one, and sees the Last Will of the one killed.
+bundle to their group, sees their predictions, commands one, sees the Last Will of the one killed, and still gets
+both retained statuses after one of the other two servers is stopped.
 """
 
 from __future__ import annotations
@@ -97,5 +98,16 @@ def test_agents_on_two_nodes_and_the_workstation_on_a_third(cluster: NatsCluster
             assert decode(late.wait_for(lambda m: m.retain, 10).payload)["state"] == "offline"
         finally:
             late.close()
+
+        # stop the server agent a was on: the retained statuses (replicated to all three) are still served
+        agents[1].kill()
+        node_a.stop()
+        survivor = ws.client(T.fleet_filter("edgecv", "status"))
+        try:
+            msgs = collect(survivor, lambda m: all(docs_of(m, s, True) for s in statuses), 60)
+        finally:
+            survivor.close()
+        assert docs_of(msgs, statuses[0], True)[-1]["state"] == "offline"
+        assert docs_of(msgs, statuses[1], True)[-1]["state"] == "offline"  # its Will, fired when it was killed
     finally:
         launcher.close()
