@@ -3,7 +3,7 @@
 It wraps paho-mqtt 2.x: connect with options (MQTT 5 or 3.1.1, TLS, username/password), subscribe to filters
 whose messages land in a queue (or go to a callback), publish and wait for the acknowledgement, and wait for
 a message matching a predicate. A refused CONNACK or an unreachable broker raises FleetError with the reason, and
-so does a subscription the broker refuses three times.
+so do a subscription the broker refuses three times and a publish it refuses (MQTT 5 PUBACK reason codes).
 """
 
 from __future__ import annotations
@@ -111,6 +111,7 @@ class MqttClient:
         self._suback = threading.Condition()
         self._subacked: set[int] = set()
         self._refused: dict[int, str] = {}  # SUBACK failure reason by message id
+        self._pub_refused: dict[int, str] = {}  # PUBACK failure reason by message id (MQTT 5)
         opts = self.options
         client_id = opts.client_id or f"edgecv-tool-{uuid.uuid4().hex[:8]}"
         v5 = opts.protocol != "3.1.1"
@@ -133,6 +134,7 @@ class MqttClient:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
+        self._client.on_publish = self._on_publish
 
     @property
     def paho(self) -> paho.Client:
@@ -230,6 +232,11 @@ class MqttClient:
                 raise FleetError(f"Publishing to {topic} failed: {exc}") from exc
             if not info.is_published():
                 raise FleetError(f"The broker did not acknowledge a publish to {topic} within {timeout:g} s")
+            with self._suback:
+                refused = self._pub_refused.pop(info.mid, None)
+            if refused is not None:  # MQTT 5 only: a 3.1.1 PUBACK carries no reason
+                raise FleetError(f"The MQTT broker refused the publish to {topic} ({refused}); check its access "
+                                 "rules for this user")
 
     def get(self, timeout: float) -> Received | None:
         try:
@@ -299,6 +306,15 @@ class MqttClient:
                 self._refused[mid] = f"{failed[0].getName()}, reason code {failed[0].value}"
             self._subacked.add(mid)
             self._suback.notify_all()
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        # Called before the publish counts as acknowledged: `publish` reads the outcome of its own mid after that
+        # (an entry left by an earlier use of the same mid is replaced or cleared here first).
+        with self._suback:
+            if getattr(reason, "is_failure", False):
+                self._pub_refused[mid] = f"{reason.getName()}, reason code {reason.value}"
+            else:
+                self._pub_refused.pop(mid, None)
 
     def _on_message(self, client: Any, userdata: Any, message: MQTTMessage) -> None:
         msg = Received(message.topic, bytes(message.payload), bool(message.retain), int(message.qos))
