@@ -4,7 +4,8 @@ them in the reverse order.
 Each part gets only the narrow things it uses: the camera loops (`Agent`) publish through the `Link`; the updater
 gets the link, the model store, the keyring and the model host (the `Agent`); the command handler gets the link,
 a view of the device and the updater's reload/rollback; Home Assistant discovery gets the link and a way to name
-the running model. No part builds its collaborators or reaches back into its owner.
+the running model; the announce responder gets the link and what to re-publish. No part builds its
+collaborators or reaches back into its owner.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from edgecv.agent.contract.signing import load_keyring
 from edgecv.agent.delivery.store import ModelStore
 from edgecv.agent.delivery.updater import Updater
 from edgecv.agent.errors import NoModelError
+from edgecv.agent.link.announce import AnnounceResponder
 from edgecv.agent.link.discovery import HomeAssistantDiscovery
 from edgecv.agent.link.mqtt import MqttLink
 from edgecv.agent.link.outbox import Outbox
@@ -54,6 +56,10 @@ class App:
                                host=self.agent)
         self.commands = CommandHandler(config.device_id, topics, self.link, device=self.agent, control=self.updater)
         self.discovery = HomeAssistantDiscovery(config, topics, self.link, current_model=lambda: self.agent.classifier)
+        # Brokers that never deliver retained messages to wildcard subscriptions (RabbitMQ): the workstation asks,
+        # the device re-publishes its retained status and model state live.
+        self.announce = AnnounceResponder(self.link, T.announce_topic(config.prefix),
+                                          [self.agent.publish_status, self.updater.republish_state])
 
     def load_model(self) -> Classifier:
         """The model to serve (the store's active one, seeded from `model.bundle`), unless one was given."""
@@ -76,6 +82,7 @@ class App:
         self.updater.start()
         self.commands.start()
         self.discovery.start()
+        self.announce.start()
         self.link.start()
         self.agent.start(stop)
         try:

@@ -149,7 +149,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"  model       store {m.store}, seed {m.bundle or '(none)'}, runtime {m.runtime}, {m.threads} thread(s)")
     p = cfg.publish
     print(f"  publish     QoS {p.qos}, mode {p.mode}, top {p.top_k}, buffer {p.buffer}"
-          + (f", spool {p.spool_dir}" if p.spool_dir else "") + (f", expiry {p.expiry_s}s" if p.expiry_s else ""))
+          + (f", spool {p.spool_dir}" if p.spool_dir else "") + (f", expiry {p.expiry_s}s" if p.expiry_s else "")
+          + (" (ignored: MQTT 3.1.1 has no message expiry)" if p.expiry_s and b.protocol == "3.1.1" else ""))
     print(f"  health      every {cfg.health.interval_s:g}s; motion gate {'on' if cfg.motion.enabled else 'off'}")
     print(f"  security    keyring {cfg.security.keyring or '(none)'}, unsigned bundles "
           f"{'allowed' if cfg.security.allow_unsigned else 'refused'}")

@@ -25,6 +25,10 @@ if [ "$mode" = "full" ]; then
   # The labelling page's browser test (tests/tools/test_label_browser.py) drives these through selenium.
   command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
   command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
+  # The broker matrix (tests/e2e/test_broker_matrix.py, test_broker_cluster.py) runs NATS's MQTT gateway too.
+  command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || need_apt+=(nats-server)
+  # The slow RabbitMQ check (tests/e2e/test_rabbitmq.py) starts a private node of its own; only for EDGECV_SLOW=1.
+  if [ "${EDGECV_SLOW:-}" = 1 ] && [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then need_apt+=(rabbitmq-server); fi
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need_apt[*]}" >&2

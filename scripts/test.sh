@@ -5,6 +5,6 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$(bash "$here/scripts/setup.sh" | tail -n1)"
 cd "$here"
-echo "== ruff"; "$venv/bin/python" -m ruff check agent tools tests bench
+echo "== ruff"; "$venv/bin/python" -m ruff check agent tools tests bench scripts
 echo "== mypy"; "$venv/bin/python" -m mypy
 echo "== pytest"; "$venv/bin/python" -m pytest "$@"

@@ -13,6 +13,7 @@ Topic levels:
     <prefix>/<device>/model/push/<transfer>/ack          device → workstation (progress / resume point)
     <prefix>/<device>/cmd/<name>        workstation → device, QoS 1, payload {"id": request id, ...}
     <prefix>/<device>/cmd/<name>/result device → workstation, QoS 1, payload {"id", "ok", ...}
+    <prefix>/announce                   workstation → every device, QoS 1: re-publish status and model state
 """
 
 from __future__ import annotations
@@ -111,6 +112,13 @@ def group_push(prefix: str, group: str, transfer: str, part: str) -> str:
 
 def group_push_filter(prefix: str, group: str) -> str:
     return f"{prefix}/groups/{check_level(group, 'Group')}/model/push/#"
+
+
+def announce_topic(prefix: str) -> str:
+    """The fleet-wide request to re-publish the retained `status` and `model/state` (so they arrive live, on
+    brokers that do not deliver retained messages to wildcard subscriptions: RabbitMQ 3.x). Two levels, so no
+    `<prefix>/+/<kind>` filter matches it and no device id can collide with it."""
+    return f"{prefix}/announce"
 
 
 def fleet_filter(prefix: str, kind: str, device: str = "+") -> str:

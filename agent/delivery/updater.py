@@ -155,6 +155,7 @@ class Updater:
         self._swap_lock = threading.RLock()
         self._lock = threading.Lock()
         self._finished: OrderedDict[str, bytes] = OrderedDict()  # final model/state payload by transfer id
+        self._retained_state: bytes | None = None  # the newest retained model/state payload
 
     # ------------------------------------------------------------------ lifecycle
     def load_active(self) -> Classifier:
@@ -320,7 +321,17 @@ class Updater:
                 self._finished.move_to_end(payload["transfer"])
                 while len(self._finished) > REMEMBER_TRANSFERS:
                     self._finished.popitem(last=False)
+        if retain:
+            with self._lock:
+                self._retained_state = data
         self.link.publish(self.topics.model_state, data, qos=1, retain=retain)
+
+    def republish_state(self) -> None:
+        """Publish the newest retained model/state again, unchanged (an answer to the announce request)."""
+        with self._lock:
+            data = self._retained_state
+        if data is not None:
+            self.link.publish(self.topics.model_state, data, qos=1, retain=True)
 
     # ------------------------------------------------------------------ updater thread
     def _run(self) -> None:

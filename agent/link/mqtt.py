@@ -20,6 +20,7 @@
 - `feed` (optional) runs on the sender thread at the start of every round, connected or not: the agent's
   PredictionStream encodes the predictions its camera loops staged and puts them into the Outbox there.
 - Subscription handlers and on-connect callbacks run on a worker thread, not on paho's network thread.
+- A subscription the broker refuses (a failure code in the SUBACK) is logged and asked for again with backoff.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ COALESCE_S = 0.005  # at most one round of sending per 5 ms while messages come 
 # 64x64 model on one core (docs/BENCHMARKS.md). 20 ms is latency no consumer of such a stream notices; a camera-rate
 # stream (one message per round) keeps the 5 ms rounds.
 FLOOD_MESSAGES, FLOOD_COALESCE_S = 8, 0.02
+SUBSCRIBE_RETRY_MAX_S = 30.0  # a refused subscription is asked for again after 1, 2, 4 ... at most this many s
 
 
 @dataclass
@@ -103,6 +105,7 @@ class MqttLink:
         self.last_error: str | None = None
         self.connects = 0  # successful connections so far
         self.refused = 0  # CONNACKs with a failure reason code
+        self.suback_refusals = 0  # subscriptions the broker refused (each is asked for again)
         self._v5 = str(cfg.protocol) != "3.1.1"
         self._stop = threading.Event()
         self._sender_stop = threading.Event()
@@ -118,6 +121,10 @@ class MqttLink:
         self._work: queue.Queue[tuple[Callable[..., None], tuple[Any, ...]] | None] = queue.Queue(maxsize=10000)
         self._threads: list[threading.Thread] = []
         self._warned: dict[str, float] = {}
+        self._expiry_warned = False
+        self._suback_lock = threading.Lock()
+        # (generation, mid) -> (subscription, attempt) until its SUBACK arrives
+        self._suback_pending: dict[tuple[int, int], tuple[_Subscription, int]] = {}
 
     # ----------------------------------------------------------------------------------------- public API
     def start(self) -> MqttLink:
@@ -148,8 +155,9 @@ class MqttLink:
         with self._lock:
             self._subs.append(sub)
             client = self._client if self.connected.is_set() else None
+            gen = self._generation
         if client is not None:
-            client.subscribe(filter, qos=qos)
+            self._subscribe_on(client, gen, sub)
 
     def add_on_connect(self, callback: Callable[[], None]) -> None:
         """`callback()` runs on the worker thread after every (re)connect, once `online` was published."""
@@ -215,6 +223,7 @@ class MqttLink:
         client.on_disconnect = self._on_disconnect_cb
         client.on_publish = self._on_publish_cb
         client.on_message = self._on_message_cb
+        client.on_subscribe = self._on_subscribe_cb
         return client
 
     def _supervise(self) -> None:
@@ -227,6 +236,7 @@ class MqttLink:
                 self._client = client
                 self._session_ended.clear()
             connected_at = None
+            refused_before = self.refused
             try:
                 if self._v5:
                     client.connect(self.cfg.host, int(self.cfg.port), keepalive=int(self.cfg.keepalive),
@@ -246,6 +256,8 @@ class MqttLink:
                         break
                 if self.connected.is_set() or connected_at is not None:
                     connected_at = connected_at or time.monotonic()
+                elif self._session_ended.is_set() and self.refused == refused_before and not self._stop.is_set():
+                    self._fail(self._closed_before_connack())
                 self._lost()
                 if not self._stop.is_set():
                     client.disconnect()
@@ -257,6 +269,14 @@ class MqttLink:
             delay = backoff.next_delay()
             log.info("Reconnecting to %s:%s in %.2f s", self.cfg.host, self.cfg.port, delay)
             self._stop.wait(delay)
+
+    def _closed_before_connack(self) -> str:
+        detail = self.last_error if (self.last_error or "").startswith("disconnected") else "no reason given"
+        reason = f"the broker closed the connection without accepting it ({detail}); check the broker's log"
+        if "." in self.topics.base:
+            # NATS's MQTT gateway drops a client whose Will topic contains '.' (it maps '.' to its own separator)
+            reason += "; NATS refuses topics containing '.', as in this device id or prefix: use '-' or '_'"
+        return reason
 
     def _fail(self, reason: str) -> None:
         self.last_error = reason
@@ -285,8 +305,10 @@ class MqttLink:
             callbacks = list(self._on_connect)
         if self.online_payload is not None:
             client.publish(self.topics.status, self.online_payload(), qos=1, retain=True)
+        with self._suback_lock:
+            self._suback_pending.clear()  # what an earlier connection still waited for
         for sub in subs:
-            client.subscribe(sub.filter, qos=sub.qos)
+            self._subscribe_on(client, gen, sub)
         self.connects += 1
         self.last_error = None
         self.connected.set()
@@ -295,6 +317,36 @@ class MqttLink:
                  "5" if self._v5 else "3.1.1", ", TLS" if self.cfg.tls.enabled else "")
         for callback in callbacks:
             self._submit(callback)
+
+    def _subscribe_on(self, client: paho.Client, gen: int, sub: _Subscription, attempt: int = 0) -> None:
+        with self._suback_lock:  # recorded before its SUBACK can be handled
+            rc, mid = client.subscribe(sub.filter, qos=sub.qos)
+            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+                self._suback_pending[(gen, mid)] = (sub, attempt)
+
+    def _on_subscribe_cb(self, client: paho.Client, gen: int, mid: int, reasons: Any, properties: Any) -> None:
+        with self._suback_lock:
+            pending = self._suback_pending.pop((gen, mid), None)
+        failed = [r for r in reasons or () if getattr(r, "is_failure", False)]
+        if pending is None or not failed or self._stop.is_set():
+            return
+        # A broker may refuse a subscription for a while (NATS's MQTT gateway does when creating the JetStream
+        # consumer behind a QoS 1 subscription times out on a busy cluster): ask again with backoff instead of
+        # staying deaf to pushes or commands until the next reconnect.
+        sub, attempt = pending
+        self.suback_refusals += 1
+        delay = min(SUBSCRIBE_RETRY_MAX_S, 2.0 ** attempt)
+        self._warn(f"suback-{sub.filter}", "Broker refused the subscription to %s (%s); asking again in %.0f s",
+                   sub.filter, getattr(failed[0], "getName", lambda: str(failed[0]))(), delay)
+        timer = threading.Timer(delay, self._resubscribe, (gen, sub, attempt + 1))
+        timer.daemon = True
+        timer.start()
+
+    def _resubscribe(self, gen: int, sub: _Subscription, attempt: int) -> None:
+        with self._lock:
+            client = self._client if self._generation == gen and self.connected.is_set() else None
+        if client is not None and not self._stop.is_set():  # else the next connection subscribes afresh
+            self._subscribe_on(client, gen, sub, attempt)
 
     def _on_disconnect_cb(self, client: paho.Client, gen: int, flags: Any, reason: Any, properties: Any) -> None:
         refused = (self.last_error or "").startswith("broker refused")  # keep the CONNACK reason, it says more
@@ -391,9 +443,15 @@ class MqttLink:
         """One publish for `run` (one message, or a batch for a topic in `batches`); False if not connected."""
         msg = run[0]
         props = None
-        if msg.expiry_s > 0 and self._v5:
-            props = Properties(PacketTypes.PUBLISH)
-            props.MessageExpiryInterval = msg.expiry_s
+        if msg.expiry_s > 0:
+            if self._v5:
+                props = Properties(PacketTypes.PUBLISH)
+                props.MessageExpiryInterval = msg.expiry_s
+            elif not self._expiry_warned:
+                self._expiry_warned = True
+                log.warning("publish.expiry_s = %d has no effect with broker.protocol = \"3.1.1\": MQTT 3.1.1 has no "
+                            "message expiry, so the broker keeps messages for offline subscribers until they are "
+                            "delivered; use MQTT 5 where the broker supports it", msg.expiry_s)
         payload = b"[" + b",".join(m.payload for m in run) + b"]" if msg.topic in self.batches else msg.payload
         info = client.publish(msg.topic, payload, qos=msg.qos, retain=msg.retain, properties=props)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:

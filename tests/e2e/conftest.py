@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edgecv.agent.contract.topics import DeviceTopics
-from tests.broker import Broker
+from edgecv.agent.contract.topics import DeviceTopics, decode
+from edgecv.tools.fleet.mqtt_client import ClientOptions, MqttClient, Received
+from tests.broker import Broker, BrokerProcess, nats_server
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_BUNDLE = REPO / "models" / "fashion-mnist"
@@ -106,6 +107,19 @@ def fashion_bundle(fashion_mnist_dir: Path) -> Path:
     return DEFAULT_BUNDLE
 
 
+@pytest.fixture(scope="module")
+def signing(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+    """(private key, keyring directory holding only its public key): sign bundles with the key, give agents the
+    keyring."""
+    from edgecv.agent.contract.signing import generate_private_key, write_keypair
+
+    work = tmp_path_factory.mktemp("keys")
+    key = generate_private_key()
+    write_keypair(key, work / "ring" / "ws.key")
+    (work / "ring" / "ws.key").unlink()  # the keyring holds only the public key
+    return key, work / "ring"
+
+
 # -------------------------------------------------------------------------------------------------- agent
 def to_toml(doc: Mapping[str, Any]) -> str:
     """Enough TOML for agent configs: scalars, lists of scalars, tables, arrays of tables."""
@@ -167,6 +181,8 @@ class AgentHandle:
     config: dict[str, Any]
     log_path: Path
     workdir: Path
+    env: Mapping[str, str] | None = None
+    args: tuple[str, ...] = ()
     topics: DeviceTopics = field(init=False)
 
     def __post_init__(self) -> None:
@@ -204,33 +220,39 @@ class AgentHandle:
     def wait_exit(self, timeout: float) -> int:
         return int(self.proc.wait(timeout))
 
+    def restart(self) -> None:
+        """Start the same config again (after a kill or stop), appending to the same log."""
+        if self.proc.poll() is None:
+            raise AssertionError("restart() needs the agent to have exited; stop() or kill() it first")
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([*agent_command(), "run", "--config", str(self.config_path), *self.args],
+                                         stdout=subprocess.DEVNULL, stderr=log, env=self.env, cwd=self.workdir)
+
 
 StartAgent = Callable[..., AgentHandle]
 
 
-@pytest.fixture
-def start_agent(tmp_path: Path, fashion_bundle: Path) -> Iterator[StartAgent]:
-    """Factory: start_agent(config_overrides, *, broker=None, bundle=None, env=None, args=()) -> AgentHandle.
+class AgentLauncher:
+    """Starts `edgecv-agent run` processes under `workdir` and kills them all on `close()`: the `start_agent`
+    fixture (one test) and module-scoped fleets (tests/e2e/test_broker_matrix.py) share it."""
 
-    The base config: unique device_id, the given broker, one synthetic:fashion-mnist camera at 20 fps, a fresh
-    model store seeded with `bundle` (default: the fashion bundle), unsigned bundles allowed, health every 1 s,
-    fast reconnects, Home Assistant discovery off. `config_overrides` is merged in (tables deeply; `camera`
-    replaces the list).
-    """
-    handles: list[AgentHandle] = []
+    def __init__(self, workdir: Path, bundle: Path) -> None:
+        self.workdir = workdir
+        self.bundle = bundle
+        self.handles: list[AgentHandle] = []
 
-    def start(config_overrides: Mapping[str, Any] | None = None, *, broker: Broker | None = None,
+    def start(self, config_overrides: Mapping[str, Any] | None = None, *, broker: BrokerProcess | None = None,
               bundle: Path | None = None, env: Mapping[str, str] | None = None,
               args: tuple[str, ...] = ()) -> AgentHandle:
         n = next(_ids)
-        work = tmp_path / f"agent{n}"
+        work = self.workdir / f"agent{n}"
         work.mkdir()
         base: dict[str, Any] = {
             "device_id": f"e2e-{os.getpid()}-{n}", "prefix": "edgecv", "log_level": "info",
             "broker": {"host": broker.host if broker else "127.0.0.1", "port": broker.port if broker else 1883,
                        "reconnect_min_s": 0.1, "reconnect_max_s": 1.0, "keepalive": 5},
             "camera": [{"name": "cam0", "source": "synthetic:fashion-mnist", "fps": 20.0}],
-            "model": {"store": str(work / "models"), "bundle": str(bundle or fashion_bundle)},
+            "model": {"store": str(work / "models"), "bundle": str(bundle or self.bundle)},
             "security": {"allow_unsigned": True},
             "health": {"interval_s": 1.0},
             "homeassistant": {"enabled": False},
@@ -244,13 +266,27 @@ def start_agent(tmp_path: Path, fashion_bundle: Path) -> Iterator[StartAgent]:
         full_env.update(env or {})
         proc = subprocess.Popen([*agent_command(), "run", "--config", str(config_path), *args],
                                 stdout=subprocess.DEVNULL, stderr=open(log_path, "wb"), env=full_env, cwd=work)
-        handle = AgentHandle(proc, config_path, config, log_path, work)
-        handles.append(handle)
+        handle = AgentHandle(proc, config_path, config, log_path, work, env=full_env, args=args)
+        self.handles.append(handle)
         return handle
 
-    yield start
-    for handle in handles:
-        handle.kill()
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.kill()
+
+
+@pytest.fixture
+def start_agent(tmp_path: Path, fashion_bundle: Path) -> Iterator[StartAgent]:
+    """Factory: start_agent(config_overrides, *, broker=None, bundle=None, env=None, args=()) -> AgentHandle.
+
+    The base config: unique device_id, the given broker, one synthetic:fashion-mnist camera at 20 fps, a fresh
+    model store seeded with `bundle` (default: the fashion bundle), unsigned bundles allowed, health every 1 s,
+    fast reconnects, Home Assistant discovery off. `config_overrides` is merged in (tables deeply; `camera`
+    replaces the list).
+    """
+    launcher = AgentLauncher(tmp_path, fashion_bundle)
+    yield launcher.start
+    launcher.close()
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
@@ -277,8 +313,6 @@ def persistent_broker(workdir: Path) -> Broker:
 
 def durable_subscriber(broker: Broker, filters: list[str], client_id: str) -> Any:
     """A subscriber with a persistent session (clean_start false, 1 h expiry) on `filters`."""
-    from edgecv.tools.fleet.mqtt_client import ClientOptions, MqttClient
-
     client = MqttClient(ClientOptions(host=broker.host, port=broker.port, client_id=client_id, clean_start=False,
                                       session_expiry_s=3600)).connect()
     for flt in filters:
@@ -292,3 +326,57 @@ def wait_for_autosave(workdir: Path, since: float, timeout: float = 6.0) -> None
     db = workdir / "mosquitto.db"
     if not wait_until(lambda: db.exists() and db.stat().st_mtime > since, timeout):
         raise AssertionError(f"mosquitto did not autosave {db} within {timeout:g} s")
+
+
+# ------------------------------------------------------------------------------------------ broker matrix
+@dataclass
+class Target:
+    """A running broker and the MQTT version every client of this target speaks."""
+
+    name: str
+    broker: BrokerProcess
+    protocol: str
+
+    def client(self, *filters: str) -> MqttClient:
+        client = MqttClient(ClientOptions(host=self.broker.host, port=self.broker.port,
+                                          protocol=self.protocol)).connect()
+        for flt in filters:
+            client.subscribe(flt)
+        return client
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run `edgecv ARGS --broker ... --protocol ...`."""
+        return subprocess.run([*edgecv_command(), *args, "--broker", self.broker.address, "--protocol", self.protocol],
+                              capture_output=True, text=True, timeout=timeout)
+
+
+def edgecv_command() -> list[str]:
+    exe = Path(sys.executable).parent / "edgecv"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "edgecv.tools.cli"]
+
+
+def require_nats() -> None:
+    if nats_server() is None:
+        pytest.fail("nats-server is not installed: the broker matrix needs it (scripts/setup.sh installs it)")
+
+
+def collect(client: MqttClient, until: Callable[[list[Received]], bool], timeout: float,
+            agent: AgentHandle | None = None) -> list[Received]:
+    """Messages until `until(messages)` holds; fails with the agent's log on timeout."""
+    out: list[Received] = []
+    deadline = time.monotonic() + timeout
+    while not until(out):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            log = agent.log()[-3000:] if agent else ""
+            raise AssertionError(f"Timed out after {timeout:g} s with {len(out)} messages: "
+                                 f"{[(m.topic, m.payload[:80], m.retain) for m in out[-5:]]}; agent log:\n{log}")
+        msg = client.get(min(left, 0.2))
+        if msg is not None:
+            out.append(msg)
+    return out
+
+
+def docs_of(msgs: list[Received], topic: str, retained: bool | None = None) -> list[dict[str, Any]]:
+    return [decode(m.payload) for m in msgs if m.topic == topic and m.payload
+            and (retained is None or m.retain == retained)]

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from edgecv.agent.contract.signing import generate_private_key, write_keypair
+from edgecv.agent.contract.signing import generate_private_key
 from edgecv.agent.contract.topics import MODEL_STATE_KEYS
 from edgecv.tools.fleet.mqtt_client import ClientOptions, MqttClient, Received
 from edgecv.tools.fleet.push import Pusher
@@ -30,15 +30,6 @@ from tests.e2e.conftest import AgentHandle, StartAgent, agent_command, wait_unti
 
 pytestmark = pytest.mark.e2e
 EDGECV = [str(Path(sys.executable).parent / "edgecv")]
-
-
-@pytest.fixture(scope="module")
-def signing(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
-    work = tmp_path_factory.mktemp("keys")
-    key = generate_private_key()
-    write_keypair(key, work / "ring" / "ws.key")
-    (work / "ring" / "ws.key").unlink()  # the keyring holds only the public key
-    return key, work / "ring"
 
 
 @pytest.fixture(scope="module")

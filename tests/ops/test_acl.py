@@ -79,6 +79,40 @@ def test_only_the_workstation_sends_commands_and_pushes(fleet: FleetBroker, ws: 
         hall.close()
 
 
+def test_the_announce_request_reaches_every_device_from_the_workstation_only(fleet: FleetBroker, ws: Probe) -> None:
+    kitchen, hall = login(fleet, "pi-kitchen"), login(fleet, "pi-hall")
+    try:
+        assert kitchen.subscribe("edgecv/announce") and hall.subscribe("edgecv/announce")
+        assert ws.publish("edgecv/announce", b'{"id":"a1"}')
+        assert [m.payload for m in kitchen.collect(3, n=1)] == [b'{"id":"a1"}']
+        assert [m.payload for m in hall.collect(3, n=1)] == [b'{"id":"a1"}']
+        assert not kitchen.publish("edgecv/announce")  # a device cannot make the fleet answer
+        assert hall.collect(0.5) == []
+    finally:
+        kitchen.close()
+        hall.close()
+
+
+def test_devices_listing_works_for_a_user_that_may_not_announce(fleet: FleetBroker) -> None:
+    """The announce request is best effort: Home Assistant's user may not publish it (PUBACK "not authorized"),
+    and `discover` still lists the fleet from the retained status."""
+    from edgecv.tools.fleet.devices import discover, request_announce
+    from edgecv.tools.fleet.mqtt_client import ClientOptions, MqttClient
+
+    dev = login(fleet, "pi-garage")
+    try:
+        assert dev.publish("edgecv/pi-garage/status", b'{"state": "online", "groups": ["garage"]}', retain=True)
+        opts = ClientOptions(port=fleet.tls_port, ca_file=str(fleet.ca_file), username="homeassistant",
+                             password=PASSWORD.format("homeassistant"))
+        with MqttClient(opts) as ha:
+            assert request_announce(ha, "edgecv") is False  # refused, and said so
+        infos = discover(opts, wait=0.5)
+        assert infos["pi-garage"].state == "online" and infos["pi-garage"].groups == ("garage",)
+    finally:
+        dev.publish("edgecv/pi-garage/status", b"", retain=True)  # clear the retained status
+        dev.close()
+
+
 def test_group_pushes_reach_members_only(fleet: FleetBroker, ws: Probe) -> None:
     kitchen, hall, garage = (login(fleet, u) for u in ("pi-kitchen", "pi-hall", "pi-garage"))
     try:

@@ -2,17 +2,24 @@
 
 `discover()` subscribes to `<p>/+/status`, `<p>/+/model/state` and `<p>/+/health`, collects for a short while and
 returns one `DeviceInfo` per device. Retained messages arrive at once; health is not retained, so listening
-longer (`wait`) fills in fps and latency.
+longer (`wait`) fills in fps and latency. After subscribing it also publishes the announce request
+(`<p>/announce`), to which every online device answers by re-publishing its status and model state: on brokers
+that never hand retained messages to wildcard subscriptions (RabbitMQ 3.x) that is how the fleet is found.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from edgecv.agent.contract import topics as T
+from edgecv.tools.errors import FleetError
 from edgecv.tools.fleet.mqtt_client import ClientOptions, MqttClient, Received
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,9 +56,21 @@ def discover(options: ClientOptions, prefix: str = T.DEFAULT_PREFIX, wait: float
     with MqttClient(options) as client:
         for kind in ("status", "model/state", "health"):
             client.subscribe(T.fleet_filter(prefix, kind), qos=1 if kind != "health" else 0)
+        request_announce(client, prefix)
         for msg in client.iter_messages(timeout=wait):
             update(infos, prefix, msg)
     return infos
+
+
+def request_announce(client: MqttClient, prefix: str) -> bool:
+    """Ask every online device to re-publish its retained status and model state (call it after subscribing).
+    Best effort: a broker ACL that refuses the request leaves the retained messages as the only source."""
+    try:
+        client.publish(T.announce_topic(prefix), {"id": uuid.uuid4().hex[:12], "ts": T.now()}, qos=1)
+    except FleetError as exc:
+        log.debug("Announce request not sent: %s", exc)
+        return False
+    return True
 
 
 def update(infos: dict[str, DeviceInfo], prefix: str, msg: Received) -> None:

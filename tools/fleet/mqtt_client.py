@@ -2,7 +2,8 @@
 
 It wraps paho-mqtt 2.x: connect with options (MQTT 5 or 3.1.1, TLS, username/password), subscribe to filters
 whose messages land in a queue (or go to a callback), publish and wait for the acknowledgement, and wait for
-a message matching a predicate. A refused CONNACK or an unreachable broker raises FleetError with the reason.
+a message matching a predicate. A refused CONNACK or an unreachable broker raises FleetError with the reason, and
+so do a subscription the broker refuses three times and a publish it refuses (MQTT 5 PUBACK reason codes).
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ from edgecv.tools.errors import FleetError
 log = logging.getLogger(__name__)
 
 DEFAULT_BROKER = "127.0.0.1:1883"
+SUBSCRIBE_ATTEMPTS = 3  # a refused subscription is asked for again this many times in all
+CONNECT_ATTEMPTS = 3  # connections refused for a reason that may pass are tried this many times in all
+# CONNACK reason codes worth another try: unspecified error, server unavailable, server busy (3.1.1's "server
+# unavailable" arrives as 136 too), and a connection closed before any CONNACK
+DROPPED_BEFORE_CONNACK = -1  # the broker closed the connection without answering the CONNECT
+TRANSIENT_REFUSALS = frozenset({128, 136, 137, DROPPED_BEFORE_CONNACK})
 
 
 def parse_address(address: str, default_port: int = 1883) -> tuple[str, int]:
@@ -98,10 +105,13 @@ class MqttClient:
         self._connected = threading.Event()
         self._done = threading.Event()
         self._error: str | None = None
+        self._refusal: int | None = None  # the reason code of a refused CONNACK
         self._callbacks: list[tuple[str, Callable[[Received], None]]] = []
         self._lock = threading.Lock()
         self._suback = threading.Condition()
         self._subacked: set[int] = set()
+        self._refused: dict[int, str] = {}  # SUBACK failure reason by message id
+        self._pub_refused: dict[int, str] = {}  # PUBACK failure reason by message id (MQTT 5)
         opts = self.options
         client_id = opts.client_id or f"edgecv-tool-{uuid.uuid4().hex[:8]}"
         v5 = opts.protocol != "3.1.1"
@@ -124,6 +134,7 @@ class MqttClient:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
+        self._client.on_publish = self._on_publish
 
     @property
     def paho(self) -> paho.Client:
@@ -131,7 +142,25 @@ class MqttClient:
         return self._client
 
     def connect(self, timeout: float = 10.0) -> MqttClient:
+        """Connect and wait for the CONNACK. A refusal that may pass (server unavailable or busy, unspecified error)
+        is tried again while `timeout` lasts, up to CONNECT_ATTEMPTS in all: NATS's MQTT gateway refuses
+        connections for a few seconds when its JetStream lookups time out on a busy cluster."""
+        deadline = time.monotonic() + timeout
+        for attempt in range(1, CONNECT_ATTEMPTS + 1):
+            try:
+                return self._connect_once(max(0.5, deadline - time.monotonic()))
+            except FleetError:
+                transient = self._refusal in TRANSIENT_REFUSALS
+                if not transient or attempt == CONNECT_ATTEMPTS or time.monotonic() + attempt > deadline:
+                    raise
+                log.debug("MQTT broker refused the connection (%s); trying again", self._error)
+                time.sleep(0.5 * attempt)
+        raise AssertionError("unreachable")
+
+    def _connect_once(self, timeout: float) -> MqttClient:
         opts = self.options
+        self._error, self._refusal = None, None
+        self._done.clear()
         try:
             if self._v5:
                 props = None
@@ -167,16 +196,27 @@ class MqttClient:
         if callback is not None:
             with self._lock:
                 self._callbacks.append((filter, callback))
-        rc, mid = self._client.subscribe(filter, qos=qos)
-        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            raise FleetError(f"Subscribing to {filter} failed: {paho.error_string(rc)}")
-        self._wait_mid(int(mid or 0), timeout)
+        for attempt in range(SUBSCRIBE_ATTEMPTS):
+            rc, mid = self._client.subscribe(filter, qos=qos)
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                raise FleetError(f"Subscribing to {filter} failed: {paho.error_string(rc)}")
+            refused = self._wait_mid(int(mid or 0), timeout)
+            if refused is None:
+                return
+            # A refusal may be transient (NATS's MQTT gateway refuses a QoS 1 subscription when creating its
+            # JetStream consumer times out on a busy cluster): ask again before giving up.
+            log.debug("Subscription to %s refused (%s), attempt %d", filter, refused, attempt + 1)
+            time.sleep(0.5 * (attempt + 1))
+        raise FleetError(f"The MQTT broker refused the subscription to {filter} ({refused}) {SUBSCRIBE_ATTEMPTS} "
+                         "times; check the broker's log and its access rules for this user")
 
-    def _wait_mid(self, mid: int, timeout: float) -> None:
+    def _wait_mid(self, mid: int, timeout: float) -> str | None:
+        """Wait for the SUBACK of `mid`; returns the failure reason it carried, or None when granted."""
         with self._suback:
             if not self._suback.wait_for(lambda: mid in self._subacked, timeout):
                 raise FleetError(f"The broker did not acknowledge a subscription within {timeout:g} s")
             self._subacked.discard(mid)
+            return self._refused.pop(mid, None)
 
     def publish(self, topic: str, payload: bytes | str | dict[str, Any], qos: int = 1, retain: bool = False,
                 timeout: float = 10.0, wait: bool = True) -> None:
@@ -192,6 +232,11 @@ class MqttClient:
                 raise FleetError(f"Publishing to {topic} failed: {exc}") from exc
             if not info.is_published():
                 raise FleetError(f"The broker did not acknowledge a publish to {topic} within {timeout:g} s")
+            with self._suback:
+                refused = self._pub_refused.pop(info.mid, None)
+            if refused is not None:  # MQTT 5 only: a 3.1.1 PUBACK carries no reason
+                raise FleetError(f"The MQTT broker refused the publish to {topic} ({refused}); check its access "
+                                 "rules for this user")
 
     def get(self, timeout: float) -> Received | None:
         try:
@@ -241,6 +286,7 @@ class MqttClient:
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
             self._error = f"{reason.getName()} (reason code {reason.value})"
+            self._refusal = int(reason.value)
             self._done.set()
             return
         self._connected.set()
@@ -248,13 +294,27 @@ class MqttClient:
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if getattr(reason, "is_failure", False) and self._error is None:
             self._error = str(reason)
+        if not self._connected.is_set() and self._refusal is None:
+            self._refusal = DROPPED_BEFORE_CONNACK
         self._connected.clear()
         self._done.set()
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
+        failed = [r for r in reasons or () if getattr(r, "is_failure", False)]
         with self._suback:
+            if failed:
+                self._refused[mid] = f"{failed[0].getName()}, reason code {failed[0].value}"
             self._subacked.add(mid)
             self._suback.notify_all()
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        # Called before the publish counts as acknowledged: `publish` reads the outcome of its own mid after that
+        # (an entry left by an earlier use of the same mid is replaced or cleared here first).
+        with self._suback:
+            if getattr(reason, "is_failure", False):
+                self._pub_refused[mid] = f"{reason.getName()}, reason code {reason.value}"
+            else:
+                self._pub_refused.pop(mid, None)
 
     def _on_message(self, client: Any, userdata: Any, message: MQTTMessage) -> None:
         msg = Received(message.topic, bytes(message.payload), bool(message.retain), int(message.qos))

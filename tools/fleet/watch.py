@@ -1,7 +1,9 @@
 """Live predictions from the fleet: subscribe, filter by device or group, print a table row or a JSON line each.
 
 Group filtering uses the devices' retained `status` (its `groups` list): the status subscription is made first,
-so the broker delivers every retained status before the first prediction of the second subscription.
+so the broker delivers every retained status before the first prediction of the second subscription; the
+announce request then makes online devices re-publish it live, for brokers that do not deliver retained
+messages to wildcard subscriptions (RabbitMQ 3.x).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, TextIO
 
 from edgecv.agent.contract import topics as T
 from edgecv.tools.errors import FleetError
+from edgecv.tools.fleet.devices import request_announce
 from edgecv.tools.fleet.mqtt_client import ClientOptions, MqttClient, Received
 
 COLUMNS = (("TIME", 12), ("DEVICE", 16), ("CAMERA", 8), ("TOP", 14), ("SCORE", 6), ("INFER", 8), ("TOTAL", 8),
@@ -72,6 +75,8 @@ def watch(options: ClientOptions, flt: WatchFilter, *, as_json: bool = False, co
             client.subscribe(T.fleet_filter(flt.prefix, "status"), qos=1)
         for topic in flt.topics():
             client.subscribe(topic, qos=0)
+        if flt.group is not None:
+            request_announce(client, flt.prefix)
         if not as_json:
             print(format_header(), file=out, flush=True)
         deadline = None if timeout is None else time.monotonic() + timeout
