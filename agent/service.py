@@ -232,8 +232,10 @@ class Agent:
         for cam in self.cameras:
             st = cam.status()
             cams[cam.name] = {"state": st.get("state"), "fps": st.get("fps"), "reopens": st.get("reopens")}
-        return self.monitor.payload(dropped=self.outbox.dropped, queue_depth=len(self.outbox) + len(self.predictions),
-                                    extra={"boot": self.boot, "cameras": cams, "model": self.model_info()})
+        outbox = self.outbox
+        return self.monitor.payload(dropped=outbox.dropped, queue_depth=len(outbox) + len(self.predictions),
+                                    extra={"boot": self.boot, "cameras": cams, "model": self.model_info(),
+                                           "undeliverable": outbox.undeliverable, "spool": outbox.spool_state})
 
     def _health_loop(self, stop: threading.Event) -> None:
         interval = self.config.health.interval_s
