@@ -68,6 +68,10 @@ class CommandHandler:
         self._thread.start()
         return self
 
+    @property
+    def threads(self) -> list[threading.Thread]:
+        return [self._thread] if self._thread is not None else []
+
     def stop(self) -> None:
         try:
             self._queue.put_nowait(None)

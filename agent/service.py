@@ -131,6 +131,11 @@ class Agent:
             self._spawn(f"loop-{cam.name}", self._camera_loop, cam, stop)
         self._spawn("health", self._health_loop, stop)
 
+    @property
+    def threads(self) -> list[threading.Thread]:
+        """The camera loops and the health loop, for supervision."""
+        return list(self._threads)
+
     def join(self, timeout: float = 10.0) -> None:
         """After `stop` was set: tell systemd, and wait for the loops to finish their frame."""
         self.notifier.stopping()

@@ -177,6 +177,10 @@ class Updater:
             self._state("active", current.bundle)
         return self
 
+    @property
+    def threads(self) -> list[threading.Thread]:
+        return [self._thread] if self._thread is not None else []
+
     def stop(self) -> None:
         self._stop.set()
         self._jobs.put(None)

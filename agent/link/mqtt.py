@@ -147,6 +147,11 @@ class MqttLink:
     def is_connected(self) -> bool:
         return self.connected.is_set()
 
+    @property
+    def threads(self) -> list[threading.Thread]:
+        """The link's long-lived threads (connection supervisor, sender, handler worker), for supervision."""
+        return list(self._threads)
+
     def wait_connected(self, timeout: float) -> None:
         """Block until connected; raise MqttError naming the last failure (e.g. a refused CONNACK) otherwise."""
         if not self.connected.wait(timeout):
