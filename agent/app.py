@@ -52,7 +52,7 @@ class App:
                            classifier=classifier)
         self.store = ModelStore(Path(config.model.store), keep=config.update.keep_versions)
         self.updater = Updater(config, topics, self.link, self.store, load_keyring(config.security.keyring),
-                               host=self.agent)
+                               host=self.agent, on_model_problem=self.agent.set_model_problem)
         self.commands = CommandHandler(config.device_id, topics, self.link, device=self.agent, control=self.updater)
         self.discovery = HomeAssistantDiscovery(config, topics, self.link, current_model=lambda: self.agent.classifier)
         self.exit_code = 0

@@ -163,6 +163,11 @@ class UpdateConfig:
     keep_versions: int = _opt(3, check=_POS_INT)
     probation_s: float = _opt(60.0, check=_NON_NEGATIVE)
     chunk_timeout_s: float = _opt(30.0, check=_POSITIVE)
+    # The device's latency budget per frame (preprocess + inference + top-k, median), in ms; 0 = one frame period
+    # of the fastest camera (1000 / fps; 1000 ms for unpaced cameras). A model over it is refused at self-test or
+    # rolled back in probation.
+    max_latency_ms: float = _opt(0.0, check=_NON_NEGATIVE)
+    selftest_timeout_s: float = _opt(30.0, check=_POSITIVE)  # a self-test still running after this is a failure
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,7 @@ class Agent:
         self._warned: dict[str, float] = {}
         self.last_frame: Frame | None = None
         self.last_top: list[dict[str, Any]] | None = None
+        self.model_error: str | None = None  # why no (or a fallback) model runs, from the start-up self-test
         self.started = time.time()
 
     # ------------------------------------------------------------------------------------------ model
@@ -94,6 +95,11 @@ class Agent:
         self.publish_status()
         return old
 
+    def set_model_problem(self, why: str | None) -> None:
+        """Show in the status why the device runs no model, or a fallback (None once a pushed model runs)."""
+        self.model_error = why
+        self.publish_status()
+
     def mark_waiting(self) -> None:
         """A fresh device with no model yet: tell systemd it is up, waiting for its first push."""
         self._mark_ready("Waiting for a model push")
@@ -109,7 +115,7 @@ class Agent:
     def status_payload(self, state: str) -> dict[str, Any]:
         doc = T.status_payload(self.config.device_id, state, AGENT_VERSION, self.model_info(),
                                {cam.name: cam.status() for cam in self.cameras}, groups=self.config.groups)
-        doc.update(boot=self.boot, dropped=self.outbox.dropped)
+        doc.update(boot=self.boot, dropped=self.outbox.dropped, model_error=self.model_error)
         return doc
 
     def status_bytes(self, state: str) -> bytes:

@@ -7,10 +7,20 @@ never on the camera loop. Each step is published retained on `<p>/<dev>/model/st
     receiving (with progress) → verifying → active            the new model runs
                                           → rejected          refused; the old model keeps serving
     active → rolled_back                                      failed during probation; previous model restored
+    active (probation "running") → active (probation "passed")   survived its probation
+
+Budgets: every self-test runs with a time limit (`update.selftest_timeout_s`) and against the device's latency
+budget (`update.max_latency_ms`, by default one frame period of the fastest camera, `latency_budget_ms`). The
+self-test runs without the swap lock, so a `rollback` or `reload` command never waits for it.
 
 Probation: for `update.probation_s` after an activation the new classifier's classify() calls are watched. Run-
-time errors (PROBATION_MAX_ERRORS of them), or a median latency above `LATENCY_FACTOR` × the self-test median
-+ `LATENCY_SLACK_MS`, roll back to the previous model automatically.
+time errors (PROBATION_MAX_ERRORS of them), a median latency above `LATENCY_FACTOR` × the self-test median
++ `LATENCY_SLACK_MS`, or a median latency per frame above the device budget, roll back to the previous model
+automatically; a model that survives is announced with `probation: "passed"`.
+
+At start (`load_active`) the active bundle's self-test runs in the runtime chosen for it; on failure the other
+installed runtime is tried, then the previous version and the other installed ones. The outcome is published on
+`model/state` (and the status's `model_error`); a device with no passing model serves none and waits for a push.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ from typing import Any, Protocol
 from edgecv.agent import __version__ as AGENT_VERSION
 from edgecv.agent.config import AgentConfig
 from edgecv.agent.contract import topics as T
-from edgecv.agent.contract.bundle import Bundle
+from edgecv.agent.contract.bundle import Bundle, load_bundle, verify_bundle
 from edgecv.agent.contract.signing import Keyring
 from edgecv.agent.contract.transfer import (
     COMPLETE,
@@ -42,9 +52,9 @@ from edgecv.agent.contract.transfer import (
     parse_push_topic,
 )
 from edgecv.agent.delivery.store import ModelStore
-from edgecv.agent.errors import BundleError, EdgecvError, IncompatibleBundleError, StoreError
+from edgecv.agent.errors import BundleError, EdgecvError, IncompatibleBundleError, NoModelError, StoreError
 from edgecv.agent.link.protocol import Link
-from edgecv.agent.vision.classifier import Classifier, run_selftest
+from edgecv.agent.vision.classifier import Classifier, SelfTestReport, run_selftest
 from edgecv.agent.vision.runtimes import candidates
 
 log = logging.getLogger(__name__)
@@ -57,6 +67,17 @@ MAX_INPUT_PIXELS = 4096 * 4096
 TICK_S = 0.25
 FINAL_STATES = ("active", "rejected", "rolled_back")
 REMEMBER_TRANSFERS = 32
+UNPACED_BUDGET_MS = 1000.0  # the latency budget when no camera has an fps limit
+PROBATION_RUNNING, PROBATION_PASSED = "running", "passed"
+
+
+def latency_budget_ms(config: AgentConfig) -> float:
+    """The device's latency budget per frame: `update.max_latency_ms`, or when that is 0 one frame period of the
+    fastest camera (a model slower than that cannot keep up with it), UNPACED_BUDGET_MS for unpaced cameras."""
+    if config.update.max_latency_ms > 0:
+        return config.update.max_latency_ms
+    fps = max((cam.fps for cam in config.cameras), default=0.0)
+    return 1000.0 / fps if fps > 0 else UNPACED_BUDGET_MS
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -91,10 +112,12 @@ class Probe:
     """Counts errors and latencies of one classifier's classify() calls while it is on probation."""
 
     baseline_ms: float
+    budget_ms: float | None = None  # the device's absolute budget per frame (median total latency)
     started: float = field(default_factory=time.monotonic)
     errors: int = 0
     last_error: str = ""
     infer_ms: list[float] = field(default_factory=list)
+    total_ms: list[float] = field(default_factory=list)
 
     def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         def classify(*args: Any, **kwargs: Any) -> Any:
@@ -104,7 +127,9 @@ class Probe:
                 self.errors += 1
                 self.last_error = str(exc)
                 raise
-            self.infer_ms.append(float(result.latency_ms.get("infer", 0.0)))
+            latency = result.latency_ms
+            self.infer_ms.append(float(latency.get("infer", 0.0)))
+            self.total_ms.append(float(latency.get("total", 0.0)))
             return result
         return classify
 
@@ -118,6 +143,11 @@ class Probe:
             if p50 > limit:
                 return (f"median inference {p50:.1f} ms during probation exceeds {limit:.1f} ms "
                         f"({LATENCY_FACTOR:g}x the self-test's {self.baseline_ms:.1f} ms + {LATENCY_SLACK_MS:g} ms)")
+        if self.budget_ms is not None and len(self.total_ms) >= PROBATION_MIN_FRAMES:
+            total = statistics.median(self.total_ms[-50:])
+            if total > self.budget_ms:
+                return (f"median latency {total:.1f} ms per frame during probation exceeds the device's budget of "
+                        f"{self.budget_ms:.1f} ms (update.max_latency_ms)")
         return None
 
 
@@ -136,8 +166,11 @@ class Updater:
     """Wires the push protocol to the model store and the model host. `start()` subscribes."""
 
     def __init__(self, config: AgentConfig, topics: T.DeviceTopics, link: Link, store: ModelStore,
-                 keyring: Keyring | None, host: ModelHost) -> None:
+                 keyring: Keyring | None, host: ModelHost,
+                 on_model_problem: Callable[[str | None], None] | None = None) -> None:
         cfg = self.cfg = config
+        self.budget_ms = latency_budget_ms(cfg)
+        self._on_model_problem = on_model_problem  # tells the status why no (or another) model runs
         self.topics = topics
         self.link = link
         self.store = store
@@ -153,17 +186,91 @@ class Updater:
         self._swap_lock = threading.RLock()
         self._lock = threading.Lock()
         self._finished: OrderedDict[str, bytes] = OrderedDict()  # final model/state payload by transfer id
+        self._startup: tuple[str, Bundle | None, str | None] | None = None  # the start-up self-test's outcome
 
     # ------------------------------------------------------------------ lifecycle
     def load_active(self) -> Classifier:
         """At start: the store's active model (installing the configured seed bundle into an empty store), loaded
-        in its runtime and handed to the host. Raises NoModelError on a fresh device with nothing to run."""
+        in its runtime, self-tested there and handed to the host. Raises NoModelError on a fresh device with
+        nothing to run, or when no installed model passes its self-test (see `_startup_selftest`)."""
         cfg = self.cfg
         bundle = self.store.ensure_model(cfg.model.bundle or None, keyring=self.keyring,
                                          allow_unsigned=cfg.security.allow_unsigned)
-        classifier = self._load(bundle)
+        classifier = self._startup_selftest(bundle)
         self.host.swap_classifier(classifier)
         return classifier
+
+    def _startup_selftest(self, active: Bundle) -> Classifier:
+        """A model is served only if it passes its own self-test here: the active bundle in each runtime that can
+        run it (the preferred one first), then the previous version, then the other installed versions, newest
+        first. What happened is remembered for `start()` to publish."""
+        failures: list[str] = []
+        clf = self._first_passing(active, failures)
+        if clf is not None:
+            if failures:
+                why = (f"Model {_label(active)} failed its self-test on {'; '.join(failures)}; running it on "
+                       f"{clf.engine.name} instead")
+                log.warning("%s", why)
+                self._startup = ("active", active, why)
+                self._model_problem(why)
+            return clf
+        for bundle in self._fallbacks(active):
+            clf = self._first_passing(bundle, failures)
+            if clf is None:
+                continue
+            try:
+                self.store.activate(bundle)
+            except StoreError as exc:
+                log.warning("Could not make %s the active model: %s", _label(bundle), exc)
+            why = (f"Model {_label(active)} failed its self-test at start ({'; '.join(failures)}); "
+                   f"fell back to {_label(bundle)}")
+            log.error("%s", why)
+            self._startup = ("rolled_back", bundle, why)
+            self._model_problem(why)
+            return clf
+        why = (f"No installed model passes its self-test on this device ({'; '.join(failures)}); serving no model "
+               "and waiting for a push")
+        log.error("%s", why)
+        self._startup = ("idle", active, why)
+        self._model_problem(why)
+        raise NoModelError(why)
+
+    def _first_passing(self, bundle: Bundle, failures: list[str]) -> Classifier | None:
+        """The bundle loaded in the first runtime where it passes its self-test; failures are appended."""
+        pinned = self.cfg.model.runtime
+        runtimes = [pinned] if pinned != "auto" else list(dict.fromkeys(rt for _, rt in candidates(bundle, "auto")))
+        for runtime in runtimes:
+            try:
+                clf = self._load(bundle, runtime=runtime)
+            except EdgecvError as exc:
+                failures.append(f"{_label(bundle)} on {runtime}: {exc}")
+                continue
+            report = self._selftest(clf)
+            if report.passed:
+                return clf
+            failures.append(f"{_label(bundle)} on {runtime}: {report.detail}")
+        return None
+
+    def _fallbacks(self, failed: Bundle) -> list[Bundle]:
+        """Installed bundles to fall back to, each verified again: previous first, then newest install first."""
+        previous = self.store.previous()
+        paths = ([previous.root] if previous is not None else []) + [v.path for v in self.store.history()]
+        out: list[Bundle] = []
+        for path in dict.fromkeys(p.resolve() for p in paths):
+            if path == failed.root.resolve():
+                continue
+            try:
+                bundle = load_bundle(path)
+                verify_bundle(bundle, self.keyring, allow_unsigned=self.cfg.security.allow_unsigned)
+            except (BundleError, OSError) as exc:
+                log.warning("Installed model %s cannot be a fallback: %s", path.name, exc)
+                continue
+            out.append(bundle)
+        return out
+
+    def _model_problem(self, why: str | None) -> None:
+        if self._on_model_problem is not None:
+            self._on_model_problem(why)
 
     def start(self) -> Updater:
         link = self.link
@@ -173,7 +280,10 @@ class Updater:
         self._thread = threading.Thread(target=self._run, name="updater", daemon=True)
         self._thread.start()
         current = self.host.classifier
-        if current is not None:
+        if self._startup is not None:
+            state, bundle, why = self._startup
+            self._state(state, bundle, error=why)
+        elif current is not None:
             self._state("active", current.bundle)
         return self
 
@@ -197,6 +307,7 @@ class Updater:
             bundle = self.store.rollback(to)
             try:
                 new = self._load(bundle)
+                self._selftest(new).raise_for_failure()
             except EdgecvError:
                 if old is not None:  # restore the pointer to what is running
                     self.store.activate(old)
@@ -214,6 +325,7 @@ class Updater:
             if bundle is None:
                 raise StoreError("The model store has no current model to reload")
             new = self._load(bundle)
+            self._selftest(new).raise_for_failure()
             self._probation = None
             self._swap(new)
             self._state("active", bundle)
@@ -275,7 +387,7 @@ class Updater:
         self.link.publish(self.topics.push_ack(ack.transfer_id), ack.to_payload(), qos=1)
 
     def _state(self, state: str, bundle: Bundle | None, *, begin: Begin | None = None, error: str | None = None,
-               progress: float | None = None, transfer: str | None = None) -> None:
+               progress: float | None = None, transfer: str | None = None, probation: str | None = None) -> None:
         name: str | None
         version: str | None
         sha: str | None
@@ -289,6 +401,10 @@ class Updater:
                                         error=error, transfer=begin.transfer_id if begin else transfer)
         if progress is not None:
             payload["progress"] = round(progress, 3)
+        if probation is not None:  # "running" (for probation_s seconds) or "passed": `edgecv push --wait-probation`
+            payload["probation"] = probation
+            if probation == PROBATION_RUNNING:
+                payload["probation_s"] = self.cfg.update.probation_s
         data = T.encode(payload)
         if payload["transfer"] and state in FINAL_STATES:
             with self._lock:
@@ -324,24 +440,16 @@ class Updater:
         transfer = begin.transfer_id
         installed: Bundle | None = None
         try:
-            with self._swap_lock:
-                installed = self.store.install(archive, self.keyring, self.cfg.security.allow_unsigned,
-                                               self.cfg.update.max_bundle_bytes)
-                check_compatible(installed, self.cfg.model.runtime)
-                new = self._load(installed)
-                report = run_selftest(new)
-                report.raise_for_failure()
-                previous = self.store.current()
-                if previous is not None and previous.root == installed.root:
-                    log.info("Pushed bundle is the one already active; reloading it")
-                self.store.activate(installed)
-                probe = Probe(baseline_ms=report.median_infer_ms)
-                new.classify = probe.wrap(new.classify)  # type: ignore[method-assign]
-                self._swap(new)
-                self._probation = (new, probe, transfer) if self.cfg.update.probation_s > 0 else None
-                if self._probation is None:
-                    del new.classify
-            self._state("active", installed, begin=begin)
+            installed = self.store.install(archive, self.keyring, self.cfg.security.allow_unsigned,
+                                           self.cfg.update.max_bundle_bytes)
+            check_compatible(installed, self.cfg.model.runtime)
+            # Loading and self-testing take the time (seconds for a slow model): without the swap lock, so
+            # `rollback` and `reload` never wait for them.
+            new = self._load(installed)
+            report = self._selftest(new)
+            report.raise_for_failure()
+            probation = self._activate_pushed(installed, new, report, transfer)
+            self._state("active", installed, begin=begin, probation=probation)
             log.info("Model %s %s active (%s)", begin.name, begin.version, report.detail)
         except (BundleError, StoreError, EdgecvError) as exc:
             log.warning("Rejected pushed bundle %s %s: %s", begin.name, begin.version, exc)
@@ -353,6 +461,30 @@ class Updater:
             self._state("rejected", None, begin=begin, error=str(exc))
         finally:
             self.receiver.finish(transfer)
+
+    def _activate_pushed(self, installed: Bundle, new: Classifier, report: SelfTestReport,
+                         transfer: str) -> str | None:
+        """Make a self-tested pushed model the active one (store pointer, then the host) and put it on probation;
+        returns the probation state to publish (None without probation)."""
+        with self._swap_lock:
+            previous = self.store.current()
+            if previous is not None and previous.root == installed.root:
+                log.info("Pushed bundle is the one already active; reloading it")
+            self.store.activate(installed)
+            probe = Probe(baseline_ms=report.median_infer_ms, budget_ms=self.budget_ms)
+            new.classify = probe.wrap(new.classify)  # type: ignore[method-assign]
+            self._swap(new)
+            self._probation = (new, probe, transfer) if self.cfg.update.probation_s > 0 else None
+            if self._probation is None:
+                del new.classify
+                return None
+            self._model_problem(None)
+            return PROBATION_RUNNING
+
+    def _selftest(self, classifier: Classifier) -> SelfTestReport:
+        """The bundle's self-test on this device, within its time limit and the device's latency budget."""
+        return run_selftest(classifier, time_limit_s=self.cfg.update.selftest_timeout_s,
+                            max_latency_ms=self.budget_ms)
 
     def _check_probation(self) -> None:
         if self._probation is None:
@@ -367,6 +499,7 @@ class Updater:
                     del clf.classify  # back to the plain method
                 except AttributeError:
                     pass
+                self._state("active", clf.bundle, transfer=transfer, probation=PROBATION_PASSED)
             return
         self._probation = None
         failed = f"{clf.name} {clf.version}"
@@ -375,9 +508,9 @@ class Updater:
         except EdgecvError as exc:
             log.error("Model %s failed probation (%s) but rollback failed: %s", failed, reason, exc)
 
-    def _load(self, bundle: Bundle) -> Classifier:
+    def _load(self, bundle: Bundle, runtime: str | None = None) -> Classifier:
         m = self.cfg.model
-        return Classifier.load(bundle, runtime=m.runtime, threads=m.threads, top_k=self.cfg.publish.top_k,
+        return Classifier.load(bundle, runtime=runtime or m.runtime, threads=m.threads, top_k=self.cfg.publish.top_k,
                                min_score=self.cfg.publish.min_score)
 
     def _swap(self, new: Classifier) -> None:
@@ -385,3 +518,7 @@ class Updater:
         if old is not None and "classify" in vars(old):
             del old.classify  # drop a probation wrapper: it references the classifier (a cycle)
         del old  # no cycle left: reference counting frees the old runtime at once (a gc pass would stall frames)
+
+
+def _label(bundle: Bundle) -> str:
+    return f"{bundle.manifest.name} {bundle.manifest.version}"
