@@ -31,6 +31,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--chunk-size", type=int, default=64 * 1024, metavar="BYTES",
                         help="chunk size (default 65536; keep below the broker's message_size_limit)")
     parser.add_argument("--transfer-id", help="reuse a transfer id to resume an interrupted push")
+    parser.add_argument("--wait-probation", action="store_true",
+                        help="after activation, wait out each device's probation and report whether the model "
+                             "survived it (rolled back = failure); a staged rollout then judges each stage by it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_broker_arguments(parser)
     parser.set_defaults(handler=push_cmd)
@@ -63,14 +66,17 @@ def push_cmd(args: argparse.Namespace) -> int:
             plan = RolloutPlan(canary=args.canary, batch_size=args.batch_size, max_failures=args.max_failures)
             results = rollout(options, archive, name, version, devices, plan, prefix=args.prefix,
                               chunk_size=args.chunk_size, timeout=args.timeout, progress=bar.update,
-                              on_stage=lambda n, s: print(f"stage {n + 1}: {', '.join(s)}", file=sys.stderr))
+                              on_stage=lambda n, s: print(f"stage {n + 1}: {', '.join(s)}", file=sys.stderr),
+                              wait_probation=args.wait_probation)
         else:
             pusher = Pusher(options, archive, name, version, prefix=args.prefix, chunk_size=args.chunk_size,
-                            timeout=args.timeout, transfer_id=args.transfer_id, progress=bar.update)
+                            timeout=args.timeout, transfer_id=args.transfer_id, progress=bar.update,
+                            wait_probation=args.wait_probation)
             results = pusher.push(devices, group=args.group if args.group else None)
     finally:
         bar.close()
-    rows = [[r.device, r.state, r.version or "-", f"{r.seconds:.1f}", r.error or ""] for r in results]
+    rows = [[r.device, r.state, r.version or "-", f"{r.seconds:.1f}",
+             r.error or (f"probation {r.probation}" if r.probation else "")] for r in results]
     print(format_table(["DEVICE", "RESULT", "VERSION", "SECONDS", "DETAIL"], rows))
     failed = [r for r in results if not r.ok]
     if failed:
