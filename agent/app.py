@@ -117,5 +117,5 @@ class App:
         self.predictions.drain()  # the loops have stopped: what they staged goes to the outbox (and its spool)
         self.link.stop(self.agent.status_bytes(T.STATUS_STOPPED), flush_timeout=FLUSH_TIMEOUT_S)
         self.agent.close()
-        log.info("Stopped (published %d, dropped %d, %d left in the buffer)", self.agent.monitor.published,
-                 self.outbox.dropped, len(self.outbox))
+        log.info("Stopped (published %d, dropped %d, %d left in the buffer, %d undeliverable)",
+                 self.agent.monitor.published, self.outbox.dropped, len(self.outbox), self.outbox.undeliverable)

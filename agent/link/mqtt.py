@@ -427,7 +427,7 @@ class MqttLink:
                 break
             if careful and run[0].id > st.careful_until:
                 st.careful_until = -1
-                self.outbox.rewind()  # hand it out again in the normal way (a batch) next round
+                self.outbox.unget(run)  # hand it out again in the normal way (a batch) next round
                 st.sent = max(st.sent, 1)
                 break
             if not self._send(client, run, st.inflight):

@@ -2,15 +2,22 @@
 
 The camera loop `put`s and never blocks; the link's sender takes messages in order (`take_run`) and
 `ack`s each one once the broker acknowledged it (PUBACK for QoS >= 1). After a lost connection `rewind` makes every
-unacknowledged message due again, oldest first. When the buffer is full the oldest message is dropped and
-counted. With a `spool_dir`, spoolable messages (QoS >= 1, not retained: predictions) are also appended to a
-log on disk, so what was buffered survives an agent restart; the log is compacted as messages are acked.
+unacknowledged message due again, oldest first. When the buffer is full a message is dropped and counted (the
+oldest one never sent, see below). With a `spool_dir`, spoolable messages (QoS >= 1, not retained: predictions) are
+also appended to a log on disk, so what was buffered survives an agent restart; the log is compacted as messages are
+acked.
 The spool is written without fsync per message: it survives a process crash or restart, not a power cut.
 
 A spool that fails (ENOSPC, EIO, a read-only or vanished file system) never costs a message or a thread: the
 error is logged once, the spool is closed and the outbox goes on in memory only, with the same capacity and drop
-counting, until the agent restarts (`spool_state` says which). Messages the sender gives up on (`discard`: the
-broker refused them or they could not be sent at all) are counted in `undeliverable`, apart from `dropped`.
+counting, until the agent restarts (`spool_state` says which).
+
+Exact loss accounting: a message handed to the broker may have arrived even if its acknowledgement never came back
+(the connection was lost first). Dropping it and counting it as lost would count it twice if it did arrive. So when
+the buffer overflows, the oldest message that was never sent is dropped (the one just put, if everything else is
+out or may have arrived): `dropped` counts only messages this agent certainly did not deliver, and a consumer that
+counts distinct (boot, seq) sees exactly `published - dropped` of them. Messages the sender gives up on (`discard`:
+the broker refused them or they could not be sent at all) are counted in `undeliverable`, apart from `dropped`.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ _MARK_NAME = "outbox.mark"
 # Record: id (u64), qos (u8), retain (u8), expiry_s (u32), topic length (u16), payload length (u32).
 _HEADER = struct.Struct("<QBBIHI")
 _COMPACT_BYTES = 4 * 1024 * 1024
+_TOMBSTONE = 0xFF  # a record with this qos names a message dropped from the middle of the buffer
 
 
 class Message(NamedTuple):
@@ -60,6 +68,7 @@ class Outbox:
         self._listeners: list[threading.Event] = []
         self._next_id = 1
         self.dropped = 0
+        self._maybe_sent: set[int] = set()  # ids sent on a connection that was lost before their PUBACK
         self.delivered = 0
         self.restored = 0
         self.undeliverable = 0  # messages given up on by the sender (refused by the broker, or unsendable)
@@ -136,14 +145,32 @@ class Outbox:
                 self._spool_failed(exc)
         items, head_dropped = self._items, False
         for msg in msgs:
-            if len(items) >= self.capacity:
-                head_dropped = items.popleft().spooled or head_dropped
-                self.dropped += 1
-                if self._cursor > 0:
-                    self._cursor -= 1
             items.append(msg)
+            if len(items) > self.capacity:
+                head_dropped = self._drop_one() or head_dropped
         if head_dropped and self._spool is not None:
             self._sync_mark()
+
+    def _drop_one(self) -> bool:
+        """With the lock held, one message over capacity: drop the oldest one that was never sent (the newest, just
+        appended, qualifies if nothing older does); counted. True when it was the head (the spool mark moves)."""
+        items, cursor, maybe = self._items, self._cursor, self._maybe_sent
+        index = cursor  # messages before the cursor are out on the current connection
+        if maybe:
+            while index < len(items) - 1 and items[index].id in maybe:
+                index += 1
+        victim = items[index]
+        del items[index]
+        maybe.discard(victim.id)
+        self.dropped += 1
+        if index == 0:
+            return victim.spooled
+        if victim.spooled and self._spool is not None:
+            try:
+                self._spool.forget(victim.id)  # dropped from the middle: it must not come back after a restart
+            except OSError as exc:
+                self._spool_failed(exc)
+        return False
 
     def wake(self) -> None:
         """Set the listeners' events: something is ready for them (a put, or work staged for them elsewhere)."""
@@ -185,6 +212,8 @@ class Outbox:
             if k:
                 self._cursor = max(0, self._cursor - k)
                 self.delivered += k
+                if self._maybe_sent:
+                    self._maybe_sent.difference_update(ids[:k])
                 if spooled and self._spool is not None:
                     self._sync_mark()
                 if not items:
@@ -200,6 +229,7 @@ class Outbox:
         return self._remove(msg_id, delivered=True)
 
     def _remove(self, msg_id: int, *, delivered: bool) -> bool:
+        self._maybe_sent.discard(msg_id)
         for i, msg in enumerate(self._items):
             if msg.id == msg_id:
                 del self._items[i]
@@ -216,9 +246,17 @@ class Outbox:
         return False
 
     def rewind(self) -> None:
-        """Make every unacknowledged message due again (after a lost connection), oldest first."""
+        """Make every unacknowledged message due again (after a lost connection), oldest first. Those that were
+        handed out may have reached the broker: an overflow drops them last."""
         with self._lock:
+            items = self._items
+            self._maybe_sent.update(items[i].id for i in range(self._cursor))
             self._cursor = 0
+
+    def unget(self, run: list[Message]) -> None:
+        """Give back the run `take_run` just returned, unsent: it is handed out again next time."""
+        with self._lock:
+            self._cursor = max(0, self._cursor - len(run))
 
     def pending(self) -> int:
         """Messages not yet handed out to the sender."""
@@ -306,6 +344,7 @@ class _Spool:
             self.done = 0
         data = self.log_path.read_bytes()
         out: list[Message] = []
+        forgotten: set[int] = set()
         pos = 0
         while pos + _HEADER.size <= len(data):
             mid, qos, retain, expiry, tlen, plen = _HEADER.unpack_from(data, pos)
@@ -313,7 +352,9 @@ class _Spool:
             if end > len(data):
                 break  # torn final record from a crash mid-write
             body = data[pos + _HEADER.size:end]
-            if mid > self.done:
+            if qos == _TOMBSTONE:
+                forgotten.add(mid)
+            elif mid > self.done:
                 try:
                     topic = body[:tlen].decode()
                 except UnicodeDecodeError:
@@ -321,12 +362,19 @@ class _Spool:
                     break
                 out.append(Message(mid, topic, bytes(body[tlen:]), qos, bool(retain), expiry, spooled=True))
             pos = end
+        if forgotten:
+            out = [m for m in out if m.id not in forgotten]
         if pos != len(data) or (out and len(data) > _COMPACT_BYTES // 4) or (not out and data):
             try:
                 self._rewrite(out)
             except OSError as exc:  # what was read is still good: the caller keeps it and turns the spool off
                 self.load_error = exc
         return out
+
+    def forget(self, msg_id: int) -> None:
+        """A tombstone: the message `msg_id` (still in the log) was dropped and must not be restored."""
+        self._fh.write(_HEADER.pack(msg_id, _TOMBSTONE, 0, 0, 0, 0))
+        self._fh.flush()
 
     def append_many(self, msgs: list[Message]) -> None:
         """Write records and hand them to the OS (one write for a batch); fsync is left to close()."""
