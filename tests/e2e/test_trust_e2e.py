@@ -154,7 +154,7 @@ def test_loss_accounting_is_exact_across_broker_restarts(start_agent: StartAgent
         health.close()
         preds.wait_for(20, 60)
         for _ in range(restarts):
-            preds.wait_for(10, 30)
+            preds.wait_for(30, 30)  # what was buffered (20 at most) and then 10 live predictions
             broker.stop()  # SIGTERM: the broker saves the subscriber's session and queue
             preds.close()
             time.sleep(1.5)  # the outage: the fault's length, not a synchronisation
