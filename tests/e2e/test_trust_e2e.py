@@ -3,6 +3,7 @@
 - `edgecv push --wait-probation` reports whether the model survived its probation, not only that it became active.
 - A device whose only model fails its own self-test publishes no prediction and says why.
 - Loss accounting across 10 broker restarts: published = received + dropped, exactly.
+- A full spool disk during a broker outage: memory fallback, drops counted, SIGTERM completes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 
 from edgecv.agent.contract.bundle import Manifest, write_manifest
 from edgecv.agent.contract.topics import decode_predictions
+from tests.agent.test_spool_faults import full_tmpfs  # noqa: F401 (fixture)
 from tests.broker import Broker
 from tests.bundle_factory import make_bundle
 from tests.e2e.conftest import StartAgent, durable_subscriber, persistent_broker, wait_until
@@ -182,3 +184,38 @@ def test_loss_accounting_is_exact_across_broker_restarts(start_agent: StartAgent
     assert duplicates <= 100 * restarts  # at most one in-flight window per lost connection
     print(f"restarts={restarts} published={published} received={len(preds.distinct)} dropped={dropped} "
           f"left={left} duplicates={duplicates}")
+
+
+def test_a_full_spool_disk_during_a_broker_outage_loses_nothing_uncounted(
+        start_agent: StartAgent, tmp_path: Path, full_tmpfs: Path) -> None:  # noqa: F811
+    """`publish.spool_dir` on a real, full file system (a 64 KiB tmpfs) while the broker is down. Before: every
+    drain raised, staged predictions vanished, health said `dropped: 0` and SIGTERM never completed. Now: the
+    spool is turned off once (logged), predictions are buffered in memory up to `publish.buffer`, overflow is
+    counted, and the agent stops within its timeout."""
+    broker = persistent_broker(tmp_path).start()
+    agent = start_agent({"camera": [{"name": "cam0", "source": "synthetic:fashion-mnist", "fps": 20.0}],
+                         "publish": {"buffer": 20, "spool_dir": str(full_tmpfs / "spool")},
+                         "health": {"interval_s": 3600.0}}, broker=broker)
+    preds = Predictions(broker, agent.device)
+    health = Probe(broker.port)
+    assert health.subscribe(f"{agent.topics.health}")
+    try:
+        first = health.collect(60, n=1)
+        assert first and json.loads(first[0].payload)["spool"] == "failed", agent.log()[-2000:]
+        health.close()
+        preds.wait_for(20, 60)  # publishing goes on from memory
+        broker.stop()
+        preds.close()
+        time.sleep(2.0)  # the outage: ~40 predictions for a 20-message buffer
+        assert agent.stop(timeout=20) == 0  # SIGTERM completes during the outage, spool dead, broker down
+    finally:
+        broker.stop()
+    log = agent.log()
+    assert log.count("The publish spool in") == 1 and "No space left on device" in log
+    found = STOPPED_LINE.search(log)
+    assert found, log[-2000:]
+    published, dropped, left, undeliverable = (int(g) for g in found.groups())
+    received = len(preds.distinct)
+    assert dropped > 0 and left > 0 and undeliverable == 0
+    # dropped ones were never sent, so never received; what is left may include one sent just before the outage
+    assert published - dropped - left <= received <= published - dropped, (published, received, dropped, left)
