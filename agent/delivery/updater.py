@@ -137,17 +137,18 @@ class Probe:
         """A reason to roll back, or None."""
         if self.errors >= PROBATION_MAX_ERRORS:
             return f"{self.errors} inference errors during probation (last: {self.last_error})"
+        # The device's absolute budget first: when both rules fire, it is the reason that matters to an operator.
+        if self.budget_ms is not None and len(self.total_ms) >= PROBATION_MIN_FRAMES:
+            total = statistics.median(self.total_ms[-50:])
+            if total > self.budget_ms:
+                return (f"median latency {total:.1f} ms per frame during probation exceeds the device's budget of "
+                        f"{self.budget_ms:.1f} ms (update.max_latency_ms)")
         if len(self.infer_ms) >= PROBATION_MIN_FRAMES and self.baseline_ms == self.baseline_ms:
             p50 = statistics.median(self.infer_ms[-50:])
             limit = LATENCY_FACTOR * self.baseline_ms + LATENCY_SLACK_MS
             if p50 > limit:
                 return (f"median inference {p50:.1f} ms during probation exceeds {limit:.1f} ms "
                         f"({LATENCY_FACTOR:g}x the self-test's {self.baseline_ms:.1f} ms + {LATENCY_SLACK_MS:g} ms)")
-        if self.budget_ms is not None and len(self.total_ms) >= PROBATION_MIN_FRAMES:
-            total = statistics.median(self.total_ms[-50:])
-            if total > self.budget_ms:
-                return (f"median latency {total:.1f} ms per frame during probation exceeds the device's budget of "
-                        f"{self.budget_ms:.1f} ms (update.max_latency_ms)")
         return None
 
 
