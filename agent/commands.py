@@ -23,7 +23,7 @@ from edgecv.agent import __version__ as AGENT_VERSION
 from edgecv.agent.contract import topics as T
 from edgecv.agent.contract.bundle import Bundle
 from edgecv.agent.errors import EdgecvError
-from edgecv.agent.link.protocol import Link
+from edgecv.agent.link.protocol import REFUSED, Link
 from edgecv.agent.vision.camera import Frame
 from edgecv.agent.vision.classifier import Classifier
 
@@ -120,7 +120,12 @@ class CommandHandler:
 
     def _reply(self, name: str, request: dict[str, Any], *, ok: bool, **fields: Any) -> None:
         payload = {"id": request.get("id"), "ok": ok, "device": self.device_id, "ts": T.now(), **fields}
-        self.link.publish(self.topics.cmd_result(name), T.encode(payload), qos=1)
+        data = T.encode(payload)
+        if self.link.publish(self.topics.cmd_result(name), data, qos=1) == REFUSED and ok:
+            # The result itself cannot be sent (e.g. a snapshot larger than a message may be): say so instead, so
+            # the command still gets its one result.
+            self._reply(name, request, ok=False, error=f"The result of {name} ({len(data)} bytes) is too large to "
+                                                       "publish; use a smaller camera resolution for snapshots")
 
     # ------------------------------------------------------------------ commands
     def _model(self) -> dict[str, Any] | None:

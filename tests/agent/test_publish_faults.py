@@ -183,3 +183,24 @@ def test_a_sender_round_that_raises_does_not_end_publishing(shared_broker: Broke
     finally:
         link.stop(None)
         sub.close()
+
+
+def test_a_command_result_too_large_to_publish_becomes_an_error_result() -> None:
+    """A snapshot of a huge noisy frame: its JPEG in base64 is over the publish limit. The command still gets
+    exactly one result, an error that says why, instead of none."""
+    import numpy as np
+
+    from edgecv.agent.commands import CommandHandler
+    from edgecv.agent.vision.camera import Frame
+
+    class Device:
+        classifier = None
+        last_top = None
+        last_frame = Frame(np.random.default_rng(0).integers(0, 255, (1500, 2000, 3), dtype=np.uint8), time.time(), 0)
+
+    link = MemoryLink()
+    handler = CommandHandler("dev", DeviceTopics("edgecv", "dev"), link, device=Device())  # type: ignore[arg-type]
+    handler._execute("snapshot", {"id": "big"})
+    results = [json.loads(m.payload) for m in link.messages("edgecv/dev/cmd/snapshot/result")]
+    assert len(results) == 1 and results[0]["id"] == "big" and not results[0]["ok"]
+    assert "too large to publish" in results[0]["error"] and len(link.refused) == 1
