@@ -188,6 +188,7 @@ class Updater:
         self._lock = threading.Lock()
         self._finished: OrderedDict[str, bytes] = OrderedDict()  # final model/state payload by transfer id
         self._startup: tuple[str, Bundle | None, str | None] | None = None  # the start-up self-test's outcome
+        self._problem_shown = False
 
     # ------------------------------------------------------------------ lifecycle
     def load_active(self) -> Classifier:
@@ -240,6 +241,8 @@ class Updater:
         """The bundle loaded in the first runtime where it passes its self-test; failures are appended."""
         pinned = self.cfg.model.runtime
         runtimes = [pinned] if pinned != "auto" else list(dict.fromkeys(rt for _, rt in candidates(bundle, "auto")))
+        if not runtimes:
+            failures.append(f"{_label(bundle)}: no installed runtime can run it")
         for runtime in runtimes:
             try:
                 clf = self._load(bundle, runtime=runtime)
@@ -270,6 +273,10 @@ class Updater:
         return out
 
     def _model_problem(self, why: str | None) -> None:
+        """Tell the host's status why no (or a fallback) model runs; None clears it (once)."""
+        if why is None and not self._problem_shown:
+            return
+        self._problem_shown = why is not None
         if self._on_model_problem is not None:
             self._on_model_problem(why)
 
@@ -479,7 +486,6 @@ class Updater:
             if self._probation is None:
                 del new.classify
                 return None
-            self._model_problem(None)
             return PROBATION_RUNNING
 
     def _selftest(self, classifier: Classifier) -> SelfTestReport:
@@ -516,6 +522,7 @@ class Updater:
 
     def _swap(self, new: Classifier) -> None:
         old = self.host.swap_classifier(new)
+        self._model_problem(None)  # a model that passed its self-test runs now
         if old is not None and "classify" in vars(old):
             del old.classify  # drop a probation wrapper: it references the classifier (a cycle)
         del old  # no cycle left: reference counting frees the old runtime at once (a gc pass would stall frames)

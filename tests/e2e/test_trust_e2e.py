@@ -20,9 +20,16 @@ from edgecv.agent.contract.bundle import Manifest, write_manifest
 from edgecv.agent.contract.topics import decode_predictions
 from tests.agent.test_spool_faults import full_tmpfs  # noqa: F401 (fixture)
 from tests.broker import Broker
-from tests.bundle_factory import make_bundle
+from tests.bundle_factory import make_archive, make_bundle
 from tests.e2e.conftest import StartAgent, durable_subscriber, persistent_broker, wait_until
-from tests.e2e.test_delivery_e2e import bundles, cli, secure_agent, signing, watch_factory  # noqa: F401 (fixtures)
+from tests.e2e.test_delivery_e2e import (  # noqa: F401 (fixtures)
+    bundles,
+    cli,
+    push,
+    secure_agent,
+    signing,
+    watch_factory,
+)
 from tests.ops.probe import Probe
 
 pytestmark = pytest.mark.e2e
@@ -86,6 +93,16 @@ def test_a_model_failing_its_self_test_at_start_never_publishes(start_agent: Sta
     state = got["model/state"][-1]
     assert state["state"] == "idle" and "frames disagree" in state["error"]
     assert agent.alive()
+    # ... and it takes a push: predictions flow from the pushed model and the status no longer reports a problem
+    _, [result] = push(shared_broker, make_archive(tmp_path / "good", "2.0", top1=2), [agent.device])
+    assert result.state == "active", result
+
+    def predicting() -> bool:
+        collect()
+        return bool(got["predictions"]) and got["status"][-1]["model_error"] is None
+
+    assert wait_until(predicting, 30), f"{got['status'][-1:]}\n{agent.log()[-2000:]}"
+    assert {p["model"]["version"] for p in got["predictions"]} == {"2.0"}
     probe.close()
 
 
