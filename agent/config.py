@@ -27,6 +27,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 PROTOCOLS = ("5", "3.1.1")
 RUNTIME_CHOICES = ("auto", "onnxruntime", "litert")
 PUBLISH_MODES = ("every", "on_change", "rate")
+UNPACED_BUDGET_MS = 1000.0  # the latency budget per frame when no camera has an fps limit
 
 _Check = tuple[Callable[[Any], bool], str]
 
@@ -201,6 +202,14 @@ class AgentConfig:
     homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig, metadata=_SECTION)
     systemd: SystemdConfig = field(default_factory=SystemdConfig, metadata=_SECTION)
     source: str = field(default="<dict>", compare=False)  # where it was loaded from (not a TOML key)
+
+    def latency_budget_ms(self) -> float:
+        """The device's latency budget per frame: `update.max_latency_ms`, or when that is 0 one frame period of the
+        fastest camera (a model slower than that cannot keep up with it), UNPACED_BUDGET_MS for unpaced cameras."""
+        if self.update.max_latency_ms > 0:
+            return self.update.max_latency_ms
+        fps = max((cam.fps for cam in self.cameras), default=0.0)
+        return 1000.0 / fps if fps > 0 else UNPACED_BUDGET_MS
 
     def camera(self, name: str) -> CameraConfig:
         for cam in self.cameras:

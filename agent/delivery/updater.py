@@ -10,8 +10,8 @@ never on the camera loop. Each step is published retained on `<p>/<dev>/model/st
     active (probation "running") → active (probation "passed")   survived its probation
 
 Budgets: every self-test runs with a time limit (`update.selftest_timeout_s`) and against the device's latency
-budget (`update.max_latency_ms`, by default one frame period of the fastest camera, `latency_budget_ms`). The
-self-test runs without the swap lock, so a `rollback` or `reload` command never waits for it.
+budget (`update.max_latency_ms`, by default one frame period of the fastest camera: `AgentConfig.latency_budget_ms`).
+The self-test runs without the swap lock, so a `rollback` or `reload` command never waits for it.
 
 Probation: for `update.probation_s` after an activation the new classifier's classify() calls are watched. Run-
 time errors (PROBATION_MAX_ERRORS of them), a median latency above `LATENCY_FACTOR` × the self-test median
@@ -67,17 +67,7 @@ MAX_INPUT_PIXELS = 4096 * 4096
 TICK_S = 0.25
 FINAL_STATES = ("active", "rejected", "rolled_back")
 REMEMBER_TRANSFERS = 32
-UNPACED_BUDGET_MS = 1000.0  # the latency budget when no camera has an fps limit
 PROBATION_RUNNING, PROBATION_PASSED = "running", "passed"
-
-
-def latency_budget_ms(config: AgentConfig) -> float:
-    """The device's latency budget per frame: `update.max_latency_ms`, or when that is 0 one frame period of the
-    fastest camera (a model slower than that cannot keep up with it), UNPACED_BUDGET_MS for unpaced cameras."""
-    if config.update.max_latency_ms > 0:
-        return config.update.max_latency_ms
-    fps = max((cam.fps for cam in config.cameras), default=0.0)
-    return 1000.0 / fps if fps > 0 else UNPACED_BUDGET_MS
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -170,7 +160,7 @@ class Updater:
                  keyring: Keyring | None, host: ModelHost,
                  on_model_problem: Callable[[str | None], None] | None = None) -> None:
         cfg = self.cfg = config
-        self.budget_ms = latency_budget_ms(cfg)
+        self.budget_ms = cfg.latency_budget_ms()
         self._on_model_problem = on_model_problem  # tells the status why no (or another) model runs
         self.topics = topics
         self.link = link

@@ -19,7 +19,7 @@ from edgecv.agent.config import parse_config
 from edgecv.agent.contract.bundle import Bundle, Manifest, write_manifest
 from edgecv.agent.contract.signing import Keyring, generate_private_key, load_keyring, public_key_pem
 from edgecv.agent.delivery.store import ModelStore
-from edgecv.agent.delivery.updater import Probe, Updater, latency_budget_ms
+from edgecv.agent.delivery.updater import Probe, Updater
 from edgecv.agent.errors import NoModelError
 from edgecv.agent.vision.classifier import Classifier
 from edgecv.agent.vision.runtimes.litert import LiteRtEngine
@@ -58,9 +58,9 @@ def test_budget_defaults_to_one_frame_period_of_the_fastest_camera() -> None:
     def cfg(**kw: Any) -> Any:
         return parse_config({"device_id": "d", **kw})
 
-    assert latency_budget_ms(cfg(camera=[{"name": "a", "fps": 10.0}, {"name": "b", "fps": 25.0}])) == 40.0
-    assert latency_budget_ms(cfg(camera=[{"fps": 0.0}])) == 1000.0
-    assert latency_budget_ms(cfg(camera=[{"fps": 25.0}], update={"max_latency_ms": 250.0})) == 250.0
+    assert cfg(camera=[{"name": "a", "fps": 10.0}, {"name": "b", "fps": 25.0}]).latency_budget_ms() == 40.0
+    assert cfg(camera=[{"fps": 0.0}]).latency_budget_ms() == 1000.0
+    assert cfg(camera=[{"fps": 25.0}], update={"max_latency_ms": 250.0}).latency_budget_ms() == 250.0
 
 
 @pytest.mark.parametrize(("update", "message"), [
