@@ -27,6 +27,7 @@ from edgecv.agent.link.mqtt import MqttLink
 from edgecv.agent.link.outbox import Outbox
 from edgecv.agent.link.predictions import PredictionStream
 from edgecv.agent.service import Agent
+from edgecv.agent.system.supervisor import EXIT_CODE, Supervisor
 from edgecv.agent.vision.classifier import Classifier
 
 log = logging.getLogger(__name__)
@@ -53,24 +54,31 @@ class App:
                            classifier=classifier)
         self.store = ModelStore(Path(config.model.store), keep=config.update.keep_versions)
         self.updater = Updater(config, topics, self.link, self.store, load_keyring(config.security.keyring),
-                               host=self.agent)
+                               host=self.agent, on_model_problem=self.agent.set_model_problem)
         self.commands = CommandHandler(config.device_id, topics, self.link, device=self.agent, control=self.updater)
         self.discovery = HomeAssistantDiscovery(config, topics, self.link, current_model=lambda: self.agent.classifier)
         # Brokers that never deliver retained messages to wildcard subscriptions (RabbitMQ): the workstation asks,
         # the device re-publishes its retained status and model state live.
         self.announce = AnnounceResponder(self.link, T.announce_topic(config.prefix),
                                           [self.agent.publish_status, self.updater.republish_state])
+        self.exit_code = 0
+        self._stop: threading.Event | None = None
+        # Every long-lived thread is watched: one that dies stops the watchdog pings and the process (exit 1).
+        self.supervisor = Supervisor(self._part_failed)
+        self.agent.notifier.set_health_check(self.supervisor.healthy)
 
     def load_model(self) -> Classifier:
         """The model to serve (the store's active one, seeded from `model.bundle`), unless one was given."""
         return self.agent.classifier or self.updater.load_active()
 
     def run(self, stop: threading.Event) -> int:
-        """Start everything, serve until `stop` is set, shut down cleanly; returns the exit code (0).
+        """Start everything, serve until `stop` is set, shut down cleanly; returns the exit code: 0, or 1 when a
+        supervised thread died (systemd's `Restart=on-failure` then starts a fresh process).
 
         A device with an empty store and no seed bundle (a fresh install) still comes up: it reports `online`
         with no model and waits for its first push instead of exiting into a systemd restart loop.
         """
+        self._stop = stop
         try:
             clf = self.load_model()
             model = f"model {clf.name} {clf.version}"
@@ -85,11 +93,22 @@ class App:
         self.announce.start()
         self.link.start()
         self.agent.start(stop)
+        self.supervisor.watch([*self.link.threads, *self.agent.threads, *self.updater.threads,
+                               *self.commands.threads])
+        self.supervisor.start()
         try:
             stop.wait()
         finally:
+            self.supervisor.stop()
             self.shutdown()
-        return 0
+            self.supervisor.close()
+        return self.exit_code
+
+    def _part_failed(self, reason: str) -> None:
+        """A supervised thread died: shut down and exit non-zero (the supervisor already logged why)."""
+        self.exit_code = EXIT_CODE
+        if self._stop is not None:
+            self._stop.set()
 
     def shutdown(self) -> None:
         """The loops finish their frame, what they staged is flushed (up to a few seconds), `stopped` is published
@@ -105,5 +124,5 @@ class App:
         self.predictions.drain()  # the loops have stopped: what they staged goes to the outbox (and its spool)
         self.link.stop(self.agent.status_bytes(T.STATUS_STOPPED), flush_timeout=FLUSH_TIMEOUT_S)
         self.agent.close()
-        log.info("Stopped (published %d, dropped %d, %d left in the buffer)", self.agent.monitor.published,
-                 self.outbox.dropped, len(self.outbox))
+        log.info("Stopped (published %d, dropped %d, %d left in the buffer, %d undeliverable)",
+                 self.agent.monitor.published, self.outbox.dropped, len(self.outbox), self.outbox.undeliverable)

@@ -154,6 +154,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"  health      every {cfg.health.interval_s:g}s; motion gate {'on' if cfg.motion.enabled else 'off'}")
     print(f"  security    keyring {cfg.security.keyring or '(none)'}, unsigned bundles "
           f"{'allowed' if cfg.security.allow_unsigned else 'refused'}")
+    u = cfg.update
+    print(f"  models      latency budget {cfg.latency_budget_ms():g} ms per frame"
+          f"{'' if u.max_latency_ms else ' (one frame period of the fastest camera)'}, self-test limit "
+          f"{u.selftest_timeout_s:g} s, probation {u.probation_s:g} s")
     return 0
 
 

@@ -25,7 +25,7 @@ from edgecv.agent.contract.commands import RequestError, parse_request
 from edgecv.agent.contract.documents import describe
 from edgecv.agent.contract.names import MAX_NAME, is_name
 from edgecv.agent.errors import EdgecvError
-from edgecv.agent.link.protocol import Link
+from edgecv.agent.link.protocol import REFUSED, Link
 from edgecv.agent.vision.camera import Frame
 from edgecv.agent.vision.classifier import Classifier
 
@@ -69,6 +69,10 @@ class CommandHandler:
         self._thread = threading.Thread(target=self._run, name="commands", daemon=True)
         self._thread.start()
         return self
+
+    @property
+    def threads(self) -> list[threading.Thread]:
+        return [self._thread] if self._thread is not None else []
 
     def stop(self) -> None:
         try:
@@ -125,7 +129,12 @@ class CommandHandler:
             log.error("Result of command %s is not JSON (%s); answering with an error", name, exc)
             data = T.encode({"id": request.get("id"), "ok": False, "device": self.device_id,
                              "ts": T.now(), "error": f"Command {name} produced a result that is not JSON"})
-        self.link.publish(self.topics.cmd_result(name), data, qos=1)
+            ok = False
+        if self.link.publish(self.topics.cmd_result(name), data, qos=1) == REFUSED and ok:
+            # The result itself cannot be sent (e.g. a snapshot larger than a message may be): say so instead, so
+            # the command still gets its one result.
+            self._reply(name, request, ok=False, error=f"The result of {name} ({len(data)} bytes) is too large to "
+                                                       "publish; use a smaller camera resolution for snapshots")
 
     # ------------------------------------------------------------------ commands
     def _model(self) -> dict[str, Any] | None:

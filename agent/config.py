@@ -28,6 +28,7 @@ PROTOCOLS = ("5", "3.1.1")
 RUNTIME_CHOICES = ("auto", "onnxruntime", "litert")
 DOWNGRADE_CHOICES = ("when-asked", "never")  # update.allow_downgrade
 PUBLISH_MODES = ("every", "on_change", "rate")
+UNPACED_BUDGET_MS = 1000.0  # the latency budget per frame when no camera has an fps limit
 
 _Check = tuple[Callable[[Any], bool], str]
 
@@ -167,6 +168,11 @@ class UpdateConfig:
     # A pushed bundle older than the active one (or the same version with other content) is refused unless the push
     # asks for it (`edgecv push --allow-downgrade`, "when-asked"); "never" refuses it even then (docs/DELIVERY.md).
     allow_downgrade: str = _opt("when-asked", choices=DOWNGRADE_CHOICES)
+    # The device's latency budget per frame (preprocess + inference + top-k, median), in ms; 0 = one frame period
+    # of the fastest camera (1000 / fps; 1000 ms for unpaced cameras). A model over it is refused at self-test or
+    # rolled back in probation.
+    max_latency_ms: float = _opt(0.0, check=_NON_NEGATIVE)
+    selftest_timeout_s: float = _opt(30.0, check=_POSITIVE)  # a self-test still running after this is a failure
 
 
 @dataclass(frozen=True)
@@ -200,6 +206,14 @@ class AgentConfig:
     homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig, metadata=_SECTION)
     systemd: SystemdConfig = field(default_factory=SystemdConfig, metadata=_SECTION)
     source: str = field(default="<dict>", compare=False)  # where it was loaded from (not a TOML key)
+
+    def latency_budget_ms(self) -> float:
+        """The device's latency budget per frame: `update.max_latency_ms`, or when that is 0 one frame period of the
+        fastest camera (a model slower than that cannot keep up with it), UNPACED_BUDGET_MS for unpaced cameras."""
+        if self.update.max_latency_ms > 0:
+            return self.update.max_latency_ms
+        fps = max((cam.fps for cam in self.cameras), default=0.0)
+        return 1000.0 / fps if fps > 0 else UNPACED_BUDGET_MS
 
     def camera(self, name: str) -> CameraConfig:
         for cam in self.cameras:

@@ -75,6 +75,7 @@ class Agent:
         self._warned: dict[str, float] = {}
         self.last_frame: Frame | None = None
         self.last_top: list[dict[str, Any]] | None = None
+        self.model_error: str | None = None  # why no (or a fallback) model runs, from the start-up self-test
         self.started = time.time()
 
     # ------------------------------------------------------------------------------------------ model
@@ -94,6 +95,11 @@ class Agent:
         self.publish_status()
         return old
 
+    def set_model_problem(self, why: str | None) -> None:
+        """Show in the status why the device runs no model, or a fallback (None once a pushed model runs)."""
+        self.model_error = why
+        self.publish_status()
+
     def mark_waiting(self) -> None:
         """A fresh device with no model yet: tell systemd it is up, waiting for its first push."""
         self._mark_ready("Waiting for a model push")
@@ -109,7 +115,7 @@ class Agent:
     def status_payload(self, state: str) -> dict[str, Any]:
         doc = T.status_payload(self.config.device_id, state, AGENT_VERSION, self.model_info(),
                                {cam.name: cam.status() for cam in self.cameras}, groups=self.config.groups)
-        doc.update(boot=self.boot, dropped=self.outbox.dropped)
+        doc.update(boot=self.boot, dropped=self.outbox.dropped, model_error=self.model_error)
         return doc
 
     def status_bytes(self, state: str) -> bytes:
@@ -130,6 +136,11 @@ class Agent:
         for cam in self.cameras:
             self._spawn(f"loop-{cam.name}", self._camera_loop, cam, stop)
         self._spawn("health", self._health_loop, stop)
+
+    @property
+    def threads(self) -> list[threading.Thread]:
+        """The camera loops and the health loop, for supervision."""
+        return list(self._threads)
 
     def join(self, timeout: float = 10.0) -> None:
         """After `stop` was set: tell systemd, and wait for the loops to finish their frame."""
@@ -233,8 +244,10 @@ class Agent:
         for cam in self.cameras:
             st = cam.status()
             cams[cam.name] = {"state": st.get("state"), "fps": st.get("fps"), "reopens": st.get("reopens")}
-        return self.monitor.payload(dropped=self.outbox.dropped, queue_depth=len(self.outbox) + len(self.predictions),
-                                    extra={"boot": self.boot, "cameras": cams, "model": self.model_info()})
+        outbox = self.outbox
+        return self.monitor.payload(dropped=outbox.dropped, queue_depth=len(outbox) + len(self.predictions),
+                                    extra={"boot": self.boot, "cameras": cams, "model": self.model_info(),
+                                           "undeliverable": outbox.undeliverable, "spool": outbox.spool_state})
 
     def _health_loop(self, stop: threading.Event) -> None:
         interval = self.config.health.interval_s

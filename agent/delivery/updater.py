@@ -7,10 +7,20 @@ never on the camera loop. Each step is published retained on `<p>/<dev>/model/st
     receiving (with progress) → verifying → active            the new model runs
                                           → rejected          refused; the old model keeps serving
     active → rolled_back                                      failed during probation; previous model restored
+    active (probation "running") → active (probation "passed")   survived its probation
+
+Budgets: every self-test runs with a time limit (`update.selftest_timeout_s`) and against the device's latency
+budget (`update.max_latency_ms`, by default one frame period of the fastest camera: `AgentConfig.latency_budget_ms`).
+The self-test runs without the swap lock, so a `rollback` or `reload` command never waits for it.
 
 Probation: for `update.probation_s` after an activation the new classifier's classify() calls are watched. Run-
-time errors (PROBATION_MAX_ERRORS of them), or a median latency above `LATENCY_FACTOR` × the self-test median
-+ `LATENCY_SLACK_MS`, roll back to the previous model automatically.
+time errors (PROBATION_MAX_ERRORS of them), a median latency above `LATENCY_FACTOR` × the self-test median
++ `LATENCY_SLACK_MS`, or a median latency per frame above the device budget, roll back to the previous model
+automatically; a model that survives is announced with `probation: "passed"`.
+
+At start (`load_active`) the active bundle's self-test runs in the runtime chosen for it; on failure the other
+installed runtime is tried, then the previous version and the other installed ones. The outcome is published on
+`model/state` (and the status's `model_error`); a device with no passing model serves none and waits for a push.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ from typing import Any, Protocol
 from edgecv.agent import __version__ as AGENT_VERSION
 from edgecv.agent.config import AgentConfig
 from edgecv.agent.contract import topics as T
-from edgecv.agent.contract.bundle import Bundle
+from edgecv.agent.contract.bundle import Bundle, load_bundle, verify_bundle
 from edgecv.agent.contract.names import is_name, shown
 from edgecv.agent.contract.signing import Keyring
 from edgecv.agent.contract.transfer import (
@@ -44,9 +54,16 @@ from edgecv.agent.contract.transfer import (
 )
 from edgecv.agent.contract.versions import compare as compare_versions
 from edgecv.agent.delivery.store import ModelStore
-from edgecv.agent.errors import BundleError, DowngradeError, EdgecvError, IncompatibleBundleError, StoreError
+from edgecv.agent.errors import (
+    BundleError,
+    DowngradeError,
+    EdgecvError,
+    IncompatibleBundleError,
+    NoModelError,
+    StoreError,
+)
 from edgecv.agent.link.protocol import Link
-from edgecv.agent.vision.classifier import Classifier, run_selftest
+from edgecv.agent.vision.classifier import Classifier, SelfTestReport, run_selftest
 from edgecv.agent.vision.runtimes import candidates
 
 log = logging.getLogger(__name__)
@@ -59,6 +76,7 @@ MAX_INPUT_PIXELS = 4096 * 4096
 TICK_S = 0.25
 FINAL_STATES = ("active", "rejected", "rolled_back")
 REMEMBER_TRANSFERS = 32
+PROBATION_RUNNING, PROBATION_PASSED = "running", "passed"
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -93,10 +111,12 @@ class Probe:
     """Counts errors and latencies of one classifier's classify() calls while it is on probation."""
 
     baseline_ms: float
+    budget_ms: float | None = None  # the device's absolute budget per frame (median total latency)
     started: float = field(default_factory=time.monotonic)
     errors: int = 0
     last_error: str = ""
     infer_ms: list[float] = field(default_factory=list)
+    total_ms: list[float] = field(default_factory=list)
 
     def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         def classify(*args: Any, **kwargs: Any) -> Any:
@@ -106,7 +126,9 @@ class Probe:
                 self.errors += 1
                 self.last_error = str(exc)
                 raise
-            self.infer_ms.append(float(result.latency_ms.get("infer", 0.0)))
+            latency = result.latency_ms
+            self.infer_ms.append(float(latency.get("infer", 0.0)))
+            self.total_ms.append(float(latency.get("total", 0.0)))
             return result
         return classify
 
@@ -114,6 +136,12 @@ class Probe:
         """A reason to roll back, or None."""
         if self.errors >= PROBATION_MAX_ERRORS:
             return f"{self.errors} inference errors during probation (last: {self.last_error})"
+        # The device's absolute budget first: when both rules fire, it is the reason that matters to an operator.
+        if self.budget_ms is not None and len(self.total_ms) >= PROBATION_MIN_FRAMES:
+            total = statistics.median(self.total_ms[-50:])
+            if total > self.budget_ms:
+                return (f"median latency {total:.1f} ms per frame during probation exceeds the device's budget of "
+                        f"{self.budget_ms:.1f} ms (update.max_latency_ms)")
         if len(self.infer_ms) >= PROBATION_MIN_FRAMES and self.baseline_ms == self.baseline_ms:
             p50 = statistics.median(self.infer_ms[-50:])
             limit = LATENCY_FACTOR * self.baseline_ms + LATENCY_SLACK_MS
@@ -138,8 +166,11 @@ class Updater:
     """Wires the push protocol to the model store and the model host. `start()` subscribes."""
 
     def __init__(self, config: AgentConfig, topics: T.DeviceTopics, link: Link, store: ModelStore,
-                 keyring: Keyring | None, host: ModelHost) -> None:
+                 keyring: Keyring | None, host: ModelHost,
+                 on_model_problem: Callable[[str | None], None] | None = None) -> None:
         cfg = self.cfg = config
+        self.budget_ms = cfg.latency_budget_ms()
+        self._on_model_problem = on_model_problem  # tells the status why no (or another) model runs
         self.topics = topics
         self.link = link
         self.store = store
@@ -156,17 +187,98 @@ class Updater:
         self._lock = threading.Lock()
         self._finished: OrderedDict[str, bytes] = OrderedDict()  # final model/state payload by transfer id
         self._retained_state: bytes | None = None  # the newest retained model/state payload
+        self._startup: tuple[str, Bundle | None, str | None] | None = None  # the start-up self-test's outcome
+        self._problem_shown = False
 
     # ------------------------------------------------------------------ lifecycle
     def load_active(self) -> Classifier:
         """At start: the store's active model (installing the configured seed bundle into an empty store), loaded
-        in its runtime and handed to the host. Raises NoModelError on a fresh device with nothing to run."""
+        in its runtime, self-tested there and handed to the host. Raises NoModelError on a fresh device with
+        nothing to run, or when no installed model passes its self-test (see `_startup_selftest`)."""
         cfg = self.cfg
         bundle = self.store.ensure_model(cfg.model.bundle or None, keyring=self.keyring,
                                          allow_unsigned=cfg.security.allow_unsigned)
-        classifier = self._load(bundle)
+        classifier = self._startup_selftest(bundle)
         self.host.swap_classifier(classifier)
         return classifier
+
+    def _startup_selftest(self, active: Bundle) -> Classifier:
+        """A model is served only if it passes its own self-test here: the active bundle in each runtime that can
+        run it (the preferred one first), then the previous version, then the other installed versions, newest
+        first. What happened is remembered for `start()` to publish."""
+        failures: list[str] = []
+        clf = self._first_passing(active, failures)
+        if clf is not None:
+            if failures:
+                why = (f"Model {_label(active)} failed its self-test on {'; '.join(failures)}; running it on "
+                       f"{clf.engine.name} instead")
+                log.warning("%s", why)
+                self._startup = ("active", active, why)
+                self._model_problem(why)
+            return clf
+        for bundle in self._fallbacks(active):
+            clf = self._first_passing(bundle, failures)
+            if clf is None:
+                continue
+            try:
+                self.store.activate(bundle)
+            except StoreError as exc:
+                log.warning("Could not make %s the active model: %s", _label(bundle), exc)
+            why = (f"Model {_label(active)} failed its self-test at start ({'; '.join(failures)}); "
+                   f"fell back to {_label(bundle)}")
+            log.error("%s", why)
+            self._startup = ("rolled_back", bundle, why)
+            self._model_problem(why)
+            return clf
+        why = (f"No installed model passes its self-test on this device ({'; '.join(failures)}); serving no model "
+               "and waiting for a push")
+        log.error("%s", why)
+        self._startup = ("idle", active, why)
+        self._model_problem(why)
+        raise NoModelError(why)
+
+    def _first_passing(self, bundle: Bundle, failures: list[str]) -> Classifier | None:
+        """The bundle loaded in the first runtime where it passes its self-test; failures are appended."""
+        pinned = self.cfg.model.runtime
+        runtimes = [pinned] if pinned != "auto" else list(dict.fromkeys(rt for _, rt in candidates(bundle, "auto")))
+        if not runtimes:
+            failures.append(f"{_label(bundle)}: no installed runtime can run it")
+        for runtime in runtimes:
+            try:
+                clf = self._load(bundle, runtime=runtime)
+            except EdgecvError as exc:
+                failures.append(f"{_label(bundle)} on {runtime}: {exc}")
+                continue
+            report = self._selftest(clf)
+            if report.passed:
+                return clf
+            failures.append(f"{_label(bundle)} on {runtime}: {report.detail}")
+        return None
+
+    def _fallbacks(self, failed: Bundle) -> list[Bundle]:
+        """Installed bundles to fall back to, each verified again: previous first, then newest install first."""
+        previous = self.store.previous()
+        paths = ([previous.root] if previous is not None else []) + [v.path for v in self.store.history()]
+        out: list[Bundle] = []
+        for path in dict.fromkeys(p.resolve() for p in paths):
+            if path == failed.root.resolve():
+                continue
+            try:
+                bundle = load_bundle(path)
+                verify_bundle(bundle, self.keyring, allow_unsigned=self.cfg.security.allow_unsigned)
+            except (BundleError, OSError) as exc:
+                log.warning("Installed model %s cannot be a fallback: %s", path.name, exc)
+                continue
+            out.append(bundle)
+        return out
+
+    def _model_problem(self, why: str | None) -> None:
+        """Tell the host's status why no (or a fallback) model runs; None clears it (once)."""
+        if why is None and not self._problem_shown:
+            return
+        self._problem_shown = why is not None
+        if self._on_model_problem is not None:
+            self._on_model_problem(why)
 
     def start(self) -> Updater:
         link = self.link
@@ -176,9 +288,16 @@ class Updater:
         self._thread = threading.Thread(target=self._run, name="updater", daemon=True)
         self._thread.start()
         current = self.host.classifier
-        if current is not None:
+        if self._startup is not None:
+            state, bundle, why = self._startup
+            self._state(state, bundle, error=why)
+        elif current is not None:
             self._state("active", current.bundle)
         return self
+
+    @property
+    def threads(self) -> list[threading.Thread]:
+        return [self._thread] if self._thread is not None else []
 
     def stop(self) -> None:
         self._stop.set()
@@ -196,6 +315,7 @@ class Updater:
             bundle = self.store.rollback(to)
             try:
                 new = self._load(bundle)
+                self._selftest(new).raise_for_failure()
             except EdgecvError:
                 if old is not None:  # restore the pointer to what is running
                     self.store.activate(old)
@@ -213,6 +333,7 @@ class Updater:
             if bundle is None:
                 raise StoreError("The model store has no current model to reload")
             new = self._load(bundle)
+            self._selftest(new).raise_for_failure()
             self._probation = None
             self._swap(new)
             self._state("active", bundle)
@@ -300,7 +421,8 @@ class Updater:
         self.link.publish(self.topics.push_ack(ack.transfer_id), ack.to_payload(), qos=1)
 
     def _state(self, state: str, bundle: Bundle | None, *, begin: Begin | None = None, error: str | None = None,
-               progress: float | None = None, transfer: str | None = None, retain: bool = True) -> None:
+               progress: float | None = None, transfer: str | None = None, retain: bool = True,
+               probation: str | None = None) -> None:
         name: str | None
         version: str | None
         sha: str | None
@@ -314,6 +436,10 @@ class Updater:
                                         error=error, transfer=begin.transfer_id if begin else transfer)
         if progress is not None:
             payload["progress"] = round(progress, 3)
+        if probation is not None:  # "running" (for probation_s seconds) or "passed": `edgecv push --wait-probation`
+            payload["probation"] = probation
+            if probation == PROBATION_RUNNING:
+                payload["probation_s"] = self.cfg.update.probation_s
         data = T.encode(payload)
         if payload["transfer"] and state in FINAL_STATES:
             with self._lock:
@@ -360,32 +486,21 @@ class Updater:
         failure (a refused bundle, a full disk, or a bug) publishes `rejected` and leaves the old model serving."""
         transfer = begin.transfer_id
         installed_new: Bundle | None = None  # installed by this push (so removed again if refused)
-        activated: Bundle | None = None
-        previous: Bundle | None = None
         try:
-            with self._swap_lock:
-                known = set(self.store.version_names())
-                installed = self.store.install(archive, self.keyring, self.cfg.security.allow_unsigned,
-                                               self.cfg.update.max_bundle_bytes)
-                if installed.root.name not in known:  # one installed before this push is never removed on refusal
-                    installed_new = installed
-                previous = self.store.current()
-                self._check_downgrade(installed, previous, begin)
-                check_compatible(installed, self.cfg.model.runtime)
-                new = self._load(installed)
-                report = run_selftest(new)
-                report.raise_for_failure()
-                if previous is not None and previous.root == installed.root:
-                    log.info("Pushed bundle is the one already active; reloading it")
-                activated = self.store.activate(installed)
-                probe = Probe(baseline_ms=report.median_infer_ms)
-                new.classify = probe.wrap(new.classify)  # type: ignore[method-assign]
-                self._swap(new)
-                activated = None  # swapped in: nothing to undo any more
-                self._probation = (new, probe, transfer) if self.cfg.update.probation_s > 0 else None
-                if self._probation is None:
-                    del new.classify
-            self._state("active", installed, begin=begin)
+            known = set(self.store.version_names())
+            installed = self.store.install(archive, self.keyring, self.cfg.security.allow_unsigned,
+                                           self.cfg.update.max_bundle_bytes)
+            if installed.root.name not in known:  # one installed before this push is never removed on refusal
+                installed_new = installed
+            self._check_downgrade(installed, self.store.current(), begin)
+            check_compatible(installed, self.cfg.model.runtime)
+            # Loading and self-testing take the time (seconds for a slow model): without the swap lock, so
+            # `rollback` and `reload` never wait for them.
+            new = self._load(installed)
+            report = self._selftest(new)
+            report.raise_for_failure()
+            probation = self._activate_pushed(installed, new, report, transfer)
+            self._state("active", installed, begin=begin, probation=probation)
             log.info("Model %s %s active (%s)", begin.name, begin.version, report.detail)
         except Exception as exc:
             expected = isinstance(exc, BundleError | StoreError | EdgecvError)
@@ -394,16 +509,14 @@ class Updater:
             else:
                 log.exception("Installing pushed bundle %s %s failed unexpectedly", begin.name, begin.version)
             reason = str(exc) if expected else f"The device failed while installing the bundle: {_reason(exc)}"
-            self._undo_install(activated, previous, installed_new)
+            self._undo_install(installed_new)
             self._state("rejected", None, begin=begin, error=reason)
         finally:
             self.receiver.finish(transfer)
 
-    def _undo_install(self, activated: Bundle | None, previous: Bundle | None, installed: Bundle | None) -> None:
-        """After a refusal: point the store back at what runs, and delete a version this push installed."""
+    def _undo_install(self, installed: Bundle | None) -> None:
+        """After a refusal: delete a version this push installed (never the current or previous one)."""
         try:
-            if activated is not None and previous is not None:
-                self.store.activate(previous)
             if installed is not None:
                 self.store.remove(installed)
         except Exception as exc:
@@ -436,6 +549,34 @@ class Updater:
                                  "\"never\"): go back with 'edgecv rollback' instead")
         raise DowngradeError(f"Refused: {problem}; go back with 'edgecv rollback', or push with --allow-downgrade")
 
+    def _activate_pushed(self, installed: Bundle, new: Classifier, report: SelfTestReport,
+                         transfer: str) -> str | None:
+        """Make a self-tested pushed model the active one (store pointer, then the host) and put it on probation;
+        returns the probation state to publish (None without probation)."""
+        with self._swap_lock:
+            previous = self.store.current()
+            if previous is not None and previous.root == installed.root:
+                log.info("Pushed bundle is the one already active; reloading it")
+            self.store.activate(installed)
+            probe = Probe(baseline_ms=report.median_infer_ms, budget_ms=self.budget_ms)
+            new.classify = probe.wrap(new.classify)  # type: ignore[method-assign]
+            try:
+                self._swap(new)
+            except BaseException:
+                if previous is not None:  # the store points at what still runs
+                    self.store.activate(previous)
+                raise
+            self._probation = (new, probe, transfer) if self.cfg.update.probation_s > 0 else None
+            if self._probation is None:
+                del new.classify
+                return None
+            return PROBATION_RUNNING
+
+    def _selftest(self, classifier: Classifier) -> SelfTestReport:
+        """The bundle's self-test on this device, within its time limit and the device's latency budget."""
+        return run_selftest(classifier, time_limit_s=self.cfg.update.selftest_timeout_s,
+                            max_latency_ms=self.budget_ms)
+
     def _check_probation(self) -> None:
         if self._probation is None:
             return
@@ -449,6 +590,7 @@ class Updater:
                     del clf.classify  # back to the plain method
                 except AttributeError:
                     pass
+                self._state("active", clf.bundle, transfer=transfer, probation=PROBATION_PASSED)
             return
         self._probation = None
         failed = f"{clf.name} {clf.version}"
@@ -457,13 +599,14 @@ class Updater:
         except EdgecvError as exc:
             log.error("Model %s failed probation (%s) but rollback failed: %s", failed, reason, exc)
 
-    def _load(self, bundle: Bundle) -> Classifier:
+    def _load(self, bundle: Bundle, runtime: str | None = None) -> Classifier:
         m = self.cfg.model
-        return Classifier.load(bundle, runtime=m.runtime, threads=m.threads, top_k=self.cfg.publish.top_k,
+        return Classifier.load(bundle, runtime=runtime or m.runtime, threads=m.threads, top_k=self.cfg.publish.top_k,
                                min_score=self.cfg.publish.min_score)
 
     def _swap(self, new: Classifier) -> None:
         old = self.host.swap_classifier(new)
+        self._model_problem(None)  # a model that passed its self-test runs now
         if old is not None and "classify" in vars(old):
             del old.classify  # drop a probation wrapper: it references the classifier (a cycle)
         del old  # no cycle left: reference counting frees the old runtime at once (a gc pass would stall frames)
@@ -472,3 +615,7 @@ class Updater:
 def _reason(exc: BaseException) -> str:
     """An unexpected exception as a short published reason (the full traceback goes to the log)."""
     return T.bounded(f"{type(exc).__name__}: {exc}", 200) or type(exc).__name__
+
+
+def _label(bundle: Bundle) -> str:
+    return f"{bundle.manifest.name} {bundle.manifest.version}"

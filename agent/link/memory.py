@@ -1,9 +1,9 @@
 """`MemoryLink`: the in-memory twin of the MQTT link, for unit tests of what sits above it.
 
 It records every publish, hands messages to matching subscriptions like a broker would (including the agent's
-own publishes, as a broker echoes them to its own subscriptions), and runs the on-connect callbacks on
-`connect()`. Handlers run synchronously on the caller's thread, one message at a time and in order: a handler that
-publishes does not recurse, its message is delivered after the current one.
+own publishes, as a broker echoes them to its own subscriptions), refuses what MqttLink refuses (`refused`), and
+runs the on-connect callbacks on `connect()`. Handlers run synchronously on the caller's thread, one message at a
+time and in order: a handler that publishes does not recurse, its message is delivered after the current one.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 from paho.mqtt.client import topic_matches_sub
 
-from edgecv.agent.link.protocol import Handler
+from edgecv.agent.link.protocol import REFUSED, Handler, message_problem
 
 
 class Published(NamedTuple):
@@ -28,6 +28,7 @@ class Published(NamedTuple):
 class MemoryLink:
     def __init__(self, *, connected: bool = True, loopback: bool = True) -> None:
         self.published: list[Published] = []
+        self.refused: list[tuple[str, str]] = []  # (topic, why) of messages publish() refused
         self.retained: dict[str, bytes] = {}
         self._subs: list[tuple[str, Handler]] = []
         self._on_connect: list[Callable[[], None]] = []
@@ -39,6 +40,11 @@ class MemoryLink:
 
     # ---------------------------------------------------------------------------------------- the Link protocol
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, expiry_s: int = 0) -> int:
+        problem = message_problem(topic, payload)
+        if problem is not None:  # refused like MqttLink refuses it: counted, never raised
+            with self._lock:
+                self.refused.append((topic, problem))
+            return REFUSED
         with self._lock:
             self.published.append(Published(topic, bytes(payload), qos, retain))
             if retain:

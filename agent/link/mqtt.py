@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as paho
@@ -44,7 +44,7 @@ from paho.mqtt.properties import Properties
 from edgecv.agent.contract.topics import DeviceTopics
 from edgecv.agent.errors import MqttError
 from edgecv.agent.link.outbox import Message, Outbox
-from edgecv.agent.link.protocol import Handler
+from edgecv.agent.link.protocol import REFUSED, Handler, message_problem
 
 if TYPE_CHECKING:
     from edgecv.agent.config import BrokerConfig
@@ -60,6 +60,22 @@ COALESCE_S = 0.005  # at most one round of sending per 5 ms while messages come 
 # stream (one message per round) keeps the 5 ms rounds.
 FLOOD_MESSAGES, FLOOD_COALESCE_S = 8, 0.02
 SUBSCRIBE_RETRY_MAX_S = 30.0  # a refused subscription is asked for again after 1, 2, 4 ... at most this many s
+# A message that was alone in flight when the broker dropped the connection this many times in a row is given up
+# on (quarantined: dropped and counted as undeliverable) instead of being sent first after every reconnect for ever.
+QUARANTINE_AFTER = 3
+
+
+@dataclass
+class _SenderState:
+    """What the sender thread keeps between rounds (only that thread touches it)."""
+
+    inflight: dict[int, list[int]] = field(default_factory=dict)  # paho mid -> outbox ids, current connection only
+    gen: int = -1  # the connection generation `inflight` belongs to
+    sent: int = 0  # the last round: messages, publishes, whether it emptied the outbox
+    publishes: int = 0
+    drained: bool = False
+    careful_until: int = -1  # >= 0: send one at a time until the messages up to this id went through
+    strikes: dict[int, int] = field(default_factory=dict)  # outbox id -> connections lost with it alone in flight
 
 
 @dataclass
@@ -138,6 +154,11 @@ class MqttLink:
     def is_connected(self) -> bool:
         return self.connected.is_set()
 
+    @property
+    def threads(self) -> list[threading.Thread]:
+        """The link's long-lived threads (connection supervisor, sender, handler worker), for supervision."""
+        return list(self._threads)
+
     def wait_connected(self, timeout: float) -> None:
         """Block until connected; raise MqttError naming the last failure (e.g. a refused CONNACK) otherwise."""
         if not self.connected.wait(timeout):
@@ -145,7 +166,13 @@ class MqttLink:
                             f"{timeout:g} s: {self.last_error or 'no answer'}; check broker.host/port and credentials")
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, expiry_s: int = 0) -> int:
-        """Queue a message for delivery (never blocks); returns its outbox id."""
+        """Queue a message for delivery (never blocks); returns its outbox id, or REFUSED (0) for a message no
+        broker would accept (`message_problem`): that one is counted as undeliverable and logged, never raised."""
+        problem = message_problem(topic, payload)
+        if problem is not None:
+            self.outbox.refuse()
+            self._warn("refused", "Refused to publish a message: %s; counted as undeliverable", problem)
+            return REFUSED
         return self.outbox.put(topic, payload, qos=qos, retain=retain, expiry_s=expiry_s)
 
     def subscribe(self, filter: str, handler: Handler, qos: int = 1) -> None:
@@ -385,91 +412,154 @@ class MqttLink:
                 log.exception("MQTT handler %s failed", getattr(fn, "__qualname__", fn))
 
     def _send_loop(self) -> None:
-        inflight: dict[int, list[int]] = {}  # paho mid -> outbox ids it carried, for the current connection only
-        gen = -1
-        sent, publishes, drained = 0, 0, False  # the last round: messages, publishes, whether it emptied the outbox
+        state = _SenderState()
         while not self._sender_stop.is_set():
-            if sent:
-                # The last round sent something: let messages accumulate for COALESCE_S before the next round.
-                # Puts during this sleep only set the event (no thread wakes), so at high rates a round costs one
-                # wake-up and sends everything queued as one batch; a message arriving after a quiet spell still
-                # goes out at once.
-                # The long pause only after a round that emptied the outbox using at most half the in-flight window:
-                # then the window cannot be what limits the rate. A round cut short by the window comes back after
-                # COALESCE_S.
-                flood = sent >= FLOOD_MESSAGES and drained and 2 * publishes <= self.max_inflight
-                time.sleep(FLOOD_COALESCE_S if flood else COALESCE_S)
-            else:
-                # PUBACKs do not wake this thread (one wake-up fewer per publish): while publishes are in flight
-                # it polls for their acknowledgements every COALESCE_S.
-                self._wake.wait(COALESCE_S if inflight else 0.5)
-            self._wake.clear()
-            if self.feed is not None:
-                try:
-                    self.feed()
-                except Exception:
-                    log.exception("Moving staged messages into the outbox failed")
-            with self._lock:
-                client, current = self._client, self._generation
-            if current != gen:
-                # A new connection (or a lost one): everything not acknowledged is due again, oldest first.
-                inflight.clear()
-                gen = current
-                self.outbox.rewind()
-            while True:
-                try:
-                    agen, mid, failed = self._acks.get_nowait()
-                except queue.Empty:
-                    break
-                msg_ids = inflight.pop(mid, None) if agen == gen else None
-                if msg_ids is not None:
-                    if failed:
-                        self._warn("puback", "Broker rejected a publish (PUBACK failure); dropping it")
+            try:
+                self._send_round(state)
+            except Exception:  # a bug in a round must not end publishing: log it and go on with the next round
+                state.sent = 0
+                self._warn("sender", "MQTT sender round failed; continuing", exc_info=True)
+                self._sender_stop.wait(0.1)
+
+    def _send_round(self, st: _SenderState) -> None:
+        if st.sent:
+            # The last round sent something: let messages accumulate for COALESCE_S before the next round.
+            # Puts during this sleep only set the event (no thread wakes), so at high rates a round costs one
+            # wake-up and sends everything queued as one batch; a message arriving after a quiet spell still
+            # goes out at once.
+            # The long pause only after a round that emptied the outbox using at most half the in-flight window:
+            # then the window cannot be what limits the rate. A round cut short by the window comes back after
+            # COALESCE_S.
+            flood = st.sent >= FLOOD_MESSAGES and st.drained and 2 * st.publishes <= self.max_inflight
+            time.sleep(FLOOD_COALESCE_S if flood else COALESCE_S)
+        else:
+            # PUBACKs do not wake this thread (one wake-up fewer per publish): while publishes are in flight
+            # it polls for their acknowledgements every COALESCE_S.
+            self._wake.wait(COALESCE_S if st.inflight else 0.5)
+        self._wake.clear()
+        st.sent, st.publishes, st.drained = 0, 0, False
+        if self.feed is not None:
+            try:
+                self.feed()
+            except Exception:
+                log.exception("Moving staged messages into the outbox failed")
+        # Acknowledgements first, so a PUBACK that arrived just before a connection was lost still counts.
+        while True:
+            try:
+                agen, mid, failed = self._acks.get_nowait()
+            except queue.Empty:
+                break
+            msg_ids = st.inflight.pop(mid, None) if agen == st.gen else None
+            if msg_ids is not None:
+                if failed:
+                    self._warn("puback", "Broker refused a publish (PUBACK failure code); dropped, counted as "
+                               "undeliverable")
+                    self.outbox.discard(msg_ids)
+                else:
                     self.outbox.ack_all(msg_ids)
-            sent, publishes, drained = 0, 0, False
-            if client is None or not self.connected.is_set():
-                continue
-            while len(inflight) < self.max_inflight:
-                run = self.outbox.take_run(self.batches)
-                if not run:
-                    drained = True
-                    break
-                if not self._send(client, run, inflight):
-                    break
-                sent += len(run)
-                publishes += 1
+        with self._lock:
+            client, current = self._client, self._generation
+        if current != st.gen:
+            # A new connection (or a lost one): everything not acknowledged is due again, oldest first.
+            self._connection_changed(st)
+            st.gen = current
+            self.outbox.rewind()
+        if client is None or not self.connected.is_set():
+            return
+        # After a connection was lost with publishes in flight, those are sent again one at a time: if one of them
+        # is what makes the broker drop the connection, it is then the only one in flight when that happens again.
+        careful = st.careful_until >= 0
+        window = 1 if careful else self.max_inflight
+        while len(st.inflight) < window:
+            run = self.outbox.take_run({} if careful else self.batches)
+            if not run:
+                st.drained = True
+                if careful:
+                    st.careful_until = -1  # everything that was in flight at the loss went through
+                break
+            if careful and run[0].id > st.careful_until:
+                st.careful_until = -1
+                self.outbox.unget(run)  # hand it out again in the normal way (a batch) next round
+                st.sent = max(st.sent, 1)
+                break
+            if not self._send(client, run, st.inflight):
+                break
+            st.sent += len(run)
+            st.publishes += 1
+
+    def _connection_changed(self, st: _SenderState) -> None:
+        """The connection the sender used is gone (or a new one is up): judge what was left in flight on it."""
+        if not st.inflight:
+            return
+        held = [i for ids in st.inflight.values() for i in ids]
+        log.debug("Connection changed with %d publish(es) in flight (ids %d-%d; careful until %d)", len(st.inflight),
+                  min(held), max(held), st.careful_until)
+        if st.careful_until >= 0 and len(st.inflight) == 1:
+            # The connection died with this one message in flight, alone: a strike against it. A message that takes
+            # the connection down QUARANTINE_AFTER times in a row is given up on, instead of blocking every message
+            # queued behind it for ever.
+            strikes = [st.strikes.get(i, 0) + 1 for i in held]
+            if max(strikes) >= QUARANTINE_AFTER:
+                for i in held:
+                    st.strikes.pop(i, None)
+                peek = self.outbox.peek(held[0])
+                if self.outbox.discard(held):
+                    self._warn("quarantine", "The broker dropped the connection %d times right after receiving the "
+                               "message on %s (%s bytes); it is dropped, counted as undeliverable", QUARANTINE_AFTER,
+                               peek[0] if peek else "?", peek[1] if peek else "?")
+            else:
+                st.strikes.update(zip(held, strikes, strict=True))
+        if len(st.strikes) > 1000:  # ids long gone (acknowledged); keep the map small
+            st.strikes.clear()
+        st.careful_until = max(st.careful_until, max(held))
+        st.inflight.clear()
 
     def _send(self, client: paho.Client, run: list[Message], inflight: dict[int, list[int]]) -> bool:
-        """One publish for `run` (one message, or a batch for a topic in `batches`); False if not connected."""
+        """One publish for `run` (one message, or a batch for a topic in `batches`); False if not connected.
+
+        A message paho refuses (it raises: an invalid topic or size that slipped past publish()) is dropped and
+        counted as undeliverable: it would fail the same way every time."""
         msg = run[0]
-        props = None
-        if msg.expiry_s > 0:
-            if self._v5:
-                props = Properties(PacketTypes.PUBLISH)
-                props.MessageExpiryInterval = msg.expiry_s
-            elif not self._expiry_warned:
-                self._expiry_warned = True
-                log.warning("publish.expiry_s = %d has no effect with broker.protocol = \"3.1.1\": MQTT 3.1.1 has no "
-                            "message expiry, so the broker keeps messages for offline subscribers until they are "
-                            "delivered; use MQTT 5 where the broker supports it", msg.expiry_s)
-        payload = b"[" + b",".join(m.payload for m in run) + b"]" if msg.topic in self.batches else msg.payload
-        info = client.publish(msg.topic, payload, qos=msg.qos, retain=msg.retain, properties=props)
-        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+        ids = [m.id for m in run]
+        try:
+            props = None
+            if msg.expiry_s > 0:
+                if self._v5:
+                    props = Properties(PacketTypes.PUBLISH)
+                    props.MessageExpiryInterval = msg.expiry_s
+                elif not self._expiry_warned:
+                    self._expiry_warned = True
+                    log.warning("publish.expiry_s = %d has no effect with broker.protocol = \"3.1.1\": MQTT 3.1.1 has "
+                                "no message expiry, so the broker keeps messages for offline subscribers until they "
+                                "are delivered; use MQTT 5 where the broker supports it", msg.expiry_s)
+            payload = b"[" + b",".join(m.payload for m in run) + b"]" if msg.topic in self.batches else msg.payload
+            info = client.publish(msg.topic, payload, qos=msg.qos, retain=msg.retain, properties=props)
+        except Exception as exc:
+            self.outbox.discard(ids)
+            self._warn("unsendable", "Cannot publish on %r (%s: %s); dropped, counted as undeliverable",
+                       msg.topic[:200], type(exc).__name__, exc)
+            return True
+        if info.rc in (MQTTErrorCode.MQTT_ERR_NO_CONN, MQTTErrorCode.MQTT_ERR_CONN_LOST,
+                       MQTTErrorCode.MQTT_ERR_QUEUE_SIZE):
             # Not connected any more: the messages stay in the outbox and are sent again after reconnecting.
             self.outbox.rewind()
             return False
-        ids = [m.id for m in run]
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self.outbox.discard(ids)
+            self._warn("unsendable", "Cannot publish on %r (%s); dropped, counted as undeliverable", msg.topic[:200],
+                       paho.error_string(info.rc))
+            return True
         if msg.qos == 0:
             self.outbox.ack_all(ids)
         else:
             inflight[info.mid] = ids
         return True
 
-    def _warn(self, key: str, fmt: str, *args: Any) -> None:
+    def _warn(self, key: str, fmt: str, *args: Any, exc_info: bool = False) -> None:
         """Log a warning at most every 10 s per kind."""
         now = time.monotonic()
         if now - self._warned.get(key, -1e9) >= 10.0:
             self._warned[key] = now
-            log.warning(fmt, *args)
+            log.warning(fmt, *args, exc_info=exc_info)
         else:
-            log.debug(fmt, *args)
+            log.debug(fmt, *args, exc_info=exc_info)

@@ -2,10 +2,22 @@
 
 The camera loop `put`s and never blocks; the link's sender takes messages in order (`take_run`) and
 `ack`s each one once the broker acknowledged it (PUBACK for QoS >= 1). After a lost connection `rewind` makes every
-unacknowledged message due again, oldest first. When the buffer is full the oldest message is dropped and
-counted. With a `spool_dir`, spoolable messages (QoS >= 1, not retained: predictions) are also appended to a
-log on disk, so what was buffered survives an agent restart; the log is compacted as messages are acked.
+unacknowledged message due again, oldest first. When the buffer is full a message is dropped and counted (the
+oldest one never sent, see below). With a `spool_dir`, spoolable messages (QoS >= 1, not retained: predictions) are
+also appended to a log on disk, so what was buffered survives an agent restart; the log is compacted as messages are
+acked.
 The spool is written without fsync per message: it survives a process crash or restart, not a power cut.
+
+A spool that fails (ENOSPC, EIO, a read-only or vanished file system) never costs a message or a thread: the
+error is logged once, the spool is closed and the outbox goes on in memory only, with the same capacity and drop
+counting, until the agent restarts (`spool_state` says which).
+
+Exact loss accounting: a message handed to the broker may have arrived even if its acknowledgement never came back
+(the connection was lost first). Dropping it and counting it as lost would count it twice if it did arrive. So when
+the buffer overflows, the oldest message that was never sent is dropped (the one just put, if everything else is
+out or may have arrived): `dropped` counts only messages this agent certainly did not deliver, and a consumer that
+counts distinct (boot, seq) sees exactly `published - dropped` of them. Messages the sender gives up on (`discard`:
+the broker refused them or they could not be sent at all) are counted in `undeliverable`, apart from `dropped`.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ _MARK_NAME = "outbox.mark"
 # Record: id (u64), qos (u8), retain (u8), expiry_s (u32), topic length (u16), payload length (u32).
 _HEADER = struct.Struct("<QBBIHI")
 _COMPACT_BYTES = 4 * 1024 * 1024
+_TOMBSTONE = 0xFF  # a record with this qos names a message dropped from the middle of the buffer
 
 
 class Message(NamedTuple):
@@ -55,21 +68,40 @@ class Outbox:
         self._listeners: list[threading.Event] = []
         self._next_id = 1
         self.dropped = 0
+        self._maybe_sent: set[int] = set()  # ids sent on a connection that was lost before their PUBACK
         self.delivered = 0
         self.restored = 0
+        self.undeliverable = 0  # messages given up on by the sender (refused by the broker, or unsendable)
+        self.spool_errors = 0
+        self.spool_dir = Path(spool_dir) if spool_dir else None
         self._spool: _Spool | None = None
-        if spool_dir:
-            self._spool = _Spool(Path(spool_dir))
-            for msg in self._spool.load():
+        if self.spool_dir is not None:
+            restored: list[Message] = []
+            try:
+                self._spool = _Spool(self.spool_dir)
+                restored = self._spool.load()
+                if self._spool.load_error is not None:
+                    self._spool_failed(self._spool.load_error)
+            except OSError as exc:
+                self._spool_failed(exc)
+            for msg in restored:
                 self._items.append(msg)
                 self._next_id = msg.id + 1
-            self._next_id = max(self._next_id, self._spool.done + 1)
+            if self._spool is not None:
+                self._next_id = max(self._next_id, self._spool.done + 1)
             self.restored = len(self._items)
             while len(self._items) > capacity:
                 self._items.popleft()
                 self.dropped += 1
             if self.restored:
                 log.info("Restored %d buffered message(s) from the spool in %s", self.restored, spool_dir)
+
+    @property
+    def spool_state(self) -> str:
+        """'off' (no spool_dir), 'on', or 'failed' (an I/O error turned it off until the agent restarts)."""
+        if self.spool_dir is None:
+            return "off"
+        return "on" if self._spool is not None else "failed"
 
     def __len__(self) -> int:
         with self._lock:
@@ -107,17 +139,38 @@ class Outbox:
         self._next_id = msgs[-1].id + 1
         spooled = [m for m in msgs if m.spooled]
         if spooled and self._spool is not None:
-            self._spool.append_many(spooled)
+            try:
+                self._spool.append_many(spooled)
+            except OSError as exc:  # the messages are held in memory all the same
+                self._spool_failed(exc)
         items, head_dropped = self._items, False
         for msg in msgs:
-            if len(items) >= self.capacity:
-                head_dropped = items.popleft().spooled or head_dropped
-                self.dropped += 1
-                if self._cursor > 0:
-                    self._cursor -= 1
             items.append(msg)
+            if len(items) > self.capacity:
+                head_dropped = self._drop_one() or head_dropped
         if head_dropped and self._spool is not None:
             self._sync_mark()
+
+    def _drop_one(self) -> bool:
+        """With the lock held, one message over capacity: drop the oldest one that was never sent (the newest, just
+        appended, qualifies if nothing older does); counted. True when it was the head (the spool mark moves)."""
+        items, cursor, maybe = self._items, self._cursor, self._maybe_sent
+        index = cursor  # messages before the cursor are out on the current connection
+        if maybe:
+            while index < len(items) - 1 and items[index].id in maybe:
+                index += 1
+        victim = items[index]
+        del items[index]
+        maybe.discard(victim.id)
+        self.dropped += 1
+        if index == 0:
+            return victim.spooled
+        if victim.spooled and self._spool is not None:
+            try:
+                self._spool.forget(victim.id)  # dropped from the middle: it must not come back after a restart
+            except OSError as exc:
+                self._spool_failed(exc)
+        return False
 
     def wake(self) -> None:
         """Set the listeners' events: something is ready for them (a put, or work staged for them elsewhere)."""
@@ -159,6 +212,8 @@ class Outbox:
             if k:
                 self._cursor = max(0, self._cursor - k)
                 self.delivered += k
+                if self._maybe_sent:
+                    self._maybe_sent.difference_update(ids[:k])
                 if spooled and self._spool is not None:
                     self._sync_mark()
                 if not items:
@@ -171,12 +226,16 @@ class Outbox:
             return self._ack(msg_id)
 
     def _ack(self, msg_id: int) -> bool:
+        return self._remove(msg_id, delivered=True)
+
+    def _remove(self, msg_id: int, *, delivered: bool) -> bool:
+        self._maybe_sent.discard(msg_id)
         for i, msg in enumerate(self._items):
             if msg.id == msg_id:
                 del self._items[i]
                 if i < self._cursor:
                     self._cursor -= 1
-                self.delivered += 1
+                self.delivered += delivered
                 if msg.spooled and i == 0 and self._spool is not None:
                     self._sync_mark()
                 if not self._items:
@@ -187,9 +246,17 @@ class Outbox:
         return False
 
     def rewind(self) -> None:
-        """Make every unacknowledged message due again (after a lost connection), oldest first."""
+        """Make every unacknowledged message due again (after a lost connection), oldest first. Those that were
+        handed out may have reached the broker: an overflow drops them last."""
         with self._lock:
+            items = self._items
+            self._maybe_sent.update(items[i].id for i in range(self._cursor))
             self._cursor = 0
+
+    def unget(self, run: list[Message]) -> None:
+        """Give back the run `take_run` just returned, unsent: it is handed out again next time."""
+        with self._lock:
+            self._cursor = max(0, self._cursor - len(run))
 
     def pending(self) -> int:
         """Messages not yet handed out to the sender."""
@@ -200,18 +267,59 @@ class Outbox:
         with self._lock:
             return self._cond.wait_for(lambda: not self._items, timeout)
 
+    def refuse(self) -> None:
+        """Count a message that was refused before it got in (`Link.publish` found it unsendable)."""
+        with self._lock:
+            self.undeliverable += 1
+
+    def peek(self, msg_id: int) -> tuple[str, int] | None:
+        """(topic, payload size) of a held message, for log lines; None when it is not held."""
+        with self._lock:
+            for msg in self._items:
+                if msg.id == msg_id:
+                    return msg.topic, len(msg.payload)
+            return None
+
+    def discard(self, msg_ids: Iterable[int]) -> int:
+        """The sender gave up on these messages (refused by the broker, or unsendable): remove them and count them
+        as undeliverable; returns how many were still held."""
+        with self._lock:
+            n = 0
+            for msg_id in msg_ids:
+                n += self._remove(msg_id, delivered=False)
+            self.undeliverable += n
+            return n
+
     def close(self) -> None:
         with self._lock:
             if self._spool is not None:
-                self._sync_mark()
-                self._spool.close()
-                self._spool = None
+                spool, self._spool = self._spool, None
+                try:
+                    oldest = self._items[0].id if self._items else self._next_id
+                    spool.mark(oldest - 1, lambda: [m for m in self._items if m.spooled])
+                    spool.close()
+                except OSError as exc:
+                    self._spool = spool
+                    self._spool_failed(exc)
 
     def _sync_mark(self) -> None:
         """Everything with an id below the oldest message still held is done (delivered or dropped)."""
         assert self._spool is not None
         oldest = self._items[0].id if self._items else self._next_id
-        self._spool.mark(oldest - 1, lambda: [m for m in self._items if m.spooled])
+        try:
+            self._spool.mark(oldest - 1, lambda: [m for m in self._items if m.spooled])
+        except OSError as exc:
+            self._spool_failed(exc)
+
+    def _spool_failed(self, exc: OSError) -> None:
+        """With the lock held (or in __init__): an I/O error on the spool turns it off; memory carries on."""
+        self.spool_errors += 1
+        spool, self._spool = self._spool, None
+        log.error("The publish spool in %s failed (%s); buffering in memory only (up to %d messages, the oldest "
+                  "dropped and counted beyond that) until the agent restarts. Free space or fix publish.spool_dir",
+                  self.spool_dir, exc, self.capacity)
+        if spool is not None:
+            spool.abandon()
 
 
 class _Spool:
@@ -226,6 +334,7 @@ class _Spool:
         self._mark_fd = os.open(self.mark_path, os.O_RDWR | os.O_CREAT, 0o600)
         self.done = 0
         self._compact_at = _COMPACT_BYTES
+        self.load_error: OSError | None = None
 
     def load(self) -> list[Message]:
         try:
@@ -235,6 +344,7 @@ class _Spool:
             self.done = 0
         data = self.log_path.read_bytes()
         out: list[Message] = []
+        forgotten: set[int] = set()
         pos = 0
         while pos + _HEADER.size <= len(data):
             mid, qos, retain, expiry, tlen, plen = _HEADER.unpack_from(data, pos)
@@ -242,7 +352,9 @@ class _Spool:
             if end > len(data):
                 break  # torn final record from a crash mid-write
             body = data[pos + _HEADER.size:end]
-            if mid > self.done:
+            if qos == _TOMBSTONE:
+                forgotten.add(mid)
+            elif mid > self.done:
                 try:
                     topic = body[:tlen].decode()
                 except UnicodeDecodeError:
@@ -250,9 +362,19 @@ class _Spool:
                     break
                 out.append(Message(mid, topic, bytes(body[tlen:]), qos, bool(retain), expiry, spooled=True))
             pos = end
+        if forgotten:
+            out = [m for m in out if m.id not in forgotten]
         if pos != len(data) or (out and len(data) > _COMPACT_BYTES // 4) or (not out and data):
-            self._rewrite(out)
+            try:
+                self._rewrite(out)
+            except OSError as exc:  # what was read is still good: the caller keeps it and turns the spool off
+                self.load_error = exc
         return out
+
+    def forget(self, msg_id: int) -> None:
+        """A tombstone: the message `msg_id` (still in the log) was dropped and must not be restored."""
+        self._fh.write(_HEADER.pack(msg_id, _TOMBSTONE, 0, 0, 0, 0))
+        self._fh.flush()
 
     def append_many(self, msgs: list[Message]) -> None:
         """Write records and hand them to the OS (one write for a batch); fsync is left to close()."""
@@ -286,6 +408,15 @@ class _Spool:
         self._fh.close()
         os.fsync(self._mark_fd)
         os.close(self._mark_fd)
+
+    def abandon(self) -> None:
+        """Release the files after an I/O error, raising nothing (buffered bytes that cannot be written are lost;
+        the messages themselves are still in memory)."""
+        for release in (self._fh.close, lambda: os.close(self._mark_fd)):
+            try:
+                release()
+            except (OSError, ValueError):
+                pass
 
 
 def _record(msg: Message) -> bytes:

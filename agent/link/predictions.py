@@ -83,5 +83,6 @@ class PredictionStream:
                 payloads.append(enc(seq + len(payloads), ts, frame_ts, top, latency, truth))
             except Exception:
                 self.failed += 1
+                self.outbox.refuse()  # counted with the undeliverable messages, so the loss accounting stays exact
                 log.exception("Encoding a prediction failed; it is dropped (%d so far)", self.failed)
         return payloads

@@ -9,6 +9,10 @@ Watchdog policy: `frame()` is called after every inferred frame and sends `WATCH
 systemd's `WatchdogSec=` kills and restarts the service. With `stall_s > 0` (config `systemd.watchdog_stall_s`)
 a small thread keeps pinging on the systemd cadence as long as the last frame is younger than `stall_s`, so a
 slow camera (one frame per minute) does not trip the watchdog while a stalled one still does.
+
+A health gate (`set_health_check`, the composition root passes its Supervisor's `healthy`) is asked before every
+ping: while an essential thread is dead no ping is sent, even though frames still flow, so systemd restarts an
+agent that classifies but can no longer publish (or take pushes, or answer commands).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import time
 from collections.abc import Callable, Mapping
 
 log = logging.getLogger(__name__)
+
+SEND_TIMEOUT_S = 0.5
 
 
 class SystemdNotifier:
@@ -40,6 +46,8 @@ class SystemdNotifier:
         self._failed = False
         self._closed = threading.Event()
         self._pinger: threading.Thread | None = None
+        self._healthy: Callable[[], bool] = lambda: True
+        self._unhealthy_logged = False
         self.sent = 0  # messages sent (tests and health read it)
         self.watchdog_pings = 0
 
@@ -86,6 +94,9 @@ class SystemdNotifier:
             try:
                 if self._sock is None:
                     self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                    # A receiver that does not read (its queue full) must not block a camera loop for ever: a
+                    # lost datagram is logged, a hung agent is not an option.
+                    self._sock.settimeout(SEND_TIMEOUT_S)
                 self._sock.sendto(data, self._sockaddr)
             except OSError as exc:
                 if not self._failed:
@@ -122,9 +133,23 @@ class SystemdNotifier:
             return
         self._ping(now)
 
+    def set_health_check(self, healthy: Callable[[], bool]) -> None:
+        """`healthy()` is asked before each watchdog ping (at most every WATCHDOG_USEC/2); False withholds it."""
+        self._healthy = healthy
+
     def _ping(self, now: float) -> None:
         assert self.watchdog_interval_s is not None
         self._next_ping = now + self.watchdog_interval_s
+        try:
+            healthy = self._healthy()
+        except Exception:
+            log.exception("The watchdog's health check failed; treating the agent as unhealthy")
+            healthy = False
+        if not healthy:
+            if not self._unhealthy_logged:
+                self._unhealthy_logged = True
+                log.error("Not feeding the systemd watchdog: an essential part of the agent is dead")
+            return
         if self.notify("WATCHDOG=1"):
             self.watchdog_pings += 1
 

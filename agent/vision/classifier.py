@@ -159,8 +159,13 @@ def load_selftest_frames(path: Path) -> np.ndarray:
         return np.asarray(npz["frames"])
 
 
-def run_selftest(classifier: Classifier) -> SelfTestReport:
+def run_selftest(classifier: Classifier, *, time_limit_s: float | None = None,
+                 max_latency_ms: float | None = None) -> SelfTestReport:
     """Replay the bundle's self-test frames through the classifier's own serving path; compare top-1 indices.
+
+    With `time_limit_s` a self-test still running after that long fails; with `max_latency_ms` (the device's
+    budget) a model whose median latency per frame (preprocess + inference) is over it fails, judged from the third
+    frame on, so a model seconds too slow is refused after three frames, not after all of them.
 
     Never raises for a mismatch or unreadable vectors: returns passed=False with a detail sentence fit for a
     SelfTestError (see `SelfTestReport.raise_for_failure`).
@@ -181,18 +186,34 @@ def run_selftest(classifier: Classifier) -> SelfTestReport:
                               f"but the manifest expects {len(expected)} results; rebuild the bundle")
     got: list[int] = []
     infer_ms: list[float] = []
+    frame_ms: list[float] = []
+    engine = classifier.engine.name
+    started = time.monotonic()
     try:
         for frame in frames:
-            logits, _, infer = classifier.forward(frame)
+            logits, pre, infer = classifier.forward(frame)
             infer_ms.append(infer)
+            frame_ms.append(pre + infer)
             got.append(int(np.argmax(logits)))
+            elapsed = time.monotonic() - started
+            if time_limit_s is not None and elapsed > time_limit_s and len(got) < len(frames):
+                return SelfTestReport(False, 0.0, statistics.median(infer_ms), (
+                    f"Self-test on {engine} took longer than its limit of {time_limit_s:g} s "
+                    f"(update.selftest_timeout_s): {len(got)} of {len(frames)} frames in {elapsed:.1f} s; the model "
+                    "is too slow for this device"), frames=len(got))
+            if max_latency_ms is not None and len(frame_ms) >= min(3, len(frames)):
+                median_ms = statistics.median(frame_ms)
+                if median_ms > max_latency_ms:
+                    return SelfTestReport(False, 0.0, statistics.median(infer_ms), (
+                        f"Model is too slow for this device: median {median_ms:.1f} ms per frame on {engine} over "
+                        f"{len(frame_ms)} self-test frames exceeds the latency budget of {max_latency_ms:.1f} ms "
+                        "(update.max_latency_ms; by default one frame period of the camera)"), frames=len(got))
     except (InferenceError, ValueError) as exc:
         return SelfTestReport(False, 0.0, float("nan"), f"Self-test could not run the model: {exc}",
                               frames=len(frames))
     mismatches = tuple(i for i, (g, e) in enumerate(zip(got, expected, strict=True)) if g != e)
     agreement = 1.0 - len(mismatches) / len(expected)
     median = statistics.median(infer_ms)
-    engine = classifier.engine.name
     if agreement + 1e-9 >= st.min_agreement:
         detail = (f"Self-test passed: {len(expected) - len(mismatches)}/{len(expected)} frames agree "
                   f"(required {st.min_agreement:.2f}) on {engine}, median inference {median:.2f} ms")

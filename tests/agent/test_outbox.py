@@ -83,8 +83,42 @@ def test_drop_while_handed_out_keeps_cursor_consistent() -> None:
     for i in range(3):
         box.put("t", str(i).encode())
     assert [m.payload for m in take(box, 2)] == [b"0", b"1"]
-    box.put("t", b"3")  # drops "0", which was already handed out
-    assert [m.payload for m in take(box, 10)] == [b"2", b"3"]
+    box.put("t", b"3")  # "0" and "1" are out (may arrive): the oldest never sent, "2", is dropped
+    assert box.dropped == 1
+    assert [m.payload for m in take(box, 10)] == [b"3"]
+    box.rewind()
+    assert [m.payload for m in take(box, 10)] == [b"0", b"1", b"3"]
+
+
+def test_overflow_drops_never_sent_messages_before_ones_that_may_have_arrived() -> None:
+    """Exact accounting: what was sent on a lost connection (PUBACK lost) may have reached the broker; dropping it
+    and counting it as lost would count it twice if it did. It is kept, and sent again."""
+    box = Outbox(4)
+    ids = [box.put("t", str(i).encode()) for i in range(4)]
+    take(box, 2)  # "0" and "1" sent ...
+    box.rewind()  # ... and the connection was lost before their PUBACKs
+    box.put("t", b"4")
+    box.put("t", b"5")  # drops "2" then "3": never sent
+    assert box.dropped == 2
+    assert [m.payload for m in take(box, 10)] == [b"0", b"1", b"4", b"5"]
+    box.rewind()  # lost again: all four may have arrived
+    box.put("t", b"6")  # nothing held was never sent but "6" itself: it is the one dropped
+    assert box.dropped == 3 and [m.id for m in (box.rewind(), take(box, 10))[1]][:2] == ids[:2]
+    box.rewind()
+    assert [m.payload for m in take(box, 10)] == [b"0", b"1", b"4", b"5"]
+
+
+def test_a_message_dropped_from_the_middle_is_not_restored_from_the_spool(tmp_path: Path) -> None:
+    box = Outbox(3, spool_dir=tmp_path)
+    for i in range(3):
+        box.put("edgecv/d/predictions", str(i).encode())
+    take(box, 1)
+    box.rewind()  # "0" may have arrived
+    box.put("edgecv/d/predictions", b"3")  # drops "1" from the middle
+    del box  # a crash
+    again = Outbox(10, spool_dir=tmp_path)
+    assert [m.payload for m in take(again, 10)] == [b"0", b"2", b"3"]
+    again.close()
 
 
 def test_put_never_blocks_and_wakes_listener() -> None:
@@ -143,16 +177,16 @@ def test_spool_respects_capacity_on_restore(tmp_path: Path) -> None:
     small.close()
 
 
-def test_put_many_keeps_order_drops_oldest_and_keeps_the_cursor_consistent() -> None:
+def test_put_many_keeps_order_drops_the_oldest_never_sent_and_keeps_the_cursor_consistent() -> None:
     box = Outbox(5)
     box.put("t", b"a")
     assert [m.payload for m in take(box, 1)] == [b"a"]  # handed out, not yet acknowledged
     box.put_many("p", [b"0", b"1", b"2", b"3", b"4", b"5"], qos=1, expiry_s=7)
-    assert box.dropped == 2 and len(box) == 5  # "a" and "0" made room
+    assert box.dropped == 2 and len(box) == 5  # "a" is out (it may arrive): "0" and "1", never sent, made room
     rest = take(box, 10)
-    assert [m.payload for m in rest] == [b"1", b"2", b"3", b"4", b"5"]
+    assert [m.payload for m in rest] == [b"2", b"3", b"4", b"5"]
     assert all((m.topic, m.qos, m.retain, m.expiry_s) == ("p", 1, False, 7) for m in rest)
-    assert [m.id for m in rest] == list(range(rest[0].id, rest[0].id + 5))
+    assert [m.id for m in rest] == list(range(rest[0].id, rest[0].id + 4))
     box.put_many("p", [])  # nothing to do
     assert len(box) == 5
 

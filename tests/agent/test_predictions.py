@@ -119,6 +119,6 @@ def test_a_record_that_cannot_be_encoded_is_counted_and_the_others_go_out() -> N
     stream.stage(enc, 2.0, 2.0, [{"label": "?", "index": 7, "score": 0.5}], LATENCY, None)  # no label 7: a bug
     stream.stage(enc, 3.0, 3.0, _top(2), LATENCY, None)
     assert stream.drain() == 3
-    assert stream.failed == 1
+    assert stream.failed == 1 and box.undeliverable == 1  # in the loss accounting too
     docs = _drain_all(box)
     assert [(d["seq"], d["ts"]) for d in docs] == [(0, 1.0), (1, 3.0)]

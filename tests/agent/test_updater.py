@@ -1,5 +1,6 @@
 """Updater in-process: push messages → verify → self-test → swap, rejections, probation rollback, commands, and
-kill -9 of a child process at random instants of install/activate (the store must always recover a valid model).
+kill -9 of a child process at named points of receive/verify/self-test/activate (the store must always recover a
+valid model, the expected one).
 
 The MQTT link is the in-memory MemoryLink (a boundary); store, bundles, classifier and runtime are real.
 """
@@ -270,64 +271,144 @@ def test_commands_ping_reload_rollback_snapshot(device, tmp_path: Path, key) -> 
         handler.stop()
 
 
-# --------------------------------------------------------------------------- kill -9 at random instants
-def _receive_verify_activate(root: str, archives: str, ring: str, rounds: int) -> None:
-    """What the updater does for each push, minus MQTT: receive chunks to disk, install (verify), self-test in a
-    fresh runtime, activate."""
+# --------------------------------------------------------------------------- kill -9 at protocol points
+# Each case runs one push of version 2.0 onto a store whose active model is 1.0, in a child process, up to a named
+# point of the protocol; the child says it got there (an Event) and waits, and the test SIGKILLs it at once. No
+# random delays: every run kills at the same instant of the protocol, however loaded the machine is.
+NEW_VERSION = "2.0"
+KILL_POINTS = {  # point -> the version a restarted agent must run
+    "chunk:0": "1.0",           # first chunk on disk
+    "chunk:mid": "1.0",         # half the chunks on disk
+    "chunk:last": "1.0",        # every chunk on disk, `end` not yet handled
+    "end": "1.0",               # archive complete and its sha256 checked, nothing installed
+    "verify": "1.0",            # extracted into staging/ and verified (hashes, signature), not yet renamed
+    "installed": "1.0",         # renamed into versions/ (fsynced), not active
+    "selftest": "1.0",          # loaded in a fresh runtime, in the middle of its self-test
+    "swap": "1.0",              # `previous` rewritten, `current` not yet switched
+    "activated": NEW_VERSION,   # `current` switched, old versions not yet pruned
+}
+
+
+def _push_until(root: str, archive: str, ring: str, point: str, reached: Any) -> None:
+    """What the updater does for one push, minus MQTT, halting at `point` (see KILL_POINTS) until killed."""
+    import edgecv.agent.delivery.store as store_module
     from edgecv.agent.contract.transfer import Receiver
     from edgecv.agent.vision.classifier import run_selftest
 
+    def halt() -> None:
+        reached.set()
+        time.sleep(3600)
+
+    kind, _, arg = point.partition(":")
+    if kind == "verify":
+        verify = store_module.verify_bundle
+
+        def verify_then_halt(*args: Any, **kwargs: Any) -> None:
+            verify(*args, **kwargs)
+            halt()
+
+        store_module.verify_bundle = verify_then_halt  # type: ignore[assignment]
+    elif kind == "selftest":
+        forward, calls = Classifier.forward, [0]
+
+        def forward_then_halt(self: Classifier, image: Any) -> Any:
+            calls[0] += 1
+            if calls[0] == 3:  # the warm-up at load is not a forward(); frames 1 and 2 of the self-test ran
+                halt()
+            return forward(self, image)
+
+        Classifier.forward = forward_then_halt  # type: ignore[method-assign]
+    elif kind == "swap":
+        point_to = ModelStore._point
+
+        def point_then_halt(self: ModelStore, name: str, target: Path) -> None:
+            if name == store_module.CURRENT:
+                halt()
+            point_to(self, name, target)
+
+        ModelStore._point = point_then_halt  # type: ignore[method-assign]
+    elif kind == "activated":
+        ModelStore.prune = lambda self: halt()  # type: ignore[assignment, method-assign, misc, return-value]
     store = ModelStore(root, keep=2)
-    keyring = Keyring.from_path(Path(ring))
     receiver = Receiver(store.transfers_dir(), "dev")
-    for n in range(rounds):
-        for a in archives.split(","):
-            data = Path(a).read_bytes()
-            b = begin_for(data, "tiny", "x", chunk_size=16 * 1024, transfer_id=f"t{n}-{Path(a).stem}")
-            receiver.begin(b)
-            for i in range(b.chunks):
-                receiver.chunk(b.transfer_id, i, encode_chunk(chunk_data(data, b, i)))
-            receiver.end(b.transfer_id)
-            assert receiver.completed is not None
-            bundle = store.install(receiver.completed[1], keyring)
-            run_selftest(Classifier.load(bundle)).raise_for_failure()
-            store.activate(bundle)
-            receiver.finish(b.transfer_id)
+    data = Path(archive).read_bytes()
+    b = begin_for(data, "tiny", NEW_VERSION, chunk_size=16 * 1024, transfer_id=f"t-{NEW_VERSION}")
+    stop_chunk = -1
+    if kind == "chunk":
+        stop_chunk = {"mid": b.chunks // 2, "last": b.chunks - 1}[arg] if arg in ("mid", "last") else int(arg)
+    receiver.begin(b)
+    for i in range(b.chunks):
+        receiver.chunk(b.transfer_id, i, encode_chunk(chunk_data(data, b, i)))
+        if i == stop_chunk:
+            halt()
+    receiver.end(b.transfer_id)
+    assert receiver.completed is not None
+    if kind == "end":
+        halt()
+    bundle = store.install(receiver.completed[1], Keyring.from_path(Path(ring)))
+    if kind == "installed":
+        halt()
+    run_selftest(Classifier.load(bundle)).raise_for_failure()
+    store.activate(bundle)
+    receiver.finish(b.transfer_id)
+    raise AssertionError(f"kill point {point} was never reached")
 
 
-def test_kill_during_receive_verify_activate_always_recovers(tmp_path: Path, key) -> None:
+def _kill_at(ctx: Any, base: Path, work: Path, archive: str, ring: Path, point: str) -> Path:
+    import shutil
+
+    root = work / point.replace(":", "-")
+    shutil.copytree(base, root, symlinks=True)
+    reached = ctx.Event()
+    proc = ctx.Process(target=_push_until, args=(str(root), archive, str(ring), point, reached))
+    proc.start()
+    try:
+        assert reached.wait(120), f"the child never reached {point} (exit code {proc.exitcode})"
+    finally:
+        os.kill(proc.pid or 0, signal.SIGKILL)
+        proc.join()
+    return root
+
+
+@pytest.mark.parametrize("points", [pytest.param(list(KILL_POINTS), id="protocol-points"),
+                                    pytest.param("every-chunk", id="every-chunk", marks=pytest.mark.slow)])
+def test_kill_during_receive_verify_activate_always_recovers(tmp_path: Path, key, points: Any) -> None:  # type: ignore[no-untyped-def]
+    from edgecv.agent.contract.transfer import Receiver
+
     ring = tmp_path / "ring"
     ring.mkdir()
     (ring / "k.pub").write_bytes(public_key_pem(key.public_key()))
-    archives = [str(make_archive(tmp_path / "a", v, top1=i, key=key, pad_bytes=200_000))
-                for i, v in enumerate(("1.0", "2.0", "3.0"))]
-    root = tmp_path / "store"
-    ModelStore(root).ensure_model(archives[0], Keyring.from_path(ring))
+    old = make_archive(tmp_path / "a", "1.0", top1=1, key=key, pad_bytes=200_000)
+    new = str(make_archive(tmp_path / "a", NEW_VERSION, top1=2, key=key, pad_bytes=200_000))
+    base = tmp_path / "base"
+    ModelStore(base).ensure_model(old, Keyring.from_path(ring))
+    chunks = begin_for(Path(new).read_bytes(), "tiny", NEW_VERSION, chunk_size=16 * 1024).chunks
+    if points == "every-chunk":
+        points = [f"chunk:{i}" for i in range(chunks)]
+        expected = dict.fromkeys(points, "1.0")
+    else:
+        expected = KILL_POINTS
     # forkserver: children fork from a clean single-threaded server, not from this (threaded) test process
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["tests.agent.test_updater", "edgecv.agent.vision.classifier",
                                 "edgecv.agent.delivery.store"])
-    rng = random.Random(1234)
-    versions = set()
-    partials = 0
-    for _ in range(24):
-        proc = ctx.Process(target=_receive_verify_activate, args=(str(root), ",".join(archives), str(ring), 50))
-        proc.start()
-        time.sleep(rng.uniform(0.005, 0.2))
-        os.kill(proc.pid or 0, signal.SIGKILL)
-        proc.join()
+    for point in points:
+        root = _kill_at(ctx, base, tmp_path / "runs", new, ring, point)
         store = ModelStore(root, keep=2)
-        bundle = store.ensure_model(archives[0], Keyring.from_path(ring))
+        bundle = store.ensure_model(old, Keyring.from_path(ring))  # what a restarted agent does first
+        assert bundle.manifest.version == expected[point], point
         clf = Classifier.load(bundle)  # a valid, runnable model every time
-        assert clf.classify(BRIGHT).top[0]["index"] == ("1.0", "2.0", "3.0").index(bundle.manifest.version)
-        versions.add(bundle.manifest.version)
-        assert not any((root / "staging").iterdir())
-        from edgecv.agent.contract.transfer import Receiver
-
-        rx = Receiver(store.transfers_dir(), "dev")  # a partial transfer left by the kill is resumable
-        partials += rx.active is not None
+        assert clf.classify(BRIGHT).top[0]["index"] == int(float(expected[point])), point
+        assert not any((root / "staging").iterdir()), point  # scratch space cleaned
+        rx = Receiver(store.transfers_dir(), "dev")
+        if point.startswith("chunk:"):  # the partial transfer is resumable where it stopped
+            b = begin_for(Path(new).read_bytes(), "tiny", NEW_VERSION, chunk_size=16 * 1024,
+                          transfer_id=f"t-{NEW_VERSION}")
+            assert rx.active is not None and rx.active.transfer_id == b.transfer_id, point
+            arg = point[6:]
+            done = {"mid": chunks // 2 + 1, "last": chunks}[arg] if arg in ("mid", "last") else int(arg) + 1
+            assert rx.begin(b)[-1].received == done, point
         rx.close()
-    assert len(versions) >= 2 and partials >= 1  # the kills landed in different phases
 
 
 def test_rollout_plan_stages() -> None:

@@ -1,5 +1,6 @@
 """Start a real mosquitto from the shipped example config (systemd/mosquitto/edgecv.conf + edgecv.acl), with its
-/etc and /var paths moved into a temp dir, a throw-away CA and broker certificate, and a password file."""
+/etc and /var paths moved into a temp dir, a throw-away CA and broker certificate, and the two password files
+(devices, operators)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from tests.broker import Broker, free_port
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_DIR = REPO / "systemd" / "mosquitto"
 PASSWORD = "s3cret-{}"  # each user's password: PASSWORD.format(user)
+OPERATORS = ("workstation", "homeassistant")  # in operators.passwd; every other user is a device
 
 
 def make_certs(out: Path) -> Path:
@@ -51,27 +53,36 @@ def make_certs(out: Path) -> Path:
 
 
 class FleetBroker(Broker):
-    """The example broker config, verbatim except for paths and ports; `tls_port` is the fleet listener."""
+    """The example broker config, verbatim except for paths and ports: `port` is the local operator listener,
+    `tls_port` the device listener (client id := username), `ops_port` the TLS operator listener."""
 
     def __init__(self, workdir: Path, users: tuple[str, ...]) -> None:
         super().__init__(workdir)
         self.tls_port = free_port()
+        self.ops_port = free_port()
         self.ca_file = make_certs(workdir / "certs")
-        passwd = workdir / "edgecv.passwd"
-        for i, user in enumerate(users):
-            flags = ["-c"] if i == 0 else []
-            subprocess.run(["mosquitto_passwd", *flags, "-b", str(passwd), user, PASSWORD.format(user)],
-                           check=True, capture_output=True)
+        for name, members in (("devices", [u for u in users if u not in OPERATORS]),
+                              ("operators", [u for u in users if u in OPERATORS])):
+            passwd = workdir / f"{name}.passwd"
+            for i, user in enumerate(members):
+                flags = ["-c"] if i == 0 else []
+                subprocess.run(["mosquitto_passwd", *flags, "-b", str(passwd), user, PASSWORD.format(user)],
+                               check=True, capture_output=True)
         acl = workdir / "edgecv.acl"
         acl.write_text((EXAMPLE_DIR / "edgecv.acl").read_text())
         text = (EXAMPLE_DIR / "edgecv.conf").read_text()
         for old, new in (("listener 1883 127.0.0.1", f"listener {self.port} 127.0.0.1"),
                          ("listener 8883\n", f"listener {self.tls_port} 127.0.0.1\n"),
+                         ("listener 8884\n", f"listener {self.ops_port} 127.0.0.1\n"),
                          ("/etc/mosquitto/certs/", f"{workdir}/certs/"),
                          ("/etc/mosquitto/", f"{workdir}/"),
                          ("/var/lib/mosquitto/", f"{workdir}/persist/")):
             assert old in text, f"example config no longer contains {old!r}: update this fixture"
-            text = text.replace(old, new)
+            text = text.replace(old, new)  # every occurrence: both listeners name the certificates
         (workdir / "persist").mkdir(exist_ok=True)
         # Started as root, mosquitto drops to user "mosquitto", which cannot read a private temp dir.
         self.conf.write_text(text + ("\nuser root\n" if os.geteuid() == 0 else ""))
+
+    def port_for(self, user: str) -> int:
+        """Where `user` logs in: operators on the TLS operator listener, devices on the device listener."""
+        return self.ops_port if user in OPERATORS else self.tls_port

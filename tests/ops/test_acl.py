@@ -1,9 +1,11 @@
 """The shipped Mosquitto example (edgecv.conf + edgecv.acl) enforced by a real mosquitto, over TLS with passwords:
-devices stay in their own subtree, only the workstation pushes and commands, group pushes reach members only."""
+devices stay in their own subtree, only the workstation pushes and commands, group pushes reach members only, and a
+device that copies another's client id cannot kick it off the broker."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,8 +24,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetBroker]:
     b.stop()
 
 
-def login(fleet: FleetBroker, user: str) -> Probe:
-    return Probe(fleet.tls_port, username=user, password=PASSWORD.format(user), ca_file=str(fleet.ca_file))
+def login(fleet: FleetBroker, user: str, client_id: str | None = None, port: int | None = None) -> Probe:
+    return Probe(port or fleet.port_for(user), username=user, password=PASSWORD.format(user),
+                 ca_file=str(fleet.ca_file), client_id=client_id)
 
 
 @pytest.fixture
@@ -148,3 +151,51 @@ def test_home_assistant_reads_the_fleet_and_cannot_command(fleet: FleetBroker) -
     finally:
         ha.close()
         dev.close()
+
+
+def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def test_a_device_copying_another_devices_client_id_cannot_kick_it_off(fleet: FleetBroker, ws: Probe) -> None:
+    """Session takeover: an MQTT client that connects with a client id already in use disconnects its holder. On
+    the device listener the broker replaces every client id by the username, so pi-hall connecting with
+    pi-kitchen's client id (or with the client id "pi-kitchen") stays pi-hall, and pi-kitchen keeps its session:
+    it still receives its commands afterwards."""
+    victim = login(fleet, "pi-kitchen", client_id="edgecv-pi-kitchen-1a2b3c")
+    impostors: list[Probe] = []
+    try:
+        assert victim.subscribe("edgecv/pi-kitchen/cmd/+")
+        for copied in ("edgecv-pi-kitchen-1a2b3c", "pi-kitchen"):
+            impostors.append(login(fleet, "pi-hall", client_id=copied))
+        assert ws.publish("edgecv/pi-kitchen/cmd/ping", b'{"id":"after-impostors"}')
+        assert [m.payload for m in victim.collect(5, n=1)] == [b'{"id":"after-impostors"}']
+        assert victim.client.is_connected()
+    finally:
+        for p in (victim, *impostors):
+            p.close()
+
+
+def test_devices_cannot_log_in_where_client_ids_are_free(fleet: FleetBroker) -> None:
+    with pytest.raises(PermissionError):  # the TLS operator listener: device passwords are not valid there
+        login(fleet, "pi-kitchen", port=fleet.ops_port)
+    with pytest.raises(PermissionError):  # nor on the local one
+        Probe(fleet.port, username="pi-kitchen", password=PASSWORD.format("pi-kitchen"))
+    Probe(fleet.port, username="workstation", password=PASSWORD.format("workstation")).close()
+
+
+def test_without_the_forced_client_id_a_copy_would_kick_the_holder_off(fleet: FleetBroker) -> None:
+    """The control that shows the takeover test above can fail: on the operator listener (client ids as given),
+    a second client with the same client id disconnects the first one."""
+    first = login(fleet, "workstation", client_id="edgecv-tool-shared")
+    try:
+        second = login(fleet, "homeassistant", client_id="edgecv-tool-shared")
+        assert _wait(lambda: not first.client.is_connected(), 10), "the first client was not taken over"
+        second.close()
+    finally:
+        first.close()

@@ -36,6 +36,9 @@ def register(subparsers: Any) -> None:
                              "same version with other content); devices with update.allow_downgrade = \"never\" "
                              "still refuse. Going back to an installed version is 'edgecv rollback'")
     parser.add_argument("--transfer-id", help="reuse a transfer id to resume an interrupted push")
+    parser.add_argument("--wait-probation", action="store_true",
+                        help="after activation, wait out each device's probation and report whether the model "
+                             "survived it (rolled back = failure); a staged rollout then judges each stage by it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_broker_arguments(parser)
     parser.set_defaults(handler=push_cmd)
@@ -69,15 +72,16 @@ def push_cmd(args: argparse.Namespace) -> int:
             results = rollout(options, archive, name, version, devices, plan, prefix=args.prefix,
                               chunk_size=args.chunk_size, timeout=args.timeout, progress=bar.update,
                               on_stage=lambda n, s: print(f"stage {n + 1}: {', '.join(s)}", file=sys.stderr),
-                              allow_downgrade=args.allow_downgrade)
+                              allow_downgrade=args.allow_downgrade, wait_probation=args.wait_probation)
         else:
             pusher = Pusher(options, archive, name, version, prefix=args.prefix, chunk_size=args.chunk_size,
                             timeout=args.timeout, transfer_id=args.transfer_id, progress=bar.update,
-                            allow_downgrade=args.allow_downgrade)
+                            allow_downgrade=args.allow_downgrade, wait_probation=args.wait_probation)
             results = pusher.push(devices, group=args.group if args.group else None)
     finally:
         bar.close()
-    rows = [[r.device, r.state, r.version or "-", f"{r.seconds:.1f}", r.error or ""] for r in results]
+    rows = [[r.device, r.state, r.version or "-", f"{r.seconds:.1f}",
+             r.error or (f"probation {r.probation}" if r.probation else "")] for r in results]
     print(format_table(["DEVICE", "RESULT", "VERSION", "SECONDS", "DETAIL"], rows))
     failed = [r for r in results if not r.ok]
     if failed:

@@ -1,10 +1,12 @@
-"""Workstation side of the push protocol (agent/contract/transfer.py): send one bundle archive to devices or a
-group, resend what acks report missing, survive broker disconnects, and collect each device's final state.
+"""Workstation side of the push protocol (agent/contract/transfer.py): send one bundle archive to devices or a group,
+resend what acks report missing, survive broker disconnects, and collect each device's final state.
 
 One `Pusher.push()` call is one transfer: begin → chunks → end, then rounds of "resend missing, end again" until
 every target reported `complete`, after which it waits for each device's final `model/state` for this transfer
-(`active`, `rejected` or `rolled_back`). If the connection drops, it reconnects, asks every unfinished device
-where it is (by re-sending `begin`: same transfer id = resume) and resends only the missing chunks.
+(`active`, `rejected` or `rolled_back`). With `wait_probation` an `active` that is still on probation is not the end:
+the pusher waits (the probation time the device announces, plus a margin) for `probation: passed` or a `rolled_back`,
+so the person who pushed learns whether the model survived. If the connection drops, it reconnects, asks every
+unfinished device where it is (by re-sending `begin`: same transfer id = resume) and resends only the missing chunks.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ FINAL_STATES = ("active", "rejected", "rolled_back")
 RESEND_AFTER_S = 3.0  # no ack for this long after `end`: ask again
 WINDOW = 64  # chunks published ahead of their PUBACKs
 REASK_S = 5.0  # a device complete but without a final state for this long is asked again (it may have restarted)
+PROBATION_MARGIN_S = 30.0  # beyond the probation time a device announces, before its silence is a timeout
 
 
 @dataclass
@@ -58,6 +61,7 @@ class DeviceResult:
     seconds: float = 0.0
     received: int = 0
     chunks: int = 0
+    probation: str | None = None  # "running", "passed" or "failed" when the device put the model on probation
 
     @property
     def ok(self) -> bool:
@@ -73,6 +77,7 @@ class _Track:
     final: bool = False
     missing: set[int] = field(default_factory=set)
     complete_at: float = 0.0
+    probation_until: float = 0.0  # > 0: active, waiting out its probation until then (wait_probation)
 
 
 def read_archive(path: Path, workdir: Path | None = None) -> tuple[bytes, str, str]:
@@ -100,8 +105,9 @@ class Pusher:
     def __init__(self, options: ClientOptions, archive: bytes, name: str, version: str, *,
                  prefix: str = T.DEFAULT_PREFIX, chunk_size: int = DEFAULT_CHUNK_SIZE, timeout: float = 120.0,
                  transfer_id: str | None = None, progress: Callable[[int], None] | None = None,
-                 allow_downgrade: bool = False) -> None:
+                 allow_downgrade: bool = False, wait_probation: bool = False) -> None:
         self.options = options
+        self.wait_probation = wait_probation
         self.archive = archive
         self.prefix = prefix
         if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
@@ -140,7 +146,13 @@ class Pusher:
             if self._client is not None:
                 self._client.close()
         for t in self._tracks.values():
-            if not t.final:
+            if not t.final and t.probation_until:
+                t.result.state = "timeout"
+                t.result.error = (f"Activated, but the device reported no probation result within "
+                                  f"{self.timeout:g} s (or its announced probation + {PROBATION_MARGIN_S:g} s); "
+                                  "check 'edgecv devices' and its model/state")
+                t.result.seconds = round(time.monotonic() - self._t0, 2)
+            elif not t.final:
                 t.result.state = "timeout"
                 t.result.error = t.result.error or (
                     f"No final model state within {self.timeout:g} s (device received {t.result.received}/"
@@ -192,14 +204,14 @@ class Pusher:
         begin_payload = self.begin.to_payload()
         need_begin = True
         send: set[int] = set()
-        while time.monotonic() < deadline:
+        while time.monotonic() < max(deadline, *(t.probation_until for t in self._tracks.values())):
             if all(t.final for t in self._tracks.values()):
                 return
             if not self._connected():
                 self._reconnect(deadline)
                 need_begin = True
             for t in self._tracks.values():
-                if t.complete and not t.final and time.monotonic() - t.complete_at > REASK_S:
+                if t.complete and not t.final and not t.probation_until and time.monotonic() - t.complete_at > REASK_S:
                     # still no final state: ask again; a device still verifying answers `complete`, one that
                     # restarted and lost the finished transfer answers with everything missing (sent again)
                     t.complete = False
@@ -292,8 +304,22 @@ class Pusher:
         if parsed[1] == "model/state":
             if doc.get("transfer") != self.transfer_id or doc.get("state") not in FINAL_STATES or t.final:
                 return
+            probation = doc.get("probation")
+            if doc["state"] == "active" and probation == "running" and self.wait_probation:
+                if not t.probation_until:  # active, on probation: the final word comes later
+                    t.complete = t.acked = True
+                    t.result.state, t.result.version, t.result.error = "active", doc.get("version"), None
+                    t.result.received, t.result.probation = t.result.chunks, "running"
+                    seconds = doc.get("probation_s")
+                    wait = float(seconds) if isinstance(seconds, int | float) and seconds >= 0 else 0.0
+                    t.probation_until = time.monotonic() + wait + PROBATION_MARGIN_S
+                return
             t.final = t.complete = t.acked = True
             t.result.state, t.result.version, t.result.error = doc["state"], doc.get("version"), doc.get("error")
+            if doc["state"] == "rolled_back" and t.probation_until:
+                t.result.probation = "failed"
+            elif isinstance(probation, str):
+                t.result.probation = probation
             t.result.received = t.result.chunks
             t.result.seconds = round(time.monotonic() - self._t0, 2)
             return
@@ -316,8 +342,8 @@ class Pusher:
 def push_to(options: ClientOptions, archive: bytes, name: str, version: str, devices: Sequence[str], *,
             group: str | None = None, prefix: str = T.DEFAULT_PREFIX, chunk_size: int = DEFAULT_CHUNK_SIZE,
             timeout: float = 120.0, progress: Callable[[int], None] | None = None,
-            allow_downgrade: bool = False) -> list[DeviceResult]:
+            allow_downgrade: bool = False, wait_probation: bool = False) -> list[DeviceResult]:
     """Convenience wrapper: one transfer to `devices` (or `group`)."""
     pusher = Pusher(options, archive, name, version, prefix=prefix, chunk_size=chunk_size, timeout=timeout,
-                    progress=progress, allow_downgrade=allow_downgrade)
+                    progress=progress, allow_downgrade=allow_downgrade, wait_probation=wait_probation)
     return pusher.push(devices, group=group)

@@ -40,7 +40,7 @@ def rollout(options: ClientOptions, archive: bytes, name: str, version: str, dev
             plan: RolloutPlan, *, prefix: str = T.DEFAULT_PREFIX, chunk_size: int = DEFAULT_CHUNK_SIZE,
             timeout: float = 120.0, progress: Callable[[int], None] | None = None,
             on_stage: Callable[[int, list[str]], None] | None = None,
-            allow_downgrade: bool = False) -> list[DeviceResult]:
+            allow_downgrade: bool = False, wait_probation: bool = False) -> list[DeviceResult]:
     """Push stage by stage; `timeout` applies to each stage. Returns one result per device, in order."""
     results: dict[str, DeviceResult] = {}
     failures = 0
@@ -56,7 +56,7 @@ def rollout(options: ClientOptions, archive: bytes, name: str, version: str, dev
             on_stage(n, stage)
         log.debug("Rollout stage %d/%d: %s", n + 1, len(stages), ", ".join(stage))
         pusher = Pusher(options, archive, name, version, prefix=prefix, chunk_size=chunk_size, timeout=timeout,
-                        progress=progress, allow_downgrade=allow_downgrade)
+                        progress=progress, allow_downgrade=allow_downgrade, wait_probation=wait_probation)
         for res in pusher.push(stage):
             results[res.device] = res
             failures += 0 if res.ok else 1
