@@ -210,8 +210,9 @@ class Updater:
         clf = self._first_passing(active, failures)
         if clf is not None:
             if failures:
-                why = (f"Model {_label(active)} failed its self-test on {'; '.join(failures)}; running it on "
-                       f"{clf.engine.name} instead")
+                # The outcome first: a published reason is cut to a bounded length, the details come last.
+                why = (f"Model {_label(active)} failed its self-test; running it on {clf.engine.name} instead "
+                       f"({'; '.join(failures)})")
                 log.warning("%s", why)
                 self._startup = ("active", active, why)
                 self._model_problem(why)
@@ -224,8 +225,8 @@ class Updater:
                 self.store.activate(bundle)
             except StoreError as exc:
                 log.warning("Could not make %s the active model: %s", _label(bundle), exc)
-            why = (f"Model {_label(active)} failed its self-test at start ({'; '.join(failures)}); "
-                   f"fell back to {_label(bundle)}")
+            why = (f"Model {_label(active)} failed its self-test at start; fell back to {_label(bundle)} "
+                   f"({'; '.join(failures)})")
             log.error("%s", why)
             self._startup = ("rolled_back", bundle, why)
             self._model_problem(why)

@@ -65,8 +65,9 @@ def test_a_pushed_bundle_with_a_huge_input_is_rejected_before_it_is_loaded(  # t
         device, tmp_path: Path, key) -> None:  # noqa: F811
     agent, _ = device
     before = agent.classifier
-    src = _with_input(make_bundle(tmp_path / "huge", "2.0"), 20000, 20000, signer=key)
-    assert json.loads((src / "manifest.json").read_text())["input"]["width"] == 20000
+    # 8192 x 8192: a valid manifest (each side within the contract's limit) but more pixels than the agent allows
+    src = _with_input(make_bundle(tmp_path / "huge", "2.0"), 8192, 8192, signer=key)
+    assert json.loads((src / "manifest.json").read_text())["input"]["width"] == 8192
     data = pack_bundle(src, tmp_path / "huge.edgecv").read_bytes()
     state = wait_state(agent, push(agent, data, "2.0"), ("active", "rejected"))
     assert state["state"] == "rejected" and "larger than this agent supports" in state["error"], state

@@ -27,7 +27,6 @@ from tests.e2e.test_delivery_e2e import (  # noqa: F401 (fixtures)
     cli,
     push,
     secure_agent,
-    signing,
     watch_factory,
 )
 from tests.ops.probe import Probe

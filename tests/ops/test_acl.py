@@ -105,7 +105,7 @@ def test_devices_listing_works_for_a_user_that_may_not_announce(fleet: FleetBrok
     dev = login(fleet, "pi-garage")
     try:
         assert dev.publish("edgecv/pi-garage/status", b'{"state": "online", "groups": ["garage"]}', retain=True)
-        opts = ClientOptions(port=fleet.tls_port, ca_file=str(fleet.ca_file), username="homeassistant",
+        opts = ClientOptions(port=fleet.port_for("homeassistant"), ca_file=str(fleet.ca_file), username="homeassistant",
                              password=PASSWORD.format("homeassistant"))
         with MqttClient(opts) as ha:
             assert request_announce(ha, "edgecv") is False  # refused, and said so
