@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from edgecv.agent.config import AgentConfig, CameraConfig, ConfigError, load_config, parse_config
+from edgecv.agent.config import AgentConfig, CameraConfig, ConfigError, RegionConfig, load_config, parse_config
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "systemd" / "agent.example.toml"
 
@@ -123,15 +123,22 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
     example = tomllib.loads(EXAMPLE.read_text())
 
     def keys(doc: Any, prefix: str = "") -> set[str]:
-        if isinstance(doc, list) and doc and isinstance(doc[0], dict):
-            doc = doc[0]
+        if isinstance(doc, list) and doc and isinstance(doc[0], dict):  # arrays of tables: every key of any entry
+            found = set().union(*(keys(entry, prefix) for entry in doc))
+            return {k for k in found if not any(o != k and o.startswith(k) for o in found)}
         if not isinstance(doc, dict):
             return {prefix}
         return set().union(*(keys(v, f"{prefix}{k}.") for k, v in doc.items()))
 
     assert keys(example) == keys(cfg.to_dict())
-    # and its values are the defaults
-    assert cfg.to_dict() == {**parse_config({"device_id": "pi-kitchen"}).to_dict()}
+    # and its values are the defaults: the first camera is the default camera, the second shows a region whose
+    # keys other than name, crop and source-specific ones are the defaults too
+    defaults = parse_config({"device_id": "pi-kitchen"}).to_dict()
+    effective = cfg.to_dict()
+    assert effective["camera"][0] == defaults["camera"][0]
+    assert {**effective, "camera": defaults["camera"]} == defaults
+    region = cfg.cameras[1].regions[0]
+    assert region == RegionConfig(name=region.name, crop=region.crop)
 
 
 @pytest.mark.parametrize(("doc", "expected"), [
