@@ -122,7 +122,8 @@ class RegionConfig:
     model: str = _opt("", path=True)  # "" = the camera's model (the one pushes replace); else a bundle of its own
     trigger: str = _opt("motion+interval", choices=TRIGGERS)
     interval_s: float = _opt(5.0, check=_POSITIVE)  # for the "interval" triggers
-    motion_threshold: float = _opt(0.02, check=(lambda v: 0.0 < v <= 1.0, "a number > 0 and <= 1"))
+    # fraction of the crop's pixels that must change (by > 20 grey levels) to count as motion
+    motion_threshold: float = _opt(0.05, check=(lambda v: 0.0 < v <= 1.0, "a number > 0 and <= 1"))
     consecutive: int = _opt(3, check=(lambda v: 1 <= v <= 1000, "an integer from 1 to 1000"))
     min_score: float = _opt(0.5, check=_FRACTION)  # a result counts towards a state only at this top-1 score
 

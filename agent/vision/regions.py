@@ -11,10 +11,11 @@ Triggers decide, per frame, whether a region is classified:
 
     every            every frame the camera delivers
     interval         when `interval_s` passed since the region was last classified
-    motion           when the crop changed (mean absolute difference of the downscaled grey crop against the last
-                     crop that moved, as a fraction of 255, >= `motion_threshold`), and on the frames after, while
-                     a state change is pending (so a change seen while something moved is confirmed without more
-                     motion)
+    motion           when the crop changed: at least `motion_threshold` of its pixels (a fraction) differ by more
+                     than MOTION_DELTA grey levels from the last crop that moved, both reduced to MOTION_WIDTH pixels
+                     wide and lightly blurred (so sensor noise, JPEG artefacts and a pixel of camera shake do not
+                     count, a slow lighting drift counts once it adds up); and on the frames after, while a state
+                     change is pending (so a change seen while something moved is confirmed without more motion)
     motion+interval  either (the default): changes are seen at once, a slow drift at least every `interval_s`
 
 A frame a region does not classify is counted as skipped for that region (health: cameras.<camera>.regions).
@@ -33,20 +34,22 @@ import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import cv2
 import numpy as np
 
-from edgecv.agent.config import AgentConfig, MotionConfig, RegionConfig
+from edgecv.agent.config import AgentConfig, RegionConfig
 from edgecv.agent.contract.bundle import load_bundle, open_bundle, verify_bundle
 from edgecv.agent.contract.signing import Keyring
 from edgecv.agent.contract.topics import PredictionEncoder
 from edgecv.agent.errors import BundleError, CropError, EdgecvError
 from edgecv.agent.vision.classifier import Classifier, run_selftest
-from edgecv.agent.vision.postprocess import MotionGate
 from edgecv.agent.vision.states import Stabiliser, StateChange
 
 log = logging.getLogger(__name__)
 
 MIN_CROP_PX = 2  # a fractional crop smaller than this (in pixels, on this frame) is an error
+MOTION_WIDTH = 32  # crops are compared at this width (or their own, if narrower)
+MOTION_DELTA = 20  # grey levels a pixel must change by to count as moved
 
 
 class Box(NamedTuple):
@@ -76,6 +79,44 @@ def resolve_crop(cfg: RegionConfig, width: int, height: int, where: str = "crop"
     return box
 
 
+class CropMotion:
+    """Whether a region's crop moved since the last crop that moved (see the module docstring). Measured on a
+    32-pixel-wide copy: on the synthetic scene's door crop (192x288) a pixel of camera shake changed the mean absolute
+    difference by ~2 % of full scale, the frame-level MotionGate's measure, while under 0.1 % of pixels here."""
+
+    __slots__ = ("_reference", "last_fraction", "threshold")
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self._reference: np.ndarray | None = None
+        self.last_fraction: float | None = None
+
+    def moved(self, crop: np.ndarray) -> bool:
+        small = _small_blurred_gray(crop)
+        ref = self._reference
+        if ref is None or ref.shape != small.shape:
+            self._reference, self.last_fraction = small, None
+            return True
+        _, changed = cv2.threshold(cv2.absdiff(small, ref), MOTION_DELTA, 255, cv2.THRESH_BINARY)
+        fraction = cv2.countNonZero(changed) / changed.size
+        self.last_fraction = fraction
+        if fraction >= self.threshold:
+            self._reference = small
+            return True
+        return False
+
+
+def _small_blurred_gray(crop: np.ndarray) -> np.ndarray:
+    if crop.ndim == 3 and crop.shape[2] == 3:
+        gray = cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY)
+    else:
+        gray = crop[:, :, 0] if crop.ndim == 3 else crop
+    h, w = gray.shape[:2]
+    if w > MOTION_WIDTH:
+        gray = cv2.resize(gray, (MOTION_WIDTH, max(1, round(h * MOTION_WIDTH / w))), interpolation=cv2.INTER_AREA)
+    return cv2.GaussianBlur(gray, (3, 3), 0)
+
+
 class Trigger:
     """Whether a region is classified on this frame (see the module docstring)."""
 
@@ -84,8 +125,7 @@ class Trigger:
     def __init__(self, cfg: RegionConfig) -> None:
         self.mode = cfg.trigger
         self.interval_s = cfg.interval_s if "interval" in cfg.trigger else math.inf
-        self._gate = (MotionGate(MotionConfig(enabled=True, threshold=cfg.motion_threshold))
-                      if "motion" in cfg.trigger else None)
+        self._gate = CropMotion(cfg.motion_threshold) if "motion" in cfg.trigger else None
         self._last = -math.inf  # monotonic time of the last classification
 
     def fires(self, crop: np.ndarray, now: float, pending: bool) -> bool:
@@ -94,7 +134,7 @@ class Trigger:
             return True
         gate = self._gate
         # The motion reference is kept current on every frame, whether or not something else fires.
-        if gate is not None and (not gate.is_static(crop) or pending):
+        if gate is not None and (gate.moved(crop) or pending):
             return True
         return self.interval_s != math.inf and now - self._last >= self.interval_s
 
@@ -102,8 +142,9 @@ class Trigger:
         self._last = now
 
     @property
-    def last_difference(self) -> float | None:
-        return None if self._gate is None else self._gate.last_difference
+    def last_motion(self) -> float | None:
+        """The fraction of the crop's pixels that changed, at the last motion check."""
+        return None if self._gate is None else self._gate.last_fraction
 
 
 class Region:

@@ -36,7 +36,8 @@ def test_integers_are_pixels_and_any_decimal_point_makes_fractions() -> None:
     assert not px.fractional and px.crop == (400, 150, 160, 240)
     assert frac.fractional and mixed.fractional and mixed.crop == (0.5, 0.0, 0.5, 1.0)
     # defaults: Frigate-like
-    assert (px.trigger, px.interval_s, px.consecutive, px.min_score, px.model) == ("motion+interval", 5.0, 3, 0.5, "")
+    assert (px.trigger, px.interval_s, px.consecutive, px.min_score, px.model, px.motion_threshold) == (
+        "motion+interval", 5.0, 3, 0.5, "", 0.05)
 
 
 @pytest.mark.parametrize(("crop", "message"), [
@@ -155,10 +156,15 @@ def test_motion_fires_on_change_inside_the_crop_and_while_a_change_is_pending() 
                                "motion_threshold": 0.05})[0])
     assert trigger.fires(still(100), 0.0, pending=False)  # the first frame has no reference: it counts as motion
     assert not trigger.fires(still(100), 1.0, pending=False)
-    assert not trigger.fires(still(105), 2.0, pending=False)  # 5/255 < 0.05: lighting noise
+    assert not trigger.fires(still(115), 2.0, pending=False)  # every pixel changed, by less than 20 grey levels
+    rng = np.random.default_rng(0)
+    noisy = np.clip(still(100) + rng.normal(0, 8, (48, 64, 3)), 0, 255).astype(np.uint8)
+    assert not trigger.fires(noisy, 2.5, pending=False)  # sensor noise: blurred away
+    assert trigger.last_motion is not None and trigger.last_motion < 0.05
     moved = still(100)
     moved[10:40, 10:40] = 250
     assert trigger.fires(moved, 3.0, pending=False)
+    assert trigger.last_motion is not None and trigger.last_motion > 0.2
     assert not trigger.fires(moved, 4.0, pending=False)  # the reference moved along
     assert trigger.fires(moved, 5.0, pending=True)  # a state change awaits confirmation
     assert trigger.interval_s == math.inf
@@ -172,3 +178,22 @@ def test_motion_and_interval_fires_on_either() -> None:
     assert trigger.fires(still(), 10.0, pending=False)  # the interval
     trigger.classified(10.0)
     assert trigger.fires(still(200), 11.0, pending=False)  # motion
+
+
+def test_camera_shake_noise_and_jpeg_are_not_motion_but_the_door_and_passers_by_are() -> None:
+    from edgecv.agent.vision.scene import DOOR_CROP, Scene, SceneSpec
+
+    def fired(**params: str) -> tuple[list[int], Scene]:
+        scene = Scene(SceneSpec({"seed": "0", "start": "5000000", **params}))
+        region = Region("garage", regions({"name": "door", "crop": list(DOOR_CROP), "trigger": "motion"})[0])
+        out = []
+        for i in range(300):
+            if region.trigger.fires(region.crop(scene.render(i)[0]), i / 10, pending=False):
+                out.append(i)
+        return out, scene
+
+    still_door, _ = fired(static="1", objects="0")
+    assert len(still_door) <= 6, still_door  # the first frame, and lighting drift once it adds up
+    moving, scene = fired(objects="0", hold="60")
+    for change in scene.changes(0, 300):  # every roll of the door is seen
+        assert any(change - 6 <= i <= change + 3 for i in moving), (change, moving)
