@@ -144,6 +144,10 @@ class Scene:
         """The door's true state (index into SCENE_LABELS) in source frame i."""
         return self.door_at(self._frame(i))[0]
 
+    def rolling(self, i: int) -> bool:
+        """Whether the door is between open and closed in source frame i (its truth flips halfway)."""
+        return 0.0 < self.door_at(self._frame(i))[1] < 1.0
+
     def changes(self, first: int, last: int) -> list[int]:
         """Source frames in [first, last) whose truth differs from the frame before."""
         return [i for i in range(max(1, first), last) if self.truth_at(i) != self.truth_at(i - 1)]
