@@ -89,7 +89,11 @@ def test_region_model_paths_resolve_against_the_config_file(tmp_path: Path) -> N
 
 
 def test_the_example_config_shows_a_camera_with_a_region() -> None:
-    cfg = load_config(EXAMPLE)
+    import tomllib
+
+    from tests.agent.test_config import with_optional_blocks
+
+    cfg = parse_config(tomllib.loads(with_optional_blocks(EXAMPLE.read_text())))
     garage = [cam for cam in cfg.cameras if cam.regions]
     assert garage, "systemd/agent.example.toml should show a [[camera.region]]"
     assert all(len(r.crop) == 4 for cam in garage for r in cam.regions)

@@ -151,3 +151,20 @@ def test_idle_after_the_files_ended_until_told_to_stop(start_agent: StartAgent, 
     final = collect(sub, lambda m: any(d["state"] == "stopped" for d in of_kind(m, "status")), 10, agent)
     assert of_kind(final, "predictions") == []  # not one frame more
     sub.close()
+
+
+def test_a_region_model_that_cannot_be_used_stops_the_start_with_one_line(tmp_path: Path,
+                                                                        shared_broker: Broker) -> None:
+    from tests.e2e.conftest import agent_command, to_toml
+
+    path = tmp_path / "agent.toml"
+    path.write_text(to_toml({"device_id": "bad-region", "broker": {"port": shared_broker.port},
+                             "model": {"store": str(tmp_path / "store")},
+                             "camera": [{"name": "garage", "source": "synthetic:scene", "region": [
+                                 {"name": "door", "crop": list(DOOR_CROP), "model": str(tmp_path / "nope")}]}]}))
+    proc = subprocess.run([*agent_command(), "run", "--config", str(path)], capture_output=True, text=True,
+                          timeout=60)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("edgecv-agent: error:")]
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr
+    assert "camera[0].region[0].model: the region's model" in lines[0] and "does not exist" in lines[0]
+    assert "Traceback" not in proc.stderr
