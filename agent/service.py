@@ -2,7 +2,10 @@
 
 One loop thread per camera takes the newest frame, skips it if stale or static (motion gate), classifies it
 (one inference at a time: the classifier lock), applies the publish policy and stages the prediction for the
-MQTT sender; it never waits for the network. A health thread publishes `health` every `health.interval_s` and
+MQTT sender; it never waits for the network. A camera with regions (agent/vision/regions.py) classifies each
+region whose trigger fires instead of the whole frame, and publishes a region's stable state (retained) when it
+changes. A camera whose file or finite source ended stops its loop; when every camera has, the agent stops or idles
+(`on_cameras_ended`). A health thread publishes `health` every `health.interval_s` and
 re-publishes the retained `status` when a camera changes state. `swap_classifier` replaces the model between two
 frames. The agent is assembled, started and stopped by `edgecv.agent.app.App`; it publishes through the `Link`
 it is given and never builds the parts that talk to it (updater, commands, discovery).
@@ -263,14 +266,12 @@ class Agent:
         clf: Classifier | None = None
         for region in loop.regions:
             try:
-                crop = region.crop(image)
+                crop = region.take(image, mono)
             except CropError as exc:
-                region.errors += 1
                 failed += 1
                 self._warn(f"crop-{region.key}", "%s", exc)
                 continue
-            if not region.trigger.fires(crop, mono, region.stabiliser.pending):
-                region.skipped += 1
+            if crop is None:  # its trigger did not fire
                 continue
             try:
                 clf = region.model
@@ -291,27 +292,16 @@ class Agent:
                 self._warn(f"infer-{region.key}", "Camera %s region %s: frame %d failed: %s", loop.name,
                            region.name, frame.seq, exc)
                 continue
-            region.trigger.classified(mono)
-            region.classified += 1
             classified += 1
-            top = result.top
             total_ms += result.latency_ms["total"]
-            if region.clf is not clf:
-                if region.clf is not None:  # a model swap: the run in progress came from the old model
-                    change = region.stabiliser.model_changed(clf.labels, now)
-                    if change is not None:
-                        self._publish_state(region, change, clf)
-                region.clf = clf
-                region.encoder = T.PredictionEncoder(
-                    boot=self.boot, device=self.config.device_id, camera=loop.name, model_name=clf.name,
-                    model_version=clf.version, labels=clf.labels, region=region.name)
+            top = result.top
+            changes = region.record(clf, top, now, mono, frame.seq, frame.ts)
             if self.policy.should_publish(top, now, key=region.key):
-                assert region.encoder is not None
-                self.predictions.stage(region.encoder, now, frame.ts, top, result.latency_ms, frame.truth)
+                self.predictions.stage(region.encoder_for(clf, self.boot, self.config.device_id), now, frame.ts, top,
+                                       result.latency_ms, frame.truth)
                 counts.published += 1
                 published = True
-            change = region.observe(top, now, frame.seq, frame.ts)
-            if change is not None:
+            for change in changes:
                 self._publish_state(region, change, clf)
             if now >= region.latest_due and top:
                 region.latest_due = now + self._latest_period

@@ -201,10 +201,46 @@ class Region:
         return {"classified": self.classified, "skipped": self.skipped, "errors": self.errors,
                 "state": self.stabiliser.state, "since": None if last is None else round(last.since, 3)}
 
-    def observe(self, top: list[dict[str, Any]], ts: float, frame: int, frame_ts: float) -> StateChange | None:
+    def take(self, image: np.ndarray, mono: float) -> np.ndarray | None:
+        """The crop to classify on this frame, or None when the trigger does not fire (counted as skipped).
+        `mono`: monotonic seconds. Raises CropError (counted) when the crop does not fit the frame."""
+        try:
+            crop = self.crop(image)
+        except CropError:
+            self.errors += 1
+            raise
+        if not self.trigger.fires(crop, mono, self.stabiliser.pending):
+            self.skipped += 1
+            return None
+        return crop
+
+    def record(self, clf: Classifier, top: list[dict[str, Any]], ts: float, mono: float, frame: int,
+               frame_ts: float) -> list[StateChange]:
+        """A classification of this region by `clf`: counted, fed to the stabiliser; returns the state changes to
+        publish, in order (a model swap noticed here may first make the state unknown)."""
+        self.trigger.classified(mono)
+        self.classified += 1
+        changes = []
+        if self.clf is not clf:
+            if self.clf is not None:  # a model swap: the run in progress came from the old model
+                swapped = self.stabiliser.model_changed(clf.labels, ts)
+                if swapped is not None:
+                    changes.append(swapped)
+            self.clf, self.encoder = clf, None
         best = top[0] if top else None
-        return self.stabiliser.observe(best["label"] if best else None, best["score"] if best else 0.0, ts, frame,
-                                       frame_ts)
+        change = self.stabiliser.observe(best["label"] if best else None, best["score"] if best else 0.0, ts, frame,
+                                         frame_ts)
+        if change is not None:
+            changes.append(change)
+        return changes
+
+    def encoder_for(self, clf: Classifier, boot: str, device: str) -> PredictionEncoder:
+        """The prediction encoder of this region and model (made again after a model swap)."""
+        if self.encoder is None or self.clf is not clf:
+            self.clf = clf
+            self.encoder = PredictionEncoder(boot=boot, device=device, camera=self.camera, model_name=clf.name,
+                                             model_version=clf.version, labels=clf.labels, region=self.name)
+        return self.encoder
 
 
 def load_region_model(path: str, config: AgentConfig, keyring: Keyring | None, where: str) -> Classifier:
