@@ -28,10 +28,9 @@ def test_scene_bench_quick(tmp_path: Path) -> None:
         row = regions[name]
         assert row["true_changes"] >= 3 and row["missed"] == 0 and row["wrong_changes"] == 0, row
         assert row["accuracy"] >= 0.95 and row["delay_s_median"] < 1.0, row
-    for state in ("closed", "open"):
-        static = r["static"][state]
+    for name, static in r["static"].items():  # door closed / open / closed on a busy street
         assert static["n3"]["state_changes_after_first"] <= static["top1_flips"]
-        assert static["n3"]["final_state"] == state
+        assert static["n3"]["final_state"] == ("open" if "open" in name else "closed")
     cpu = r["cpu"]["percent_of_one_core"]
     assert cpu["4 region(s), every frame"] > cpu["source only (1 region, classified once)"]
     assert r["cpu"]["per_region_every_frame"] > 0
