@@ -335,10 +335,14 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--parts", default=",".join(PARTS),
                         help=f"what to run, comma-separated (default all: {','.join(PARTS)})")
+    parser.add_argument("--static", default=",".join(STATIC_RUNS), metavar="NAMES",
+                        help=f"the static runs, comma-separated (default all: {','.join(STATIC_RUNS)})")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     if not parts <= set(PARTS):
         parser.error(f"--parts: expected some of {', '.join(PARTS)}, got {args.parts}")
+    if not set(args.static.split(",")) <= set(STATIC_RUNS):
+        parser.error(f"--static: expected some of {', '.join(STATIC_RUNS)}, got {args.static}")
     form = FORMS["quick" if args.quick else "full"]
     notes: list[str] = []
     pin(OTHER_CORE)
@@ -366,7 +370,8 @@ def main() -> int:
                                    "cpu_percent_4_regions": run.cpu_percent}
         if "static" in parts:
             results["static"] = {}
-            for name, query in STATIC_RUNS.items():
+            for name in args.static.split(","):
+                query = STATIC_RUNS[name]
                 print(f"static scene ({name}), {form.static_s:g} s ...", file=sys.stderr)
                 run = run_agent(work, port, bundle, args.runtime, f"{base}&static=1&{query}", regions, form.static_s)
                 results["runtime"] = (run.recorder.status[0].get("model") or {}).get("runtime")
