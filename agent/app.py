@@ -29,6 +29,7 @@ from edgecv.agent.link.predictions import PredictionStream
 from edgecv.agent.service import Agent
 from edgecv.agent.system.supervisor import EXIT_CODE, Supervisor
 from edgecv.agent.vision.classifier import Classifier
+from edgecv.agent.vision.regions import load_region_models
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +51,14 @@ class App:
                              will=lambda: self.agent.status_bytes(T.STATUS_OFFLINE),
                              online=lambda: self.agent.status_bytes(T.STATUS_ONLINE),
                              batches={topics.predictions: config.publish.batch_max}, feed=self.predictions.drain)
+        keyring = load_keyring(config.security.keyring)
+        # Regions with a bundle of their own: verified and self-tested now (a bad one is a startup error); pushes
+        # never replace them (they replace the camera-default model, which the other regions use).
         self.agent = Agent(config, topics, link=self.link, outbox=self.outbox, predictions=self.predictions,
-                           classifier=classifier)
+                           classifier=classifier, region_models=load_region_models(config, keyring))
         self.store = ModelStore(Path(config.model.store), keep=config.update.keep_versions)
-        self.updater = Updater(config, topics, self.link, self.store, load_keyring(config.security.keyring),
-                               host=self.agent, on_model_problem=self.agent.set_model_problem)
+        self.updater = Updater(config, topics, self.link, self.store, keyring, host=self.agent,
+                               on_model_problem=self.agent.set_model_problem)
         self.commands = CommandHandler(config.device_id, topics, self.link, device=self.agent, control=self.updater)
         self.discovery = HomeAssistantDiscovery(config, topics, self.link, current_model=lambda: self.agent.classifier)
         # Brokers that never deliver retained messages to wildcard subscriptions (RabbitMQ): the workstation asks,

@@ -144,14 +144,21 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"  broker      {b.host}:{b.port} MQTT {b.protocol}, {auth}, TLS {'on' if b.tls.enabled else 'off'}, "
           f"keepalive {b.keepalive}s, reconnect {b.reconnect_min_s:g}–{b.reconnect_max_s:g}s")
     for cam in cfg.cameras:
-        print(f"  camera      {cam.name}: {cam.source} at {cam.fps:g} fps" + ("" if cam.fps else " (unlimited)"))
+        print(f"  camera      {cam.name}: {cam.source} at {cam.fps:g} fps" + ("" if cam.fps else " (unlimited)")
+              + ("" if cam.loop else ", played once"))
+        for r in cam.regions:
+            every = f" every {r.interval_s:g}s" if "interval" in r.trigger else ""
+            print(f"    region    {r.name}: crop {list(r.crop)} ({'fractions' if r.fractional else 'pixels'}), "
+                  f"trigger {r.trigger}{every}, state after {r.consecutive} results >= {r.min_score:g}, "
+                  f"model {r.model or 'of the camera'}")
     m = cfg.model
     print(f"  model       store {m.store}, seed {m.bundle or '(none)'}, runtime {m.runtime}, {m.threads} thread(s)")
     p = cfg.publish
     print(f"  publish     QoS {p.qos}, mode {p.mode}, top {p.top_k}, buffer {p.buffer}"
           + (f", spool {p.spool_dir}" if p.spool_dir else "") + (f", expiry {p.expiry_s}s" if p.expiry_s else "")
           + (" (ignored: MQTT 3.1.1 has no message expiry)" if p.expiry_s and b.protocol == "3.1.1" else ""))
-    print(f"  health      every {cfg.health.interval_s:g}s; motion gate {'on' if cfg.motion.enabled else 'off'}")
+    print(f"  health      every {cfg.health.interval_s:g}s; motion gate {'on' if cfg.motion.enabled else 'off'}; "
+          f"when every camera has ended: {cfg.on_cameras_ended}")
     print(f"  security    keyring {cfg.security.keyring or '(none)'}, unsigned bundles "
           f"{'allowed' if cfg.security.allow_unsigned else 'refused'}")
     u = cfg.update

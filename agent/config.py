@@ -29,6 +29,8 @@ RUNTIME_CHOICES = ("auto", "onnxruntime", "litert")
 DOWNGRADE_CHOICES = ("when-asked", "never")  # update.allow_downgrade
 PUBLISH_MODES = ("every", "on_change", "rate")
 UNPACED_BUDGET_MS = 1000.0  # the latency budget per frame when no camera has an fps limit
+TRIGGERS = ("motion+interval", "motion", "interval", "every")
+ON_CAMERAS_ENDED = ("exit", "idle")
 
 _Check = tuple[Callable[[Any], bool], str]
 
@@ -37,10 +39,11 @@ _REQUIRED = object()
 
 
 def _opt(default: Any, *, check: _Check | None = None, choices: tuple[Any, ...] | None = None,
-         path: bool = False, key: str | None = None, level: bool = False, camera_source: bool = False) -> Any:
+         path: bool = False, key: str | None = None, level: bool = False, camera_source: bool = False,
+         crop: bool = False) -> Any:
     """A config field: default plus how to validate it (kept next to the field it validates)."""
     meta = {"check": check, "choices": choices, "path": path, "key": key, "level": level,
-            "camera_source": camera_source}
+            "camera_source": camera_source, "crop": crop}
     if default is _REQUIRED:
         return field(metadata=meta)
     if isinstance(default, list | dict) or dataclasses.is_dataclass(default):
@@ -48,7 +51,8 @@ def _opt(default: Any, *, check: _Check | None = None, choices: tuple[Any, ...] 
     return field(default=default, metadata=meta)
 
 
-_SECTION = {"check": None, "choices": None, "path": False, "key": None, "level": False, "camera_source": False}
+_SECTION = {"check": None, "choices": None, "path": False, "key": None, "level": False, "camera_source": False,
+            "crop": False}
 _POSITIVE = (lambda v: v > 0, "a number > 0")
 _NON_NEGATIVE = (lambda v: v >= 0, "a number >= 0")
 _POS_INT = (lambda v: v >= 1, "an integer >= 1")
@@ -106,6 +110,32 @@ class BrokerConfig:
 
 
 @dataclass(frozen=True)
+class RegionConfig:
+    """A named crop of a camera's frame, classified on its own and turned into a stable state (agent/vision/regions.py,
+    agent/vision/states.py).
+
+    `crop = [x, y, w, h]`: pixels when all four are integers (`[400, 160, 200, 240]`); fractions of the frame's width
+    and height when any of them is written with a decimal point (`[0.625, 0.33, 0.31, 0.5]`). Pixel crops are checked
+    against the frame size when frames arrive (the size is not known before).
+    """
+
+    name: str = _opt(_REQUIRED, level=True)
+    crop: tuple[float, ...] = _opt(_REQUIRED, crop=True)
+    model: str = _opt("", path=True)  # "" = the camera's model (the one pushes replace); else a bundle of its own
+    trigger: str = _opt("motion+interval", choices=TRIGGERS)
+    interval_s: float = _opt(5.0, check=_POSITIVE)  # for the "interval" triggers
+    # fraction of the crop's pixels that must change (by > 20 grey levels) to count as motion
+    motion_threshold: float = _opt(0.05, check=(lambda v: 0.0 < v <= 1.0, "a number > 0 and <= 1"))
+    consecutive: int = _opt(3, check=(lambda v: 1 <= v <= 1000, "an integer from 1 to 1000"))
+    min_score: float = _opt(0.5, check=_FRACTION)  # a result counts towards a state only at this top-1 score
+
+    @property
+    def fractional(self) -> bool:
+        """Whether `crop` is in fractions of the frame (any value written as a float) rather than pixels."""
+        return any(isinstance(v, float) for v in self.crop)
+
+
+@dataclass(frozen=True)
 class CameraConfig:
     name: str = _opt("cam0", level=True)
     source: str = _opt("synthetic:fashion-mnist", check=(lambda v: bool(v.strip()), "a non-empty source"),
@@ -116,6 +146,8 @@ class CameraConfig:
     read_timeout_s: float = _opt(5.0, check=_POSITIVE)
     width: int = _opt(0, check=_NON_NEG_INT)  # capture size hints, 0 = source default
     height: int = _opt(0, check=_NON_NEG_INT)
+    # [[camera.region]]: crops classified on their own (no regions: the whole frame is classified, as always)
+    regions: tuple[RegionConfig, ...] = field(default=(), metadata={**_SECTION, "key": "region"})
 
 
 @dataclass(frozen=True)
@@ -180,6 +212,9 @@ class HomeAssistantConfig:
     enabled: bool = _opt(True)
     discovery_prefix: str = _opt("homeassistant", check=(lambda v: _levels_ok(v), "MQTT topic levels "
                                                           "(letters, digits, '_', '.', '-', separated by '/')"))
+    # The per-frame sensors (top label, score) read `<p>/<dev>/latest[/<camera>/<region>]`, published at most this
+    # often; 0 = they read every prediction (the predictions topic), as at frame rate.
+    max_rate_hz: float = _opt(1.0, check=(lambda v: 0.0 <= v <= 100.0, "a number from 0 to 100"))
 
 
 @dataclass(frozen=True)
@@ -194,6 +229,9 @@ class AgentConfig:
                                               "'_', '.', '-', separated by '/')"))
     groups: tuple[str, ...] = _opt((), level=True)
     log_level: str = _opt("info", choices=LOG_LEVELS)
+    # When every camera has ended (a file or finite source with loop = false): "exit" stops the agent cleanly
+    # (publishing `stopped`, exit code 0); "idle" keeps it up, serving MQTT commands and pushes.
+    on_cameras_ended: str = _opt("exit", choices=ON_CAMERAS_ENDED)
     broker: BrokerConfig = field(default_factory=BrokerConfig, metadata=_SECTION)
     cameras: tuple[CameraConfig, ...] = field(default_factory=lambda: (CameraConfig(),),
                                                      metadata={**_SECTION, "key": "camera"})
@@ -256,6 +294,12 @@ def parse_config(doc: Mapping[str, Any], source: str = "<dict>", base_dir: Path 
         if cam.name in seen:
             raise ConfigError(f"camera[{i}].name: expected a unique camera name, got duplicate {cam.name!r}")
         seen.add(cam.name)
+        regions: set[str] = set()
+        for j, region in enumerate(cam.regions):
+            if region.name in regions:
+                raise ConfigError(f"camera[{i}].region[{j}].name: expected a region name unique within camera "
+                                  f"{cam.name!r}, got duplicate {region.name!r}")
+            regions.add(region.name)
     broker = cfg.broker
     sources = [k for k in ("password_env", "password_file", "credential") if getattr(broker, k)]
     if len(sources) > 1:
@@ -306,6 +350,8 @@ def _build(cls: type, doc: Any, prefix: str, base: Path) -> Any:
     values: dict[str, Any] = {}
     for key, f in keys.items():
         if key not in doc:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{prefix}{key}: required key is missing; systemd/agent.example.toml shows it")
             continue
         values[f.name] = _value(hints[f.name], doc[key], f, f"{prefix}{key}", base)
     return cls(**values)
@@ -313,6 +359,8 @@ def _build(cls: type, doc: Any, prefix: str, base: Path) -> Any:
 
 def _value(typ: Any, raw: Any, f: dataclasses.Field[Any], path: str, base: Path) -> Any:
     origin = typing.get_origin(typ)
+    if f.metadata.get("crop"):
+        return _crop(raw, path)
     if origin is tuple:
         item = typing.get_args(typ)[0]
         if not isinstance(raw, list):
@@ -360,6 +408,26 @@ def _scalar(typ: Any, raw: Any, f: dataclasses.Field[Any], path: str, base: Path
     if f.metadata.get("camera_source"):
         value = resolve_camera_source(value, base)
     return value
+
+
+def _crop(raw: Any, path: str) -> tuple[float, ...]:
+    """`[x, y, w, h]`: four integers (pixels) or, when any is written as a float, four fractions of the frame."""
+    if (not isinstance(raw, list) or len(raw) != 4
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in raw)):
+        raise ConfigError(f"{path}: expected [x, y, w, h]: four integers (pixels) or four fractions of the frame "
+                          f"such as [0.5, 0.0, 0.5, 0.5], got {raw!r}")
+    x, y, w, h = raw
+    if any(isinstance(v, float) for v in raw):
+        if not all(0.0 <= v <= 1.0 for v in raw):
+            raise ConfigError(f"{path}: expected fractions of the frame between 0 and 1 (a value with a decimal point "
+                              f"makes the crop fractional; write pixel crops as integers), got {raw!r}")
+        if w <= 0 or h <= 0 or x + w > 1.0 + 1e-9 or y + h > 1.0 + 1e-9:
+            raise ConfigError(f"{path}: expected a crop inside the frame with w, h > 0 and x + w, y + h <= 1, "
+                              f"got {raw!r}")
+        return (float(x), float(y), float(w), float(h))
+    if x < 0 or y < 0 or w < 1 or h < 1:
+        raise ConfigError(f"{path}: expected pixels with x, y >= 0 and w, h >= 1, got {raw!r}")
+    return (int(x), int(y), int(w), int(h))
 
 
 def _levels_ok(value: str) -> bool:

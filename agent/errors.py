@@ -19,6 +19,11 @@ class ConfigError(EdgecvError):
     exit_code = 2
 
 
+class CropError(ConfigError):
+    """A region's crop does not fit its camera's frames (found when frames arrive: the frame size is not known
+    before)."""
+
+
 class BundleError(EdgecvError):
     """A model bundle is malformed, incomplete or unsafe."""
 

@@ -2,7 +2,10 @@
 
 One loop thread per camera takes the newest frame, skips it if stale or static (motion gate), classifies it
 (one inference at a time: the classifier lock), applies the publish policy and stages the prediction for the
-MQTT sender; it never waits for the network. A health thread publishes `health` every `health.interval_s` and
+MQTT sender; it never waits for the network. A camera with regions (agent/vision/regions.py) classifies each
+region whose trigger fires instead of the whole frame, and publishes a region's stable state (retained) when it
+changes. A camera whose file or finite source ended stops its loop; when every camera has, the agent stops or idles
+(`on_cameras_ended`). A health thread publishes `health` every `health.interval_s` and
 re-publishes the retained `status` when a camera changes state. `swap_classifier` replaces the model between two
 frames. The agent is assembled, started and stopped by `edgecv.agent.app.App`; it publishes through the `Link`
 it is given and never builds the parts that talk to it (updater, commands, discovery).
@@ -11,24 +14,27 @@ it is given and never builds the parts that talk to it (updater, commands, disco
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from edgecv.agent import __version__ as AGENT_VERSION
 from edgecv.agent.config import AgentConfig
 from edgecv.agent.contract import topics as T
-from edgecv.agent.errors import EdgecvError
+from edgecv.agent.errors import CropError, EdgecvError
 from edgecv.agent.link.outbox import Outbox
 from edgecv.agent.link.predictions import PredictionStream
 from edgecv.agent.link.protocol import Link
 from edgecv.agent.system.health import FrameCounters, HealthMonitor
 from edgecv.agent.system.sdnotify import SystemdNotifier
-from edgecv.agent.vision.camera import Camera, Frame
+from edgecv.agent.vision.camera import STATE_ENDED, Camera, Frame
 from edgecv.agent.vision.classifier import Classifier
 from edgecv.agent.vision.postprocess import MotionGate, PublishPolicy
+from edgecv.agent.vision.regions import Region
+from edgecv.agent.vision.states import StateChange
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +46,14 @@ STATUS_CHECK_S = 1.0
 class LoopState:
     """What one camera loop keeps between frames; only that loop's thread touches it."""
 
-    __slots__ = ("clf", "counts", "encoder", "name")
+    __slots__ = ("clf", "counts", "encoder", "name", "regions")
 
-    def __init__(self, name: str, counts: FrameCounters) -> None:
+    def __init__(self, name: str, counts: FrameCounters, regions: tuple[Region, ...] = ()) -> None:
         self.name = name
         self.counts = counts
         self.clf: Classifier | None = None  # the model `encoder` was made for
         self.encoder: T.PredictionEncoder | None = None
+        self.regions = regions  # empty: the whole frame is classified (Agent.process), else Agent.process_regions
 
 
 class Agent:
@@ -54,7 +61,8 @@ class Agent:
 
     def __init__(self, config: AgentConfig, topics: T.DeviceTopics, *, link: Link, outbox: Outbox,
                  predictions: PredictionStream, boot: str | None = None,
-                 classifier: Classifier | None = None) -> None:
+                 classifier: Classifier | None = None,
+                 region_models: Mapping[tuple[str, str], Classifier] | None = None) -> None:
         self.config = config
         self.topics = topics
         self.link = link
@@ -63,6 +71,21 @@ class Agent:
         self.boot = boot or uuid.uuid4().hex[:12]  # random per process start: consumers tell restarts apart
         self.monitor = HealthMonitor(config.device_id)
         self.cameras = [Camera(cam) for cam in config.cameras]
+        models = region_models or {}
+        self.regions: dict[str, tuple[Region, ...]] = {
+            cam.name: tuple(Region(cam.name, r, models.get((cam.name, r.name)), f"camera[{i}].region[{j}].crop")
+                            for j, r in enumerate(cam.regions))
+            for i, cam in enumerate(config.cameras)}
+        ha = config.homeassistant
+        # Home Assistant's per-frame sensors read <p>/<dev>/latest[/<camera>/<region>], at most max_rate_hz.
+        self._latest_period = (1.0 / ha.max_rate_hz if ha.max_rate_hz > 0 else 0.0) if ha.enabled else math.inf
+        self._latest_due = 0.0 if ha.enabled and ha.max_rate_hz > 0 else math.inf  # whole frames: only if throttled
+        if self._latest_period == math.inf:
+            for regions in self.regions.values():
+                for region in regions:
+                    region.latest_due = math.inf
+        self._ended: set[str] = set()  # cameras whose source ended
+        self._ended_lock = threading.Lock()
         self.policy = PublishPolicy(config.publish)
         self.motion = MotionGate(config.motion)
         self._motion_gating = config.motion.enabled
@@ -113,8 +136,13 @@ class Agent:
                 "runtime": clf.engine.name}
 
     def status_payload(self, state: str) -> dict[str, Any]:
-        doc = T.status_payload(self.config.device_id, state, AGENT_VERSION, self.model_info(),
-                               {cam.name: cam.status() for cam in self.cameras}, groups=self.config.groups)
+        cameras = {}
+        for cam in self.cameras:
+            cameras[cam.name] = st = cam.status()
+            if self.regions[cam.name]:
+                st["regions"] = {r.name: r.status() for r in self.regions[cam.name]}
+        doc = T.status_payload(self.config.device_id, state, AGENT_VERSION, self.model_info(), cameras,
+                               groups=self.config.groups)
         doc.update(boot=self.boot, dropped=self.outbox.dropped, model_error=self.model_error)
         return doc
 
@@ -161,13 +189,19 @@ class Agent:
 
     # ------------------------------------------------------------------------------------ camera loop
     def _camera_loop(self, cam: Camera, stop: threading.Event) -> None:
-        loop = LoopState(cam.name, self.monitor.counters())
+        loop = LoopState(cam.name, self.monitor.counters(), self.regions[cam.name])
+        process = self.process_regions if loop.regions else self.process  # chosen once: no per-frame test
+        for region in loop.regions:
+            self._publish_state(region, region.stabiliser.start(time.time()), None)
         while not stop.is_set():
             frame = cam.latest(timeout=0.5)
             if frame is None:
+                if cam.state == STATE_ENDED:
+                    self._camera_ended(cam, stop)
+                    return
                 continue
             try:
-                self.process(loop, frame)
+                process(loop, frame)
             except EdgecvError as exc:
                 loop.counts.error()
                 self._warn(f"infer-{cam.name}", "Camera %s: frame %d failed: %s", cam.name, frame.seq, exc)
@@ -212,12 +246,128 @@ class Agent:
                 encoder = self._new_encoder(loop, clf)
             self.predictions.stage(encoder, now, frame.ts, top, latency, frame.truth)
             counts.published += 1
+        if now >= self._latest_due and top:  # Home Assistant's rate-limited sensors (inf when not wanted)
+            self._latest_due = now + self._latest_period
+            self._publish_latest(self.topics.latest, loop.name, None, frame.ts, top, clf)
         # FrameCounters.inferred_one, inlined (it runs for every frame); nothing below can raise
         counts.frames += 1
         counts.inferred += 1
         counts.total_ms.append(latency["total"])
         counts.infer_ms.append(latency["infer"])
         return publish
+
+    def process_regions(self, loop: LoopState, frame: Frame) -> bool:
+        """One frame of a camera with regions: each region whose trigger fires is cropped, classified (with its own
+        model or the camera's), fed to its stabiliser and published (prediction with `region`, state on change);
+        True if any prediction is to be published.
+
+        The frame counts once in the camera's counters: inferred when any region was classified, else failed when a
+        region failed, else skipped ("trigger"). Per region: classified, skipped, errors (health)."""
+        counts = loop.counts
+        self.last_frame = frame
+        now = time.time()
+        if now - frame.ts > STALE_FRAME_S:
+            counts.skip("stale")
+            return False
+        mono = time.monotonic()
+        image = frame.image
+        total_ms = 0.0
+        classified = failed = 0
+        published = waiting = False
+        clf: Classifier | None = None
+        for region in loop.regions:
+            try:
+                crop = region.take(image, mono)
+            except CropError as exc:
+                failed += 1
+                self._warn(f"crop-{region.key}", "%s", exc)
+                continue
+            if crop is None:  # its trigger did not fire
+                continue
+            try:
+                clf = region.model
+                if clf is not None:  # its own model: only this loop uses it
+                    result = clf.classify(crop)
+                else:
+                    with self._classify_lock:
+                        clf = self._classifier
+                        if clf is None:  # a fresh device waiting for its first push
+                            region.skipped += 1
+                            waiting = True
+                            continue
+                        result = clf.classify(crop)
+                        counts.infer_ms.append(result.latency_ms["infer"])  # the hosted model's latency
+            except EdgecvError as exc:
+                region.errors += 1
+                failed += 1
+                self._warn(f"infer-{region.key}", "Camera %s region %s: frame %d failed: %s", loop.name,
+                           region.name, frame.seq, exc)
+                continue
+            classified += 1
+            total_ms += result.latency_ms["total"]
+            top = result.top
+            changes = region.record(clf, top, now, mono, frame.seq, frame.ts)
+            if self.policy.should_publish(top, now, key=region.key):
+                self.predictions.stage(region.encoder_for(clf, self.boot, self.config.device_id), now, frame.ts, top,
+                                       result.latency_ms, frame.truth)
+                counts.published += 1
+                published = True
+            for change in changes:
+                self._publish_state(region, change, clf)
+            if now >= region.latest_due and top:
+                region.latest_due = now + self._latest_period
+                self._publish_latest(self.topics.latest_region(loop.name, region.name), loop.name, region.name,
+                                     frame.ts, top, clf)
+        if classified:
+            if not self._ready and clf is not None and self._mark_ready(f"Classifying with {clf.name} {clf.version}"):
+                log.info("First frame classified (%d region(s), %.1f ms); ready", classified, total_ms)
+            counts.frames += 1
+            counts.inferred += 1
+            counts.total_ms.append(total_ms)
+        elif failed:
+            counts.error()
+        else:
+            counts.skip("no_model" if waiting else "trigger")
+        self.notifier.frame()  # frames flow and the loop is alive, whether or not a region was due
+        return published
+
+    def _publish_state(self, region: Region, change: StateChange, clf: Classifier | None) -> None:
+        """A region's new stable state, retained. What the loops staged goes out first, so the predictions that
+        confirmed a state arrive before it."""
+        model = {"name": clf.name, "version": clf.version} if clf is not None else None
+        doc = T.state_payload(self.config.device_id, self.boot, region.camera, region.name, state=change.state,
+                              previous=change.previous, since=change.since, reason=change.reason, score=change.score,
+                              count=change.count, frame=change.frame, frame_ts=change.frame_ts, model=model)
+        if change.reason != "start":
+            log.info("Camera %s region %s: state %s -> %s (%s)", region.camera, region.name, change.previous,
+                     change.state, change.reason)
+        self.predictions.drain()
+        self.link.publish(self.topics.state(region.camera, region.name), T.encode(doc), qos=1, retain=True)
+
+    def _publish_latest(self, topic: str, camera: str, region: str | None, frame_ts: float,
+                        top: list[dict[str, Any]], clf: Classifier) -> None:
+        doc = T.latest_payload(self.config.device_id, camera, frame_ts, top, {"name": clf.name, "version": clf.version},
+                               region=region)
+        self.link.publish(topic, T.encode(doc), qos=0, retain=True)
+
+    def _camera_ended(self, cam: Camera, stop: threading.Event) -> None:
+        """A camera's source ended (a file or finite source with loop = false). When every camera has ended, the
+        agent stops (`on_cameras_ended = "exit"`: the same clean shutdown as SIGTERM, `stopped` published, exit code
+        0) or stays up idle (`"idle"`: MQTT commands and pushes are still served)."""
+        with self._ended_lock:
+            self._ended.add(cam.name)
+            everything = len(self._ended) == len(self.cameras)
+        log.info("Camera %s: the source ended (%d frame(s)); it is not reopened", cam.name, cam.status()["frames"])
+        if not everything:
+            return
+        if self.config.on_cameras_ended == "exit":
+            log.info("Every camera has ended: stopping (on_cameras_ended = \"exit\")")
+            stop.set()
+            return
+        log.info("Every camera has ended: staying up idle (on_cameras_ended = \"idle\")")
+        self.notifier.status("Every camera has ended; idle")
+        while not stop.wait(0.5):  # the agent is idle on purpose, not stalled: keep systemd's watchdog fed
+            self.notifier.frame()
 
     def _new_encoder(self, loop: LoopState, clf: Classifier) -> T.PredictionEncoder:
         """The prediction encoder of this camera and model (made again after a model swap)."""
@@ -244,6 +394,8 @@ class Agent:
         for cam in self.cameras:
             st = cam.status()
             cams[cam.name] = {"state": st.get("state"), "fps": st.get("fps"), "reopens": st.get("reopens")}
+            if self.regions[cam.name]:
+                cams[cam.name]["regions"] = {r.name: r.health() for r in self.regions[cam.name]}
         outbox = self.outbox
         return self.monitor.payload(dropped=outbox.dropped, queue_depth=len(outbox) + len(self.predictions),
                                     extra={"boot": self.boot, "cameras": cams, "model": self.model_info(),

@@ -43,3 +43,13 @@ def fashion_mnist_dir() -> Path:
     if not FASHION_MNIST_DIR.is_dir():
         pytest.fail("Debian package dataset-fashion-mnist is not installed (scripts/setup.sh installs it)")
     return FASHION_MNIST_DIR
+
+
+@pytest.fixture(scope="session")
+def scene_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small real model of the `synthetic:scene` garage door (closed/open), built in a few seconds."""
+    from tests.scene_model import build_scene_bundle
+
+    bundle, accuracy = build_scene_bundle(tmp_path_factory.mktemp("scene") / "door")
+    assert accuracy >= 0.9, f"the scene test model reached only {accuracy:.2f} on another day of the scene"
+    return bundle

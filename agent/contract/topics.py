@@ -8,6 +8,9 @@ Topic levels:
     <prefix>/<device>/predictions       QoS configurable, never retained
     <prefix>/<device>/health            QoS 0, every N seconds
     <prefix>/<device>/model/state       retained, QoS 1
+    <prefix>/<device>/state/<camera>/<region>   retained, QoS 1: a region's stable state, on change
+    <prefix>/<device>/latest            retained, QoS 0: newest whole-frame prediction (homeassistant.max_rate_hz)
+    <prefix>/<device>/latest/<camera>/<region>  retained, QoS 0: a region's newest result, likewise
     <prefix>/<device>/model/push/<transfer>/<part>       workstation → device, QoS 1, never retained
     <prefix>/groups/<group>/model/push/<transfer>/<part> workstation → group
     <prefix>/<device>/model/push/<transfer>/ack          device → workstation (progress / resume point)
@@ -80,6 +83,23 @@ class DeviceTopics:
     @property
     def model_state(self) -> str:
         return f"{self.base}/model/state"
+
+    def state(self, camera: str, region: str) -> str:
+        """A region's stable state (retained)."""
+        return f"{self.base}/state/{camera}/{region}"
+
+    @property
+    def state_filter(self) -> str:
+        return f"{self.base}/state/#"
+
+    @property
+    def latest(self) -> str:
+        """The newest whole-frame prediction of any camera, rate-limited (Home Assistant's per-frame sensors)."""
+        return f"{self.base}/latest"
+
+    def latest_region(self, camera: str, region: str) -> str:
+        """A region's newest result, rate-limited (its Home Assistant label and score sensors)."""
+        return f"{self.base}/latest/{camera}/{region}"
 
     @property
     def push_filter(self) -> str:
@@ -164,7 +184,7 @@ class PredictionEncoder:
     """
 
     def __init__(self, *, boot: str, device: str, camera: str, model_name: str, model_version: str,
-                 labels: tuple[str, ...] | list[str], model_sha: str = "") -> None:
+                 labels: tuple[str, ...] | list[str], model_sha: str = "", region: str | None = None) -> None:
         d = json.dumps
         # model.sha: the first 12 hex digits of the bundle's manifest sha256, so two builds with the same name
         # and version are told apart on the wire (absent when the caller has no bundle hash).
@@ -172,9 +192,13 @@ class PredictionEncoder:
         sha = f',"sha":{d(model_sha[:SHORT_SHA])}' if model_sha else ""
         if model_sha:
             model = {"name": model_name, "sha": model_sha[:SHORT_SHA], "version": model_version}
-        self._identity = {"boot": boot, "camera": camera, "device": device, "model": model}
+        self._identity: dict[str, Any] = {"boot": boot, "camera": camera, "device": device, "model": model}
         self._head = f'{{"boot":{d(boot)},"camera":{d(camera)},"device":{d(device)},"frame_ts":'
         self._model = f',"model":{{"name":{d(model_name)}{sha},"version":{d(model_version)}}},"seq":'
+        if region is not None:  # a camera region's predictions name it (keys stay sorted: model < region < seq)
+            self._identity["region"] = region
+            self._model = (f',"model":{{"name":{d(model_name)}{sha},"version":{d(model_version)}}},'
+                           f'"region":{d(region)},"seq":')
         self._label_names = tuple(labels)
         # '{"index":3,"label":"Dress","score":' per label: the template then formats only the score
         self._entries = [f'{{"index":{i},"label":{d(label)},"score":' for i, label in enumerate(labels)]
@@ -260,6 +284,10 @@ PREDICTION_KEYS = frozenset({"ts", "seq", "device", "camera", "model", "top", "l
 HEALTH_KEYS = frozenset({"ts", "device", "uptime_s", "fps", "frames", "inferred", "skipped", "published",
                          "dropped", "queue_depth", "latency_ms", "cpu_percent", "rss_mb"})
 MODEL_STATE_KEYS = frozenset({"state", "ts", "device", "name", "version", "sha256", "error", "transfer"})
+# A region's stable state (<p>/<dev>/state/<camera>/<region>); docs/MQTT.md explains each key.
+STATE_KEYS = frozenset({"ts", "device", "boot", "camera", "region", "state", "previous", "since", "reason", "score",
+                        "count", "frame", "frame_ts", "model"})
+LATEST_KEYS = frozenset({"ts", "device", "camera", "frame_ts", "label", "score", "top", "model"})
 
 
 def status_payload(device: str, state: str, agent_version: str, model: dict[str, Any] | None,
@@ -282,3 +310,27 @@ def bounded(text: str | None, limit: int = MAX_ERROR_CHARS) -> str | None:
     if text is None or len(text) <= limit:
         return text
     return text[:limit - 1] + "…"
+
+
+def state_payload(device: str, boot: str, camera: str, region: str, *, state: str | None, previous: str | None,
+                  since: float, reason: str, score: float | None = None, count: int = 0, frame: int | None = None,
+                  frame_ts: float | None = None, model: dict[str, str] | None = None) -> dict[str, Any]:
+    """A region's stable state; `state` None = unknown (at start, or after a model that cannot name it)."""
+    return {"ts": now(), "device": device, "boot": boot, "camera": camera, "region": region, "state": state,
+            "previous": previous, "since": round(since, 4), "reason": reason,
+            "score": None if score is None else _finite(score, 5), "count": count, "frame": frame,
+            "frame_ts": None if frame_ts is None else round(frame_ts, 4), "model": model}
+
+
+def latest_payload(device: str, camera: str, frame_ts: float, top: list[dict[str, Any]], model: dict[str, str],
+                   region: str | None = None) -> dict[str, Any]:
+    """The newest result of a camera (or of one of its regions, with `region`), for low-rate consumers."""
+    best = top[0] if top else None
+    doc = {"ts": now(), "device": device, "camera": camera, "frame_ts": round(frame_ts, 4),
+           "label": best["label"] if best else None,
+           "score": _finite(best["score"], 5) if best else None,
+           "top": [{"label": t["label"], "index": t["index"], "score": _finite(t["score"], 5)} for t in top],
+           "model": model}
+    if region is not None:
+        doc["region"] = region
+    return doc

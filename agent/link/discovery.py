@@ -13,6 +13,12 @@ https://www.home-assistant.io/integrations/sensor.mqtt/ "Configuration variables
 - Home Assistant publishes `online` on `<discovery_prefix>/status` (its birth message) when it (re)starts:
   devices re-send their discovery payloads then.
 
+Per-frame sensors (top label and score) would make Home Assistant record a state at the camera's frame rate: they
+read `<p>/<dev>/latest` (and `latest/<camera>/<region>` for regions), which the agent publishes at most
+`homeassistant.max_rate_hz` times per second (0: the device sensors read every prediction, as before). Each camera
+region also gets a state sensor on its retained `state/<camera>/<region>` topic, which changes only when the region's
+stable state does, with the evidence as attributes.
+
 Our status topic carries JSON (`{"state": "online"|"offline"|"stopped", ...}`, see agent/contract/topics.py), so
 the availability template maps `online` to available and anything else (`offline` Last Will, `stopped`) to
 unavailable.
@@ -25,7 +31,7 @@ import logging
 import re
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from edgecv.agent import __version__
@@ -55,6 +61,8 @@ class Sensor:
     device_class: str | None = None
     icon: str | None = None
     diagnostic: bool = False
+    topic: str | None = None  # an explicit state topic (region sensors), instead of the device topic `kind` names
+    attributes_template: str | None = None  # json_attributes_template over the state topic
 
 
 # A predictions payload is one object, or an array of them with publish.batch_max >= 2: use the newest.
@@ -76,6 +84,14 @@ SENSORS: tuple[Sensor, ...] = (
            "{{ value_json.name ~ ' ' ~ value_json.version if value_json.version else 'none' }}",
            icon="mdi:brain", diagnostic=True),
 )
+
+# The same two sensors over the rate-limited `latest` payloads (contract/topics.py latest_payload).
+_LATEST_LABEL = "{{ value_json.label if value_json.label else 'none' }}"
+_LATEST_SCORE = "{{ ((value_json.score * 100) | round(1)) if value_json.score is number else 0 }}"
+# A region's state: null (unknown: just started, or the model changed) renders "None", Home Assistant's unknown.
+_STATE = "{% set s = value_json.state %}{{ s if s is string else none }}"
+_STATE_ATTRIBUTES = ("{{ {'previous': value_json.previous, 'since': value_json.since, 'score': value_json.score, "
+                     "'count': value_json.count, 'reason': value_json.reason} | tojson }}")
 
 _NODE_BAD = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -100,6 +116,35 @@ def model_identity(model: Any) -> tuple[str, str] | None:
     return (str(name), str(version)) if isinstance(name, str) and name else None
 
 
+def sensors_for(config: AgentConfig, topics: DeviceTopics) -> list[Sensor]:
+    """The sensors of this device: the device's own (the top label and score only when a camera classifies whole
+    frames, from `latest` when rate-limited), then state, label and score of every camera region."""
+    throttled = config.homeassistant.max_rate_hz > 0
+    out = []
+    whole_frames = any(not cam.regions for cam in config.cameras)
+    for sensor in SENSORS:
+        if sensor.kind == "predictions":
+            if not whole_frames:
+                continue
+            if throttled:
+                template = _LATEST_LABEL if sensor.key == "top_label" else _LATEST_SCORE
+                sensor = replace(sensor, topic=topics.latest, value_template=template)
+        out.append(sensor)
+    for cam in config.cameras:
+        for region in cam.regions:
+            key, name = f"{cam.name}_{region.name}", f"{cam.name} {region.name}"
+            latest = topics.latest_region(cam.name, region.name)
+            out += [
+                Sensor(f"{key}_state", f"{name} state", "state", _STATE, icon="mdi:state-machine",
+                       topic=topics.state(cam.name, region.name), attributes_template=_STATE_ATTRIBUTES),
+                Sensor(f"{key}_label", f"{name} label", "latest", _LATEST_LABEL, icon="mdi:label-outline",
+                       topic=latest),
+                Sensor(f"{key}_score", f"{name} score", "latest", _LATEST_SCORE, unit="%", state_class="measurement",
+                       icon="mdi:percent-outline", topic=latest),
+            ]
+    return out
+
+
 def discovery_messages(config: AgentConfig, topics: DeviceTopics, model: Any) -> list[tuple[str, bytes]]:
     """Every discovery config message for this device: (topic, payload), to publish retained at QoS 1."""
     prefix = config.homeassistant.discovery_prefix
@@ -122,11 +167,12 @@ def discovery_messages(config: AgentConfig, topics: DeviceTopics, model: Any) ->
     }]
     state_topics = {"predictions": topics.predictions, "health": topics.health, "model_state": topics.model_state}
     messages = []
-    for sensor in SENSORS:
+    for sensor in sensors_for(config, topics):
+        state_topic = sensor.topic or state_topics[sensor.kind]
         payload: dict[str, Any] = {
             "name": sensor.name,
-            "unique_id": f"{uid_base}_{sensor.key}",
-            "state_topic": state_topics[sensor.kind],
+            "unique_id": f"{uid_base}_{node_id(sensor.key)}",
+            "state_topic": state_topic,
             "value_template": sensor.value_template,
             "availability": availability,
             "availability_mode": "latest",
@@ -143,7 +189,10 @@ def discovery_messages(config: AgentConfig, topics: DeviceTopics, model: Any) ->
             payload["icon"] = sensor.icon
         if sensor.diagnostic:
             payload["entity_category"] = "diagnostic"
-        topic = f"{prefix}/sensor/{node}/{sensor.key}/config"
+        if sensor.attributes_template:
+            payload["json_attributes_topic"] = state_topic
+            payload["json_attributes_template"] = sensor.attributes_template
+        topic = f"{prefix}/sensor/{node}/{node_id(sensor.key)}/config"
         messages.append((topic, json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()))
     return messages
 

@@ -15,8 +15,9 @@ the next frame on the caller's thread ("pull mode"), paced at `fps` (0 = as fast
 saves the per-frame hand-off between threads (most of the cost of a cheap frame on one core), decodes nothing
 for nobody, and skips no frame of a file (a consumer slower than the file's frame rate plays it slower than
 real time). Both modes share one state machine (Camera._step): failures (open error, read error or timeout,
-end of file without loop, vanished file) close the source and reopen it after an exponential backoff with
-full jitter; in pull mode the backoff never holds `latest()` past its timeout.
+vanished file) close the source and reopen it after an exponential backoff with full jitter; in pull mode the
+backoff never holds `latest()` past its timeout. The end of a file or finite source with loop = false is not a
+failure: the camera goes to state "ended" and is never reopened, so a clip is played exactly once.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from edgecv.agent.vision.synthetic import SourceSpecError, SyntheticSource, synt
 
 log = logging.getLogger(__name__)
 
-STATE_OPEN, STATE_REOPENING, STATE_FAILED = "open", "reopening", "failed"
+STATE_OPEN, STATE_REOPENING, STATE_FAILED, STATE_ENDED = "open", "reopening", "failed", "ended"
 WARN_INTERVAL_S = 30.0
 _FPS_WINDOW = 30
 
@@ -59,11 +60,13 @@ class Frame(NamedTuple):
 
 
 class FrameSource(Protocol):
-    """What a Camera reads. `grab()` advances (False on failure or end, reason in `.error`); `retrieve()` decodes
+    """What a Camera reads. `grab()` advances (False on failure or end, reason in `.error`; `.ended` set when the
+    source has no more frames by design: the end of a file or finite source with loop = false); `retrieve()` decodes
     the grabbed frame. Whether it is drained by a grabber thread is decided from the source string
     (source_is_live), before anything is opened."""
 
     error: str | None
+    ended: bool
 
     def grab(self) -> bool: ...
 
@@ -101,6 +104,7 @@ class CaptureSource:
     def __init__(self, cfg: CameraConfig) -> None:
         self.cfg = cfg
         self.error: str | None = None
+        self.ended = False
         src = cfg.source
         self.path: Path | None = None
         self._inode: tuple[int, int] | None = None
@@ -171,8 +175,10 @@ class CaptureSource:
             self._cap = self._open_file()
             if self._cap.grab():
                 return True
-        self.error = ("End of video file (loop = false)" if self.path is not None and not self.cfg.loop
-                      else f"Read from {self.kind} source failed or timed out")
+        if self.path is not None and not self.cfg.loop:
+            self.error, self.ended = "End of video file (loop = false)", True
+        else:
+            self.error = f"Read from {self.kind} source failed or timed out"
         return False
 
     def retrieve(self) -> tuple[np.ndarray, int | None]:
@@ -316,7 +322,7 @@ class Camera:
 
     def _run(self) -> None:
         with self._reader:
-            while not self._stop.is_set() and self._state != STATE_FAILED:
+            while not self._stop.is_set() and self._state not in (STATE_FAILED, STATE_ENDED):
                 self._step(math.inf)
         self._release()
 
@@ -345,7 +351,7 @@ class Camera:
         """One step, with the reader lock held: open the source when its reopen is due, read one frame, or record
         a failure and schedule the reopen. Waits (on the stop event) for the reopen or the fps pacing, but not
         past `deadline` (monotonic; infinite for the grabber). Returns the frame read, if any."""
-        if self._state == STATE_FAILED:
+        if self._state in (STATE_FAILED, STATE_ENDED):
             self._sleep_until(deadline)
             return None
         source = self._source
@@ -382,8 +388,12 @@ class Camera:
                 self._set_state(STATE_OPEN, None)
             self._attempt = 0
             return frame
+        ended = getattr(source, "ended", False)
         self._close()
-        if not self._stopping:
+        if ended:
+            self._set_state(STATE_ENDED, None)
+            log.info("Camera %s: %s; not reopened", self.name, error or "the source ended")
+        elif not self._stopping:
             self._fail(error or "Read failed")
         return None
 

@@ -7,6 +7,8 @@
                                          Fashion-MNIST images as BGR frames, each carrying `truth` = its label
     synthetic:fail?after=N               N frames of bars, then a read failure (reopen tests)
     synthetic:stall?after=N              N frames of bars, then the read hangs (a stuck driver; watchdog tests)
+    synthetic:scene[?seed=0&...]         a camera-like 640x480 scene with a garage door that opens and closes,
+                                         each frame carrying `truth` = the door's state (agent/vision/scene.py)
 
 Common query keys: width, height (noise/bars/static/fail/stall; defaults from the camera config or 160x120);
 live=0|1 on every kind: 1 makes the source behave like a V4L2 camera (its grab() waits for the next tick of a
@@ -33,9 +35,10 @@ import cv2
 import numpy as np
 
 from edgecv.agent.errors import CameraError
+from edgecv.agent.vision.scene import SCENE_KEYS, Scene, SceneSpec
 
 PREFIX = "synthetic:"
-KINDS = ("noise", "bars", "static", "fashion-mnist", "fail", "stall")
+KINDS = ("noise", "bars", "static", "fashion-mnist", "fail", "stall", "scene")
 STALL_S = 3600.0  # how long a `stall` source hangs before it reports a failure
 FASHION_MNIST_ROOT = Path(os.environ.get("EDGECV_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_SAMPLE = "fashion-mnist-sample"  # in the data package edgecv.models: the test split's first 1,000
@@ -118,7 +121,8 @@ class SyntheticSource:
         allowed = {"noise": {"width", "height", "seed"}, "bars": {"width", "height"},
                    "static": {"width", "height"}, "fail": {"width", "height", "after"},
                    "stall": {"width", "height", "after"},
-                   "fashion-mnist": {"split", "scale", "shuffle", "seed", "root"}}[self.kind] | {"live"}
+                   "fashion-mnist": {"split", "scale", "shuffle", "seed", "root"},
+                   "scene": set(SCENE_KEYS)}[self.kind] | {"live"}
         unknown = sorted(set(params) - allowed)
         if unknown:
             raise SourceSpecError(f"Synthetic source {source!r}: unknown parameter(s) {', '.join(unknown)}; "
@@ -128,6 +132,7 @@ class SyntheticSource:
         self.width = _int(params, "width", width or 160, source, 8)
         self.height = _int(params, "height", height or 120, source, 8)
         self.error: str | None = None
+        self.ended = False
         self._period = 1.0 / fps if self.live and fps > 0 else 0.0
         self._tick: float | None = None
         self._index = 0
@@ -145,6 +150,14 @@ class SyntheticSource:
             self._order = order
         elif self.kind == "static":
             self._static = _bars(self.width, self.height, 0)
+        elif self.kind == "scene":
+            try:
+                spec = SceneSpec(params, width, height)
+            except ValueError as exc:
+                raise SourceSpecError(f"Synthetic source {source!r}: {exc}") from None
+            self.scene = Scene(spec)
+            self.width, self.height = spec.width, spec.height
+            self._clip = spec.frames
 
     def grab(self) -> bool:
         if self._period:
@@ -156,9 +169,14 @@ class SyntheticSource:
         if self.kind == "fail" and self._index >= self._after:
             self.error = f"Synthetic failure after {self._after} frames (as configured)"
             return False
+        if self.kind == "scene" and self._clip and self._index >= self._clip:
+            if not self.loop:
+                self.error, self.ended = f"End of the {self._clip}-frame scene (loop = false)", True
+                return False
+            self._index = 0
         if self.kind == "fashion-mnist" and self._index >= len(self._order):
             if not self.loop:
-                self.error = "End of the Fashion-MNIST split (loop = false)"
+                self.error, self.ended = "End of the Fashion-MNIST split (loop = false)", True
                 return False
             self._index = 0
         self._image = None
@@ -188,6 +206,8 @@ class SyntheticSource:
             return self._rng.integers(0, 256, (self.height, self.width, 3), dtype=np.uint8), None
         if self.kind == "static":
             return self._static.copy(), None
+        if self.kind == "scene":
+            return self.scene.render(i)
         if self.kind == "fashion-mnist":
             j = int(self._order[i])
             gray = self._images[j]

@@ -404,19 +404,40 @@ def test_video_file_loops(video: Path) -> None:
     assert status["state"] == "open" and shape == (48, 64, 3)
 
 
-def test_video_file_without_loop_reopens_at_the_end(video: Path) -> None:
-    cam = Camera(CameraConfig(source=str(video), loop=False, fps=200), **FAST).start()
+def test_video_file_without_loop_plays_once_and_ends(video: Path) -> None:
+    """loop = false: every frame once, in order; then the camera is "ended" and never reopened (it used to replay
+    the file after a reopen backoff)."""
+    cam = Camera(CameraConfig(source=str(video), loop=False, fps=0), **FAST).start()
     try:
-        levels = []
-        while len(levels) < 12:
-            frame = cam.latest(timeout=2.0)
-            assert frame is not None
-            levels.append(_level(frame.image))
+        frames = []
+        while (frame := cam.latest(timeout=2.0)) is not None:
+            frames.append(frame)
+        t0 = time.monotonic()
+        assert cam.latest(timeout=0.3) is None and time.monotonic() - t0 >= 0.25  # waits its timeout, no busy loop
         status = cam.status()
     finally:
         cam.stop()
-    assert levels == [0, 1, 2, 3, 4, 5] * 2  # replayed after reopening
-    assert status["reopens"] == 1 and "End of video file" in (status["last_error"] or "")
+    assert [_level(f.image) for f in frames] == [0, 1, 2, 3, 4, 5]
+    assert [f.seq for f in frames] == list(range(6))
+    assert status["state"] == "ended" and status["reopens"] == 0 and status["frames"] == 6
+
+
+def test_finite_synthetic_source_without_loop_ends_and_with_loop_repeats() -> None:
+    once = Camera(CameraConfig(source="synthetic:scene?frames=4&width=64&height=48&jpeg=0", loop=False, fps=0),
+                  **FAST).start()
+    looped = Camera(CameraConfig(source="synthetic:scene?frames=4&width=64&height=48&jpeg=0", loop=True, fps=0),
+                    **FAST).start()
+    try:
+        got = []
+        while (frame := once.latest(timeout=2.0)) is not None:
+            got.append(frame)
+        again = [looped.latest(timeout=2.0) for _ in range(9)]
+    finally:
+        once.stop()
+        looped.stop()
+    assert len(got) == 4 and once.state == "ended" and once.status()["reopens"] == 0
+    assert all(f is not None for f in again) and looped.state == "open"
+    assert np.array_equal(again[0].image, again[4].image)  # type: ignore[union-attr]  # frame 4 is frame 0 again
 
 
 def test_vanished_video_file_reopens_when_it_returns(video: Path, tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from edgecv.agent.config import AgentConfig, CameraConfig, ConfigError, load_config, parse_config
+from edgecv.agent.config import AgentConfig, CameraConfig, ConfigError, RegionConfig, load_config, parse_config
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "systemd" / "agent.example.toml"
 
@@ -117,21 +117,41 @@ def test_only_device_id_is_required() -> None:
     assert cfg.update.max_bundle_bytes == 64 * 1024 * 1024
 
 
+def with_optional_blocks(text: str) -> str:
+    """The example config with its optional blocks uncommented (one leading '#' removed from each line)."""
+    out, inside = [], False
+    for line in text.splitlines():
+        if line.startswith("# --- begin optional"):
+            inside = True
+        elif line.startswith("# --- end optional"):
+            inside = False
+        elif inside:
+            line = line[1:] if line.startswith("#") else line
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
 def test_example_config_is_valid_and_documents_every_key() -> None:
     cfg = load_config(EXAMPLE)
     assert cfg.device_id == "pi-kitchen"
-    example = tomllib.loads(EXAMPLE.read_text())
+    # as installed, its values are the defaults
+    assert cfg.to_dict() == {**parse_config({"device_id": "pi-kitchen"}).to_dict()}
+    # with the optional camera uncommented it is valid too, and the two together document every key
+    full = with_optional_blocks(EXAMPLE.read_text())
+    example = tomllib.loads(full)
+    full_cfg = parse_config(example)
 
     def keys(doc: Any, prefix: str = "") -> set[str]:
-        if isinstance(doc, list) and doc and isinstance(doc[0], dict):
-            doc = doc[0]
+        if isinstance(doc, list) and doc and isinstance(doc[0], dict):  # arrays of tables: every key of any entry
+            found = set().union(*(keys(entry, prefix) for entry in doc))
+            return {k for k in found if not any(o != k and o.startswith(k) for o in found)}
         if not isinstance(doc, dict):
             return {prefix}
         return set().union(*(keys(v, f"{prefix}{k}.") for k, v in doc.items()))
 
-    assert keys(example) == keys(cfg.to_dict())
-    # and its values are the defaults
-    assert cfg.to_dict() == {**parse_config({"device_id": "pi-kitchen"}).to_dict()}
+    assert keys(example) == keys(full_cfg.to_dict())
+    region = full_cfg.cameras[1].regions[0]
+    assert region == RegionConfig(name=region.name, crop=region.crop)  # the region's other keys: the defaults
 
 
 @pytest.mark.parametrize(("doc", "expected"), [

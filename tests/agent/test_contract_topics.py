@@ -127,3 +127,38 @@ def test_prediction_encoder_carries_the_short_model_sha() -> None:
     nan = json.loads(enc(seq=2, ts=2.0, frame_ts=1.0, top=[{"label": "a", "index": 0, "score": float("nan")}],
                          latency_ms={"total": 1.0}))
     assert nan["model"] == doc["model"] and nan["top"][0]["score"] is None
+
+
+def test_region_topics_and_payloads() -> None:
+    t = topics.DeviceTopics("site/a", "pi-1")
+    assert t.state("garage", "door") == "site/a/pi-1/state/garage/door"
+    assert t.state_filter == "site/a/pi-1/state/#"
+    assert t.latest == "site/a/pi-1/latest" and t.latest_region("garage", "door") == "site/a/pi-1/latest/garage/door"
+    assert topics.parse_device_topic("site/a", t.state("garage", "door")) == ("pi-1", "state/garage/door")
+    state = topics.state_payload("pi-1", "b00t", "garage", "door", state="open", previous="closed", since=12.345678,
+                                 reason="confirmed", score=0.9123456, count=3, frame=41, frame_ts=12.3,
+                                 model={"name": "m", "version": "1"})
+    assert set(state) == topics.STATE_KEYS and state["score"] == 0.91235 and state["since"] == 12.3457
+    unknown = topics.state_payload("pi-1", "b00t", "garage", "door", state=None, previous=None, since=1.0,
+                                   reason="start")
+    assert set(unknown) == topics.STATE_KEYS and unknown["state"] is None and unknown["score"] is None
+    assert topics.decode(topics.encode(unknown)) == unknown
+    top = [{"label": "open", "index": 1, "score": 0.97}, {"label": "closed", "index": 0, "score": 0.03}]
+    latest = topics.latest_payload("pi-1", "garage", 5.0, top, {"name": "m", "version": "1"}, region="door")
+    assert set(latest) == topics.LATEST_KEYS | {"region"} and (latest["label"], latest["score"]) == ("open", 0.97)
+    assert topics.latest_payload("pi-1", "cam0", 5.0, [], {"name": "m", "version": "1"})["label"] is None
+
+
+def test_region_predictions_carry_the_region_and_stay_sorted() -> None:
+    labels = ("closed", "open")
+    enc = topics.PredictionEncoder(boot="b00t", device="pi-1", camera="garage", model_name="door",
+                                   model_version="1.0.0", labels=labels, region='door "1"')
+    top = [{"label": "open", "index": 1, "score": 0.75}]
+    for truth in (1, None):
+        raw = enc(seq=7, ts=2.0, frame_ts=1.5, top=top, latency_ms={"infer": 0.1, "total": 0.2}, truth=truth)
+        doc = json.loads(raw)
+        assert doc["region"] == 'door "1"' and list(doc) == sorted(doc)
+        assert set(doc) == topics.PREDICTION_KEYS | {"region"} | ({"truth"} if truth is not None else set())
+    nan = json.loads(enc(seq=8, ts=2.0, frame_ts=1.5, top=[{"label": "open", "index": 1, "score": float("nan")}],
+                         latency_ms={"infer": 0.1}))
+    assert nan["region"] == 'door "1"' and nan["top"][0]["score"] is None  # the slow path keeps it too

@@ -89,7 +89,12 @@ def test_payloads_follow_the_documented_schema() -> None:
     docs = check_ha_schema(messages)
     assert [TOPIC.match(t)["object"] for t, _ in messages] == [s.key for s in SENSORS]  # type: ignore[index]
     by_key = {s.key: d for s, d in zip(SENSORS, docs, strict=True)}
-    assert by_key["top_label"]["state_topic"] == "edgecv/pi-kitchen/predictions"
+    # per-frame sensors read the rate-limited `latest` topic (homeassistant.max_rate_hz, default 1 per second)
+    assert by_key["top_label"]["state_topic"] == "edgecv/pi-kitchen/latest"
+    assert by_key["top_score"]["state_topic"] == "edgecv/pi-kitchen/latest"
+    unlimited = dict(zip(SENSORS, check_ha_schema(discovery_messages(cfg(max_rate_hz=0), topics, MODEL)),
+                         strict=True))
+    assert {s.key: d["state_topic"] for s, d in unlimited.items()}["top_label"] == "edgecv/pi-kitchen/predictions"
     assert by_key["fps"]["state_topic"] == "edgecv/pi-kitchen/health"
     assert by_key["inference_latency"]["unit_of_measurement"] == "ms"
     assert by_key["model_version"]["state_topic"] == "edgecv/pi-kitchen/model/state"
@@ -111,7 +116,7 @@ def test_unique_ids_differ_between_devices_and_ids_are_sanitised() -> None:
 
 def test_templates_render_real_payloads() -> None:
     docs = {json.loads(p)["unique_id"].rsplit("pi-kitchen_", 1)[1]: json.loads(p)
-            for _, p in discovery_messages(cfg(), DeviceTopics("edgecv", "pi-kitchen"), MODEL)}
+            for _, p in discovery_messages(cfg(max_rate_hz=0), DeviceTopics("edgecv", "pi-kitchen"), MODEL)}
     prediction = {"ts": 1.0, "seq": 3, "device": "pi-kitchen", "camera": "cam0", "model": {"name": "m"},
                   "top": [{"label": "Sneaker", "index": 7, "score": 0.9731}, {"label": "Bag", "index": 8,
                                                                              "score": 0.02}],
@@ -136,6 +141,48 @@ def test_templates_render_real_payloads() -> None:
                               (status_payload("pi-kitchen", "offline", "0.1", None), "offline"),
                               ("offline", "offline"), ("online", "online")):
         assert render(av, payload) == expected, payload
+
+
+def test_regions_get_a_state_sensor_and_rate_limited_label_and_score() -> None:
+    from edgecv.agent.contract.topics import latest_payload, state_payload
+
+    config = parse_config({"device_id": "pi-garage", "camera": [
+        {"name": "cam0"},
+        {"name": "yard.1", "region": [{"name": "door", "crop": [0, 0, 8, 8]},
+                                      {"name": "bins", "crop": [8, 0, 8, 8]}]}]})
+    topics = DeviceTopics("edgecv", "pi-garage")
+    docs = check_ha_schema(discovery_messages(config, topics, MODEL))
+    by_key = {d["unique_id"].rsplit("pi-garage_", 1)[1]: d for d in docs}
+    assert {"top_label", "top_score"} <= set(by_key)  # cam0 classifies whole frames
+    for region in ("door", "bins"):
+        state, label, score = (by_key[f"yard_1_{region}_{k}"] for k in ("state", "label", "score"))
+        assert state["state_topic"] == f"edgecv/pi-garage/state/yard.1/{region}"
+        assert state["json_attributes_topic"] == state["state_topic"] and "state_class" not in state
+        assert label["state_topic"] == score["state_topic"] == f"edgecv/pi-garage/latest/yard.1/{region}"
+        assert score["unit_of_measurement"] == "%"
+    state, label, score = (by_key[f"yard_1_door_{k}"] for k in ("state", "label", "score"))
+    changed = state_payload("pi-garage", "b", "yard.1", "door", state="open", previous="closed", since=5.0,
+                            reason="confirmed", score=0.97, count=3, frame=12, frame_ts=4.9,
+                            model={"name": "m", "version": "1"})
+    assert render(state["value_template"], changed) == "open"
+    attributes = json.loads(render(state["json_attributes_template"], changed))
+    assert attributes == {"previous": "closed", "since": 5.0, "score": 0.97, "count": 3, "reason": "confirmed"}
+    unknown = state_payload("pi-garage", "b", "yard.1", "door", state=None, previous=None, since=1.0, reason="start")
+    assert render(state["value_template"], unknown) == "None"  # Home Assistant's unknown
+    latest = latest_payload("pi-garage", "yard.1", 5.0, [{"label": "open", "index": 1, "score": 0.9731}],
+                            {"name": "m", "version": "1"}, region="door")
+    assert render(label["value_template"], latest) == "open" and render(score["value_template"], latest) == "97.3"
+    empty = latest_payload("pi-garage", "yard.1", 5.0, [], {"name": "m", "version": "1"}, region="door")
+    assert render(label["value_template"], empty) == "none" and render(score["value_template"], empty) == "0"
+    whole = {d["unique_id"].rsplit("pi-garage_", 1)[1]: d for d in docs}["top_label"]
+    assert render(whole["value_template"], latest_payload("pi-garage", "cam0", 5.0, [
+        {"label": "Bag", "index": 8, "score": 0.5}], {"name": "m", "version": "1"})) == "Bag"
+    # a device whose every camera has regions has no whole-frame predictions, so no top label / score sensors
+    only_regions = parse_config({"device_id": "pi-garage", "camera": [
+        {"name": "yard", "region": [{"name": "door", "crop": [0, 0, 8, 8]}]}]})
+    keys = {json.loads(p)["unique_id"].rsplit("pi-garage_", 1)[1] for _, p in
+            discovery_messages(only_regions, topics, MODEL)}
+    assert "top_label" not in keys and {"yard_door_state", "fps", "model_version"} <= keys
 
 
 # ---- on a real broker, through the agent's real MqttLink -------------------------------------------------------

@@ -1,10 +1,11 @@
 """The fleet as the broker sees it: retained status (and model state) plus recent health, per device.
 
-`discover()` subscribes to `<p>/+/status`, `<p>/+/model/state` and `<p>/+/health`, collects for a short while and
-returns one `DeviceInfo` per device. Retained messages arrive at once; health is not retained, so listening
-longer (`wait`) fills in fps and latency. After subscribing it also publishes the announce request
-(`<p>/announce`), to which every online device answers by re-publishing its status and model state: on brokers
-that never hand retained messages to wildcard subscriptions (RabbitMQ 3.x) that is how the fleet is found.
+`discover()` subscribes to `<p>/+/status`, `<p>/+/model/state`, `<p>/+/state/#` (camera regions' stable states) and
+`<p>/+/health`, collects for a short while and returns one `DeviceInfo` per device. Retained messages arrive at once;
+health is not retained, so listening longer (`wait`) fills in fps and latency. After subscribing it also publishes the
+announce request (`<p>/announce`), to which every online device answers by re-publishing its status and model state:
+on brokers that never hand retained messages to wildcard subscriptions (RabbitMQ 3.x) that is how the fleet is
+found.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class DeviceInfo:
     last_seen: float | None = None  # epoch seconds of the newest message from it
     fps: float | None = None
     latency_p50_ms: float | None = None
+    # "<camera>/<region>" -> {"state", "since", "score", "error"}: from the retained state topics and status
+    regions: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def row(self, now: float | None = None) -> list[str]:
@@ -44,17 +47,25 @@ class DeviceInfo:
                 seen,
                 "-" if self.fps is None else f"{self.fps:.1f}",
                 "-" if self.latency_p50_ms is None else f"{self.latency_p50_ms:.1f}",
-                ",".join(self.groups) or "-"]
+                ",".join(self.groups) or "-", self.region_states()]
+
+    def region_states(self) -> str:
+        """`cam/region=state` for each region ("?" while unknown, "!" when the crop does not fit)."""
+        parts = []
+        for key, info in sorted(self.regions.items()):
+            value = "!" if info.get("error") else (info.get("state") or "?")
+            parts.append(f"{key}={value}")
+        return " ".join(parts) or "-"
 
 
-HEADERS = ["DEVICE", "STATE", "MODEL", "SHA", "MODEL STATE", "LAST SEEN", "FPS", "P50 MS", "GROUPS"]
+HEADERS = ["DEVICE", "STATE", "MODEL", "SHA", "MODEL STATE", "LAST SEEN", "FPS", "P50 MS", "GROUPS", "REGIONS"]
 
 
 def discover(options: ClientOptions, prefix: str = T.DEFAULT_PREFIX, wait: float = 1.0) -> dict[str, DeviceInfo]:
     """Collect device information for `wait` seconds (retained status arrives immediately)."""
     infos: dict[str, DeviceInfo] = {}
     with MqttClient(options) as client:
-        for kind in ("status", "model/state", "health"):
+        for kind in ("status", "model/state", "state/#", "health"):
             client.subscribe(T.fleet_filter(prefix, kind), qos=1 if kind != "health" else 0)
         request_announce(client, prefix)
         for msg in client.iter_messages(timeout=wait):
@@ -78,6 +89,8 @@ def update(infos: dict[str, DeviceInfo], prefix: str, msg: Received) -> None:
     if parsed is None:
         return
     device, kind = parsed
+    if not msg.payload:  # an empty retained message clears a topic
+        return
     try:
         doc = msg.json()
     except ValueError:
@@ -97,6 +110,16 @@ def update(infos: dict[str, DeviceInfo], prefix: str, msg: Received) -> None:
             info.model_sha = sha[:T.SHORT_SHA] if isinstance(sha, str) and sha else info.model_sha
         groups = doc.get("groups") or ()
         info.groups = tuple(str(g) for g in groups) if isinstance(groups, list | tuple) else ()
+        cameras = doc.get("cameras")
+        for cam, cst in (cameras.items() if isinstance(cameras, dict) else ()):
+            regions = cst.get("regions") if isinstance(cst, dict) else None
+            for name, rst in (regions.items() if isinstance(regions, dict) else ()):
+                if isinstance(rst, dict):
+                    info.regions.setdefault(f"{cam}/{name}", {})["error"] = rst.get("error")
+    elif kind.startswith("state/"):
+        key = kind[len("state/"):]
+        entry = info.regions.setdefault(key, {})
+        entry.update(state=doc.get("state"), since=doc.get("since"), score=doc.get("score"))
     elif kind == "model/state":
         info.model_state = doc.get("state")
         if doc.get("state") == "active" and doc.get("version"):

@@ -1,9 +1,12 @@
 """Live predictions from the fleet: subscribe, filter by device or group, print a table row or a JSON line each.
 
-Group filtering uses the devices' retained `status` (its `groups` list): the status subscription is made first,
-so the broker delivers every retained status before the first prediction of the second subscription; the
-announce request then makes online devices re-publish it live, for brokers that do not deliver retained
-messages to wildcard subscriptions (RabbitMQ 3.x).
+Region predictions show as `<camera>/<region>` in the CAMERA column. The regions' stable states
+(`<p>/<dev>/state/<camera>/<region>`, retained: the current ones arrive first) are printed as they change, as a
+`STATE` row (or their JSON document, which has `state` and `region` and no `top`); they do not count towards
+`--count`. Group filtering uses the devices' retained `status` (its `groups` list): the status subscription is made
+first, so the broker delivers every retained status before the first prediction of the other subscriptions; the
+announce request then makes online devices re-publish it live, for brokers that do not deliver retained messages to
+wildcard subscriptions (RabbitMQ 3.x).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from edgecv.tools.errors import FleetError
 from edgecv.tools.fleet.devices import request_announce
 from edgecv.tools.fleet.mqtt_client import ClientOptions, MqttClient, Received
 
-COLUMNS = (("TIME", 12), ("DEVICE", 16), ("CAMERA", 8), ("TOP", 14), ("SCORE", 6), ("INFER", 8), ("TOTAL", 8),
+COLUMNS = (("TIME", 12), ("DEVICE", 16), ("CAMERA", 14), ("TOP", 14), ("SCORE", 6), ("INFER", 8), ("TOTAL", 8),
            ("SEQ", 7))
 
 
@@ -32,9 +35,8 @@ class WatchFilter:
     groups_of: dict[str, set[str]] = field(default_factory=dict)  # device -> groups, from retained status
 
     def topics(self) -> list[str]:
-        if self.devices:
-            return [T.fleet_filter(self.prefix, "predictions", d) for d in self.devices]
-        return [T.fleet_filter(self.prefix, "predictions")]
+        devices = self.devices or ("+",)
+        return [T.fleet_filter(self.prefix, kind, d) for kind in ("predictions", "state/#") for d in devices]
 
     def accepts(self, device: str) -> bool:
         if self.devices and device not in self.devices:
@@ -55,10 +57,24 @@ def format_row(doc: dict[str, Any]) -> str:
     ts = float(doc.get("frame_ts") or doc.get("ts") or time.time())
     stamp = time.strftime("%H:%M:%S", time.localtime(ts)) + f".{int(ts * 1000) % 1000:03d}"
     lat = doc.get("latency_ms") or {}
-    values = (stamp, str(doc.get("device", "?")), str(doc.get("camera", "?")), str(top.get("label", "-")),
+    camera = str(doc.get("camera", "?")) + (f"/{doc['region']}" if doc.get("region") else "")
+    values = (stamp, str(doc.get("device", "?")), camera, str(top.get("label", "-")),
               _num(top.get("score"), "{:.3f}"), _num(lat.get("infer"), "{:.2f}ms"), _num(lat.get("total"), "{:.2f}ms"),
               str(doc.get("seq", "-")))
     return "  ".join(f"{v[:w]:<{w}}" for v, (_, w) in zip(values, COLUMNS, strict=True))
+
+
+def format_state(doc: dict[str, Any]) -> str:
+    """A region's stable state as a table row: `STATE previous → state` with its evidence."""
+    ts = float(doc.get("since") or doc.get("ts") or time.time())
+    stamp = time.strftime("%H:%M:%S", time.localtime(ts)) + f".{int(ts * 1000) % 1000:03d}"
+    where = f"{doc.get('camera', '?')}/{doc.get('region', '?')}"
+    state, previous = doc.get("state") or "unknown", doc.get("previous") or "unknown"
+    evidence = (f"score {doc['score']:.3f} over {doc.get('count')} results" if isinstance(doc.get("score"), int | float)
+                else str(doc.get("reason", "")))
+    head = "  ".join(f"{v[:w]:<{w}}" for v, (_, w) in zip((stamp, str(doc.get("device", "?")), where), COLUMNS,
+                                                         strict=False))
+    return f"{head}  STATE {previous} → {state} ({evidence})"
 
 
 def _num(value: Any, fmt: str) -> str:
@@ -104,7 +120,15 @@ def _handle(msg: Received, flt: WatchFilter, as_json: bool, out: TextIO, limit: 
         if kind == "status":
             flt.note_status(device, msg.json() if msg.payload else {})
             return 0
-        if kind != "predictions" or not flt.accepts(device):
+        if not flt.accepts(device):
+            return 0
+        if kind.startswith("state/"):
+            if msg.payload:  # an empty retained message clears a state topic
+                state = msg.json()
+                print(json.dumps(state, separators=(",", ":"), sort_keys=True) if as_json else format_state(state),
+                      file=out, flush=True)
+            return 0
+        if kind != "predictions":
             return 0
         docs = T.decode_predictions(msg.payload)
     except ValueError:
