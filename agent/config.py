@@ -25,7 +25,7 @@ from edgecv.agent.errors import ConfigError
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 PROTOCOLS = ("5", "3.1.1")
-RUNTIME_CHOICES = ("auto", "onnxruntime", "litert")
+RUNTIME_CHOICES = ("auto", "onnxruntime", "litert", "openvino")
 PUBLISH_MODES = ("every", "on_change", "rate")
 
 _Check = tuple[Callable[[Any], bool], str]

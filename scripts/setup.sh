@@ -29,5 +29,5 @@ if ! "$venv/bin/python" -c "import torch" >/dev/null 2>&1 && [ -n "$wheel" ]; th
 fi
 # Strict editable mode: the package-dir mapping (agent/ → edgecv.agent, tools/ → edgecv.tools) becomes a tree of
 # links that mypy can read too; a new module file needs this line again (every run of this script does it).
-"$venv/bin/pip" install -q -c "$here/constraints.txt" --config-settings editable_mode=strict -e "$here[tools,litert,dev]"
+"$venv/bin/pip" install -q -c "$here/constraints.txt" --config-settings editable_mode=strict -e "$here[tools,litert,openvino,dev]"
 echo "$venv"

@@ -46,6 +46,7 @@ from edgecv.agent.errors import BundleError, EdgecvError, IncompatibleBundleErro
 from edgecv.agent.link.protocol import Link
 from edgecv.agent.vision.classifier import Classifier, run_selftest
 from edgecv.agent.vision.runtimes import candidates
+from edgecv.agent.vision.selection import choose_classifier
 
 log = logging.getLogger(__name__)
 
@@ -372,9 +373,11 @@ class Updater:
             log.error("Model %s failed probation (%s) but rollback failed: %s", failed, reason, exc)
 
     def _load(self, bundle: Bundle) -> Classifier:
+        """The bundle's fastest (artifact, runtime) pair on this device that passes its self-test (measured)."""
         m = self.cfg.model
-        return Classifier.load(bundle, runtime=m.runtime, threads=m.threads, top_k=self.cfg.publish.top_k,
-                               min_score=self.cfg.publish.min_score)
+        classifier, _ = choose_classifier(bundle, runtime=m.runtime, threads=m.threads,
+                                          top_k=self.cfg.publish.top_k, min_score=self.cfg.publish.min_score)
+        return classifier
 
     def _swap(self, new: Classifier) -> None:
         old = self.host.swap_classifier(new)

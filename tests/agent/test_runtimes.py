@@ -17,8 +17,8 @@ from edgecv.agent.vision.runtimes.litert import InputQuantizer, dequantize, quan
 from tests.agent.conftest import TinyModel, make_bundle
 
 
-def test_both_runtimes_are_installed_here() -> None:
-    assert available_runtimes() == ["litert", "onnxruntime"]
+def test_all_three_runtimes_are_installed_here() -> None:
+    assert available_runtimes() == ["litert", "onnxruntime", "openvino"]
 
 
 def test_fp32_onnx_and_tflite_agree_exactly(tiny_model: TinyModel) -> None:
@@ -113,6 +113,9 @@ def test_missing_runtime_gives_an_install_hint(tiny_model: TinyModel, tmp_path: 
     with pytest.raises(RuntimeUnavailableError, match=r"artifacts: onnx/int8; runtime='litert'"):
         load_engine(onnx_only, runtime="litert")
     monkeypatch.setattr(runtimes, "_has_module", lambda name: name != "onnxruntime")
+    assert available_runtimes() == ["litert", "openvino"]
+    assert load_engine(onnx_only).name == "openvino"  # OpenVINO runs the same ONNX file
+    monkeypatch.setattr(runtimes, "_has_module", lambda name: name not in ("onnxruntime", "openvino"))
     assert available_runtimes() == ["litert"]
     with pytest.raises(RuntimeUnavailableError, match="pip install onnxruntime"):
         load_engine(onnx_only)
