@@ -94,6 +94,19 @@ def agreement(a_top1: np.ndarray, b_top1: np.ndarray) -> float:
     return float(np.mean(a == b)) if len(a) else 0.0
 
 
+def confident_mask(outputs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Rows whose top-1 probability exceeds `threshold`: softmax of logits, or the outputs themselves when every
+    row already is a probability vector (a model that ends in Softmax)."""
+    out = np.asarray(outputs, dtype=np.float64)
+    if out.size and out.min() >= 0.0 and np.allclose(out.sum(axis=1), 1.0, atol=1e-3):
+        probs = out
+    else:
+        z = out - out.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        probs = e / e.sum(axis=1, keepdims=True)
+    return np.asarray(probs.max(axis=1) > threshold)
+
+
 def gzip_size(path: Path) -> int:
     """Bytes of the file after gzip -9: what a sparse or low-entropy model costs to ship."""
     return len(gzip.compress(Path(path).read_bytes(), compresslevel=9, mtime=0))
