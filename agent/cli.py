@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmark a bundle in the installed runtimes")
     bench.add_argument("--bundle", "-b", required=True, type=Path, help="bundle directory or .edgecv file")
-    bench.add_argument("--runtime", default="auto", help="auto, onnxruntime or litert (default auto: all installed)")
+    bench.add_argument("--runtime", default="auto",
+                       help="auto, onnxruntime, litert or openvino (default auto: all installed)")
     bench.add_argument("--threads", default="1", help="comma-separated thread counts, e.g. 1,2")
     bench.add_argument("--runs", type=int, default=500, help="timed inferences per configuration")
     bench.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

@@ -69,7 +69,7 @@ class TfliteOutcome:
 
 def tflite_for_onnx(onnx_path: Path, spec: InputSpec, calib: np.ndarray, x_eval: np.ndarray, out: Path, *,
                     min_agreement: float = MIN_AGREEMENT, min_confident: float = MIN_CONFIDENT_AGREEMENT,
-                    force: bool = False) -> TfliteOutcome:
+                    force: bool = False, observer: str = "histogram") -> TfliteOutcome:
     """int8 TFLite for an fp32 ONNX classifier, without TensorFlow: ONNX → torch (`onnx_to_torch`) → the PT2E path
     above. It is written to `out` and kept only when its top-1 agreement with the fp32 ONNX (run in onnxruntime)
     on `x_eval` meets both bounds, or with `force`; otherwise the outcome says by how much it missed.
@@ -77,7 +77,7 @@ def tflite_for_onnx(onnx_path: Path, spec: InputSpec, calib: np.ndarray, x_eval:
     Never raises for a model it cannot convert: the outcome's note says why there is no TFLite artifact.
     """
     from edgecv.agent.vision.runtimes import open_engine
-    from edgecv.tools.evaluate import confident_mask, run_logits
+    from edgecv.tools.evaluate import run_logits
     from edgecv.tools.onnx_to_torch import onnx_to_torch
 
     out = Path(out)
@@ -86,12 +86,25 @@ def tflite_for_onnx(onnx_path: Path, spec: InputSpec, calib: np.ndarray, x_eval:
         model = onnx_to_torch(onnx_path)
         reference = run_logits(open_engine(Path(onnx_path), "onnx", threads=1), x_eval)
         _check_converted(model, x_eval[:8], reference[:8])
-        export_tflite_int8(model, spec, calib, out)
-        got = run_logits(open_engine(out, "tflite", threads=1), x_eval)
+        export_tflite_int8(model, spec, calib, out, observer=observer)
     except ExportError as exc:
         out.unlink(missing_ok=True)
         return TfliteOutcome(None, f"int8 TFLite not built: {exc}")
-    same = got.argmax(axis=1) == reference.argmax(axis=1)
+    return judge_tflite(reference, out, x_eval, min_agreement=min_agreement, min_confident=min_confident,
+                        force=force)
+
+
+def judge_tflite(reference: np.ndarray, tflite: Path, x_eval: np.ndarray, *, min_agreement: float = MIN_AGREEMENT,
+                 min_confident: float = MIN_CONFIDENT_AGREEMENT, force: bool = False,
+                 remove: bool = True) -> TfliteOutcome:
+    """Measure an int8 TFLite (in LiteRT) against the fp32 outputs `reference` on `x_eval`: top-1 agreement overall
+    and where fp32 is confident. Within both bounds (or with `force`) it is shipped; otherwise the outcome says by
+    how much it missed, and the file is deleted when `remove`."""
+    from edgecv.agent.vision.runtimes import open_engine
+    from edgecv.tools.evaluate import confident_mask, run_logits
+
+    got = run_logits(open_engine(tflite, "tflite", threads=1), x_eval)
+    same = got.argmax(axis=1) == np.asarray(reference).argmax(axis=1)
     confident = confident_mask(reference)
     agree = float(same.mean())
     agree_conf = float(same[confident].mean()) if confident.any() else None
@@ -104,16 +117,18 @@ def tflite_for_onnx(onnx_path: Path, spec: InputSpec, calib: np.ndarray, x_eval:
     if agree_conf is not None and agree_conf + 1e-9 < min_confident:
         misses.append(f"{(min_confident - agree_conf) * 100:.1f} points under the {min_confident:.0%} bound where "
                       "fp32 is confident")
+
     def outcome(path: Path | None, verdict: str) -> TfliteOutcome:
         return TfliteOutcome(path, f"{measured}: {verdict}", agreement=agree, confident_agreement=agree_conf,
-                             confident=int(confident.sum()), images=len(same), bytes=out.stat().st_size)
+                             confident=int(confident.sum()), images=len(same), bytes=tflite.stat().st_size)
 
     if not misses:
-        return outcome(out, "shipped")
+        return outcome(tflite, "shipped")
     if force:
-        return outcome(out, f"{'; '.join(misses)}; shipped because of --force")
+        return outcome(tflite, f"{'; '.join(misses)}; shipped because of --force")
     refused = outcome(None, f"{'; '.join(misses)}; not shipped (--force ships it anyway)")
-    out.unlink(missing_ok=True)
+    if remove:
+        tflite.unlink(missing_ok=True)
     return refused
 
 
@@ -131,8 +146,12 @@ def _check_converted(model: torch.nn.Module, x: np.ndarray, reference: np.ndarra
 
 
 def export_tflite_int8(model: torch.nn.Module, spec: InputSpec, calib: np.ndarray, out: Path, *,
-                       per_channel: bool = True) -> Path:
-    """Write a full-integer int8 TFLite of `model` at `out`, calibrated on `calib` (float32, preprocessed)."""
+                       per_channel: bool = True, observer: str = "histogram") -> Path:
+    """Write a full-integer int8 TFLite of `model` at `out`, calibrated on `calib` (float32, preprocessed).
+
+    `observer` sets how activation ranges are calibrated: "histogram" (litert-torch's default, minimises the
+    quantization error and may clip outliers) or "minmax" (the full observed range).
+    """
     import torch
 
     litert_torch, pt2e_quantizer, quant_config = _import_litert()
@@ -150,7 +169,7 @@ def export_tflite_int8(model: torch.nn.Module, spec: InputSpec, calib: np.ndarra
         with torch.no_grad(), _converter_quiet():
             graph, batch = _export_for_calibration(model, calib)
             quantizer = _relu6_fusing_quantizer(pt2e_quantizer)().set_global(
-                pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=per_channel))
+                _quant_config(pt2e_quantizer, per_channel, observer))
             graph = quantize_pt2e.prepare_pt2e(graph, quantizer)
             for i in range(0, len(calib), batch):
                 chunk = calib[i:i + batch]
@@ -185,6 +204,25 @@ def _export_for_calibration(model: torch.nn.Module, calib: np.ndarray, batch: in
         except Exception as exc:  # torch.export specialization errors come in several types
             log.debug("Dynamic-batch export failed (%s); calibrating image by image", exc)
     return torch.export.export(model, (torch.from_numpy(calib[:1]),)).module(), 1
+
+
+OBSERVERS = ("histogram", "minmax")
+
+
+def _quant_config(pt2e_quantizer: Any, per_channel: bool, observer: str) -> Any:
+    """litert-torch's symmetric int8 config, with the activation observer swapped for MinMax when asked."""
+    if observer not in OBSERVERS:
+        raise ExportError(f"Activation observer must be one of {', '.join(OBSERVERS)}, got {observer!r}")
+    config = pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=per_channel)
+    if observer == "histogram":
+        return config
+    import dataclasses
+
+    from torchao.quantization.pt2e import MinMaxObserver
+
+    act = config.input_activation
+    act = dataclasses.replace(act, observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2 ** -12))
+    return dataclasses.replace(config, input_activation=act, output_activation=act)
 
 
 _RELU6_QUANTIZER: type | None = None

@@ -140,12 +140,14 @@ def test_benchmark_measures_every_artifact_side_by_side(tiny_bundle: Bundle) -> 
     rows = benchmark_bundle(tiny_bundle, threads=(1, 2), runs=20)
     assert {(r.artifact, r.runtime) for r in rows} == {("model.int8.onnx", "onnxruntime"),
                                                       ("model.int8.tflite", "litert"),
-                                                      ("model.fp32.onnx", "onnxruntime")}
-    assert sorted({r.threads for r in rows}) == [1, 2] and len(rows) == 6
+                                                      ("model.fp32.onnx", "onnxruntime"),
+                                                      ("model.int8.onnx", "openvino"),
+                                                      ("model.fp32.onnx", "openvino")}
+    assert sorted({r.threads for r in rows}) == [1, 2] and len(rows) == 10
     for r in rows:
         assert 0 < r.infer_ms_median <= r.infer_ms_p95 and r.pre_ms_median > 0 and r.runs == 20
         assert r.total_ms_median >= r.infer_ms_median and r.fps > 0
-    base = next(r for r in rows if r.artifact == "model.fp32.onnx" and r.threads == 1)
+    base = next(r for r in rows if r.artifact == "model.fp32.onnx" and r.runtime == "onnxruntime" and r.threads == 1)
     assert base.speedup == 1.0
     table = format_table(rows)
     assert table.splitlines()[0].split()[:3] == ["runtime", "artifact", "thr"] and "model.int8.tflite" in table
