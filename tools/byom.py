@@ -3,8 +3,8 @@
 The user supplies the ONNX file, a folder of calibration images (flat, or one sub-folder per class) and a
 labels file; the preprocessing comes from the model's input shape plus command-line options. The model is
 quantized (static QDQ int8), both precisions are run in onnxruntime on the images, and the bundle is built
-with self-test vectors. No TFLite is produced: there is no TensorFlow-free ONNX→TFLite converter (onnx2tf
-needs TensorFlow and pins old packages), so such bundles run on onnxruntime.
+with self-test vectors. An int8 TFLite is built without TensorFlow (`quantize_tflite.tflite_for_onnx`: ONNX →
+PyTorch → litert-torch PT2E) and shipped when it agrees with the fp32 model within the bound.
 """
 
 from __future__ import annotations
@@ -24,9 +24,7 @@ from edgecv.tools.errors import DatasetError, ExportError
 
 log = logging.getLogger(__name__)
 
-TFLITE_SKIPPED = ("TFLite artifact skipped: there is no TensorFlow-free ONNX→TFLite converter (onnx2tf needs "
-                  "TensorFlow and old numpy/onnx); the bundle runs on onnxruntime. For an int8 TFLite, train or "
-                  "load the model in edgecv (edgecv train / edgecv quantize CHECKPOINT)")
+TFLITE_NOT_ASKED = "int8 TFLite not built: not in --formats"
 
 
 @dataclass(frozen=True)
@@ -46,7 +44,7 @@ class ByomResult:
     int8_path: Path
     fp32_path: Path
     metrics: dict[str, Any]
-    tflite_skipped: str = TFLITE_SKIPPED
+    tflite_note: str = TFLITE_NOT_ASKED
     notes: list[str] = field(default_factory=list)
 
 
@@ -188,7 +186,7 @@ def quantize_byom(onnx_path: Path, calib_dir: Path, labels_path: Path, out_dir: 
                   mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,), scale: float = 1.0 / 255.0,
                   calib: int = 200, method: str = "minmax", per_channel: bool = True, name: str | None = None,
                   version: str = "1", private_key: Path | None = None, include_fp32: bool = False,
-                  max_eval: int = 2000, latency_runs: int = 200,
+                  max_eval: int = 2000, latency_runs: int = 200, tflite: bool = True, force: bool = False,
                   progress: Callable[[str], None] | None = None) -> ByomResult:
     """Quantize a user's fp32 ONNX classifier and build an edgecv bundle of it at `out_dir`."""
     from edgecv.agent.vision.preprocess import Preprocessor
@@ -244,15 +242,29 @@ def quantize_byom(onnx_path: Path, calib_dir: Path, labels_path: Path, out_dir: 
             "int8_fp32_agreement": agree,
             "fp32_onnx": _eval_metrics(ref, eval_y is not None),
             "int8_onnx": _eval_metrics(q, eval_y is not None),
-            "tflite": "skipped: no TensorFlow-free ONNX to TFLite converter",
         }
-        log.debug("%s", TFLITE_SKIPPED)
+        tflite_note = TFLITE_NOT_ASKED
+        tflite_path: Path | None = None
+        if tflite:
+            from edgecv.tools.quantize_tflite import tflite_for_onnx
+
+            say("int8 TFLite: ONNX → PyTorch → litert-torch PT2E (minutes for a 224×224 model) …")
+            outcome = tflite_for_onnx(onnx_path, spec, calib_x, eval_x, Path(tmp) / "model.int8.tflite", force=force)
+            metrics["int8_tflite"] = outcome.as_dict()
+            tflite_note, tflite_path = outcome.note, outcome.path
+            say(tflite_note)
 
         int8_engine = open_engine(int8_path, "onnx")
         pre = Preprocessor(spec)
-        frames, expected = _selftest(images, pre.batch, lambda b: run_logits(fp32_engine, b),
-                                     {"int8 onnx": lambda b: run_logits(int8_engine, b)}, choose_selftest_frames)
+        checks = {"int8 onnx": lambda b: run_logits(int8_engine, b)}
+        if tflite_path is not None:
+            tflite_engine = open_engine(tflite_path, "tflite")
+            checks["int8 tflite"] = lambda b: run_logits(tflite_engine, b)
+        frames, expected = _selftest(images, pre.batch, lambda b: run_logits(fp32_engine, b), checks,
+                                     choose_selftest_frames)
         artifacts: list[tuple[Path, str, str]] = [(int8_path, "onnx", "int8")]
+        if tflite_path is not None:
+            artifacts.append((tflite_path, "tflite", "int8"))
         if include_fp32:
             artifacts.append((onnx_path, "onnx", "fp32"))
         bundle = build_bundle(Path(out_dir), name=name or onnx_path.stem, version=version, labels=labels, spec=spec,
@@ -260,7 +272,7 @@ def quantize_byom(onnx_path: Path, calib_dir: Path, labels_path: Path, out_dir: 
                               metrics=metrics, private_key=private_key,
                               description=f"Brought-your-own model from {onnx_path.name}")
     return ByomResult(bundle=bundle, int8_path=Path(out_dir) / "model.int8.onnx", fp32_path=onnx_path,
-                      metrics=metrics)
+                      metrics=metrics, tflite_note=tflite_note)
 
 
 def _selftest(images: np.ndarray, preprocess: Callable[[np.ndarray], np.ndarray],

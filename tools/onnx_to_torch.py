@@ -33,7 +33,7 @@ SUPPORTED_OPS = frozenset({
     "Add", "AveragePool", "BatchNormalization", "Cast", "Clip", "Concat", "Constant", "Conv", "Div", "Dropout",
     "Flatten", "Gather", "Gemm", "GlobalAveragePool", "GlobalMaxPool", "HardSigmoid", "HardSwish", "Identity",
     "LeakyRelu", "MatMul", "MaxPool", "Mul", "Pad", "ReduceMean", "Relu", "Reshape", "Shape", "Sigmoid", "Slice",
-    "Softmax", "Squeeze", "Sub", "Tanh", "Unsqueeze",
+    "Softmax", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze",
 })
 
 
@@ -325,6 +325,10 @@ def _run(st: Step, a: list[Any], opset: int, torch: Any, F: Any) -> Any:
         for ax in sorted(int(v) for v in axes):
             x = torch.unsqueeze(x, ax)
         return x
+    if op == "Transpose":
+        perm = at.get("perm")
+        return a[0].permute(*[int(p) for p in perm]) if perm is not None else a[0].permute(
+            *reversed(range(a[0].dim())))
     if op == "Shape":
         dims = list(a[0].shape)
         start, end = int(at.get("start", 0)), at.get("end")

@@ -260,3 +260,26 @@ def test_a_model_the_converter_cannot_take_gives_a_note_not_a_crash(tmp_path: Pa
     x = _images(4, size=8)
     outcome = tflite_for_onnx(path, InputSpec(width=8, height=8, channels=3), x, x, tmp_path / "odd.tflite")
     assert not outcome.shipped and outcome.note.startswith("int8 TFLite not built:") and "Erf" in outcome.note
+
+
+def test_nhwc_models_with_a_transpose_convert(tmp_path: Path) -> None:
+    import onnx
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgecv.tools.onnx_to_torch import onnx_to_torch
+
+    rng = np.random.default_rng(5)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["x"], ["nchw"], perm=[0, 3, 1, 2]),
+         helper.make_node("Conv", ["nchw", "w"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("GlobalAveragePool", ["c"], ["g"]), helper.make_node("Flatten", ["g"], ["y"])],
+        "nhwc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 8, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
+    path = tmp_path / "nhwc.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    x = rng.standard_normal((1, 8, 8, 3)).astype(np.float32)
+    with torch.no_grad():
+        got = onnx_to_torch(path)(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, _ort(path, x), atol=1e-5)
