@@ -176,6 +176,8 @@ def natural_images(count: int, *, seed: int, text: bool) -> np.ndarray:
                                            "immunohistochemistry", "camera", "brick", "grass", "gravel", "moon")
     photos = []
     for name in names:
+        if getattr(data, name, None) is None:  # the set of bundled photos differs between scikit-image versions
+            continue
         img = np.asarray(getattr(data, name)())
         photos.append(np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img[..., :3])
     rng = np.random.default_rng(seed)
