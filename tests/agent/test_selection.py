@@ -2,7 +2,8 @@
 
 Real runtimes (LiteRT, onnxruntime, OpenVINO) on the tiny model's artifacts; faults are injected at one named
 point, `open_engine` as the selection module calls it: a wrapper that permutes the logits (a wrong model) or
-runs the real model several times per call (a slower one).
+runs the real model several times per call (a slower one). Those tests measure in-process (isolate=False); the
+child-process measurement the agent uses by default is tested on its own at the end.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def bundle(tiny_model: TinyModel, tmp_path: Path) -> Bundle:
 
 
 def test_auto_measures_every_installed_pair_and_serves_the_fastest(bundle: Bundle) -> None:
-    clf, report = choose_classifier(bundle, "auto", rounds=15)
+    clf, report = choose_classifier(bundle, "auto", rounds=15, isolate=False)
     labels = [c.label for c in report.candidates]
     # int8 TFLite on LiteRT, int8 and fp32 ONNX on onnxruntime and on OpenVINO
     assert sorted(labels) == sorted(["litert int8 tflite", "onnxruntime int8 onnx", "openvino int8 onnx",
@@ -72,11 +73,11 @@ def test_auto_measures_every_installed_pair_and_serves_the_fastest(bundle: Bundl
 
 def test_a_slower_runtime_loses_and_the_choice_follows_the_measurement(bundle: Bundle,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    _, first = choose_classifier(bundle, "auto", rounds=10)
+    _, first = choose_classifier(bundle, "auto", rounds=10, isolate=False)
     winner = (first.chosen.runtime, first.chosen.precision)
     # the same pair made 30x as costly (same answers): it must lose, and something else serves
     alter(monkeypatch, lambda rt, prec: (rt, prec) == winner, repeat=30)
-    clf, second = choose_classifier(bundle, "auto", rounds=10)
+    clf, second = choose_classifier(bundle, "auto", rounds=10, isolate=False)
     slowed = next(c for c in second.candidates if (c.runtime, c.precision) == winner)
     assert slowed.status == PASSED and (clf.engine.name, second.chosen.precision) != winner
     assert (slowed.median_ms or 0) > (second.chosen.median_ms or 0)
@@ -86,7 +87,7 @@ def test_a_slower_runtime_loses_and_the_choice_follows_the_measurement(bundle: B
 def test_a_fast_runtime_that_fails_the_selftest_is_never_chosen(bundle: Bundle,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     alter(monkeypatch, lambda rt, prec: rt == "litert", permute=True)
-    clf, report = choose_classifier(bundle, "auto", rounds=5)
+    clf, report = choose_classifier(bundle, "auto", rounds=5, isolate=False)
     lite = next(c for c in report.candidates if c.runtime == "litert")
     assert lite.status == FAILED and (lite.agreement or 0) < 1.0 and "Self-test failed" in lite.detail
     assert clf.engine.name != "litert"
@@ -105,18 +106,18 @@ def test_an_explicit_runtime_restricts_the_candidates(bundle: Bundle) -> None:
 def test_no_passing_candidate_is_an_error_that_names_each(bundle: Bundle, monkeypatch: pytest.MonkeyPatch) -> None:
     alter(monkeypatch, lambda rt, prec: True, permute=True)
     with pytest.raises(SelfTestError, match=r"No runtime passed.*litert int8 tflite: Self-test failed.*openvino"):
-        choose_classifier(bundle, "auto", rounds=5)
+        choose_classifier(bundle, "auto", rounds=5, isolate=False)
 
 
 def test_unloadable_artifacts_are_reported_and_skipped(tiny_model: TinyModel, tmp_path: Path) -> None:
     bundle = make_bundle(tiny_model, tmp_path / "b", artifacts=(("tflite", "int8"), ("onnx", "int8")))
     (bundle.root / "model.int8.tflite").write_bytes(b"not a flatbuffer")
-    clf, report = choose_classifier(bundle, "auto", rounds=5)
+    clf, report = choose_classifier(bundle, "auto", rounds=5, isolate=False)
     lite = next(c for c in report.candidates if c.runtime == "litert")
     assert lite.status == FAILED and lite.detail.startswith("cannot load:") and clf.engine.name != "litert"
     (bundle.root / "model.int8.onnx").write_bytes(b"garbage")
     with pytest.raises(IncompatibleBundleError):
-        choose_classifier(bundle, "auto", rounds=5)
+        choose_classifier(bundle, "auto", rounds=5, isolate=False)
 
 
 def test_status_and_health_say_which_runtime_serves_and_why(bundle: Bundle, tmp_path: Path) -> None:
@@ -129,7 +130,7 @@ def test_status_and_health_say_which_runtime_serves_and_why(bundle: Bundle, tmp_
 
     cfg = parse_config({"device_id": "pi-1", "camera": [{"name": "cam0", "source": "synthetic:fashion-mnist"}],
                         "model": {"store": str(tmp_path / "store")}, "homeassistant": {"enabled": False}})
-    clf, report = choose_classifier(bundle, "auto", rounds=5)
+    clf, report = choose_classifier(bundle, "auto", rounds=5, isolate=False)
     outbox = Outbox(100)
     topics = DeviceTopics(cfg.prefix, cfg.device_id)
     agent = Agent(cfg, topics, link=MemoryLink(), outbox=outbox,
@@ -137,3 +138,37 @@ def test_status_and_health_say_which_runtime_serves_and_why(bundle: Bundle, tmp_
     for doc in (agent.status_payload("online")["model"], agent.health_payload()["model"]):
         assert doc["runtime"] == report.chosen.runtime and doc["artifact"] == report.chosen.label
         assert doc["runtime_reason"] == report.reason and "fastest" in doc["runtime_reason"]
+
+
+def test_measuring_in_a_child_keeps_only_the_winners_runtime_in_the_agent(bundle: Bundle) -> None:
+    """In a fresh interpreter (nothing imported yet): choose with every runtime installed, then check which runtime
+    libraries the serving process has imported — the winner's only."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\n"
+        "from edgecv.agent.contract.bundle import load_bundle\n"
+        "from edgecv.agent.vision.selection import choose_classifier\n"
+        f"clf, report = choose_classifier(load_bundle({str(bundle.root)!r}), 'auto', rounds=5)\n"
+        "mods = {m: m in sys.modules for m in ('ai_edge_litert', 'onnxruntime', 'openvino')}\n"
+        "print(json.dumps({'report': report.as_dict(), 'engine': clf.engine.name, 'mods': mods}))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    doc = json.loads(done.stdout.strip().splitlines()[-1])
+    chosen = next(c for c in doc["report"]["candidates"] if c["status"] == CHOSEN)
+    assert doc["engine"] == chosen["runtime"] and len(doc["report"]["candidates"]) == 5
+    module = {"litert": "ai_edge_litert", "onnxruntime": "onnxruntime", "openvino": "openvino"}[chosen["runtime"]]
+    assert doc["mods"] == {m: m == module for m in doc["mods"]}, doc["mods"]
+
+
+def test_a_failing_child_falls_back_to_measuring_in_process(bundle: Bundle, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(selection.sys, "executable", "/nonexistent/python")
+    clf, report = choose_classifier(bundle, "auto", rounds=5)
+    assert len(report.candidates) == 5 and clf.engine.name == report.chosen.runtime
+
+
+def test_the_childs_errors_come_back_as_the_same_errors(tiny_model: TinyModel, tmp_path: Path) -> None:
+    bundle = make_bundle(tiny_model, tmp_path / "b", expected=[9] * 8, min_agreement=1.0)  # nothing can pass
+    with pytest.raises(SelfTestError, match="No runtime passed the bundle's self-test"):
+        choose_classifier(bundle, "auto", rounds=5, isolate=True)
