@@ -186,7 +186,8 @@ def quantize_byom(onnx_path: Path, calib_dir: Path, labels_path: Path, out_dir: 
                   mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,), scale: float = 1.0 / 255.0,
                   calib: int = 200, method: str = "minmax", per_channel: bool = True, name: str | None = None,
                   version: str = "1", private_key: Path | None = None, include_fp32: bool = False,
-                  max_eval: int = 2000, latency_runs: int = 200, tflite: bool = True, force: bool = False,
+                  max_eval: int = 2000, latency_runs: int = 200, tflite: bool = True, openvino: bool = False,
+                  force: bool = False,
                   progress: Callable[[str], None] | None = None) -> ByomResult:
     """Quantize a user's fp32 ONNX classifier and build an edgecv bundle of it at `out_dir`."""
     from edgecv.agent.vision.preprocess import Preprocessor
@@ -254,17 +255,31 @@ def quantize_byom(onnx_path: Path, calib_dir: Path, labels_path: Path, out_dir: 
             tflite_note, tflite_path = outcome.note, outcome.path
             say(tflite_note)
 
+        ov_path: Path | None = None
+        if openvino:
+            from edgecv.tools.quantize_openvino import openvino_for_onnx
+
+            ov = openvino_for_onnx(onnx_path, calib_x, eval_x, Path(tmp) / "model.int8.openvino.onnx", force=force)
+            metrics["int8_openvino"] = ov.as_dict()
+            ov_path = ov.path
+            say(ov.note)
+
         int8_engine = open_engine(int8_path, "onnx")
         pre = Preprocessor(spec)
         checks = {"int8 onnx": lambda b: run_logits(int8_engine, b)}
         if tflite_path is not None:
             tflite_engine = open_engine(tflite_path, "tflite")
             checks["int8 tflite"] = lambda b: run_logits(tflite_engine, b)
+        if ov_path is not None:
+            ov_engine = open_engine(ov_path, "openvino", runtime="openvino")
+            checks["int8 openvino"] = lambda b: run_logits(ov_engine, b)
         frames, expected = _selftest(images, pre.batch, lambda b: run_logits(fp32_engine, b), checks,
                                      choose_selftest_frames)
         artifacts: list[tuple[Path, str, str]] = [(int8_path, "onnx", "int8")]
         if tflite_path is not None:
             artifacts.append((tflite_path, "tflite", "int8"))
+        if ov_path is not None:
+            artifacts.append((ov_path, "openvino", "int8"))
         if include_fp32:
             artifacts.append((onnx_path, "onnx", "fp32"))
         bundle = build_bundle(Path(out_dir), name=name or onnx_path.stem, version=version, labels=labels, spec=spec,

@@ -23,13 +23,13 @@ import os
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edgecv.tools.errors import ExportError
+from edgecv.tools.evaluate import MIN_AGREEMENT, MIN_CONFIDENT_AGREEMENT, ArtifactOutcome, judge_artifact
 
 if TYPE_CHECKING:
     import torch
@@ -38,38 +38,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The bound every shipped artifact must meet against fp32 (issue #12): top-1 agreement overall, and where fp32 is
-# confident (top-1 probability > 0.5).
-MIN_AGREEMENT = 0.97
-MIN_CONFIDENT_AGREEMENT = 0.99
+TfliteOutcome = ArtifactOutcome
 CONVERTER_TOLERANCE = 1e-3  # max |torch - onnxruntime| relative to the output's range, on fp32
-
-
-@dataclass(frozen=True)
-class TfliteOutcome:
-    """What became of the int8 TFLite of a bring-your-own ONNX model: the file when it is shipped, the measured
-    agreement with the fp32 ONNX, and one line saying so (or why not)."""
-
-    path: Path | None
-    note: str
-    agreement: float | None = None
-    confident_agreement: float | None = None
-    confident: int = 0
-    images: int = 0
-    bytes: int = 0
-
-    @property
-    def shipped(self) -> bool:
-        return self.path is not None
-
-    def as_dict(self) -> dict[str, object]:
-        return {"shipped": self.shipped, "agreement": self.agreement, "confident_agreement": self.confident_agreement,
-                "confident_images": self.confident, "images": self.images, "bytes": self.bytes, "note": self.note}
 
 
 def tflite_for_onnx(onnx_path: Path, spec: InputSpec, calib: np.ndarray, x_eval: np.ndarray, out: Path, *,
                     min_agreement: float = MIN_AGREEMENT, min_confident: float = MIN_CONFIDENT_AGREEMENT,
-                    force: bool = False, observer: str = "histogram") -> TfliteOutcome:
+                    force: bool = False, observer: str = "histogram") -> ArtifactOutcome:
     """int8 TFLite for an fp32 ONNX classifier, without TensorFlow: ONNX → torch (`onnx_to_torch`) → the PT2E path
     above. It is written to `out` and kept only when its top-1 agreement with the fp32 ONNX (run in onnxruntime)
     on `x_eval` meets both bounds, or with `force`; otherwise the outcome says by how much it missed.
@@ -89,47 +64,17 @@ def tflite_for_onnx(onnx_path: Path, spec: InputSpec, calib: np.ndarray, x_eval:
         export_tflite_int8(model, spec, calib, out, observer=observer)
     except ExportError as exc:
         out.unlink(missing_ok=True)
-        return TfliteOutcome(None, f"int8 TFLite not built: {exc}")
+        return ArtifactOutcome(None, f"int8 TFLite not built: {exc}")
     return judge_tflite(reference, out, x_eval, min_agreement=min_agreement, min_confident=min_confident,
                         force=force)
 
 
 def judge_tflite(reference: np.ndarray, tflite: Path, x_eval: np.ndarray, *, min_agreement: float = MIN_AGREEMENT,
                  min_confident: float = MIN_CONFIDENT_AGREEMENT, force: bool = False,
-                 remove: bool = True) -> TfliteOutcome:
-    """Measure an int8 TFLite (in LiteRT) against the fp32 outputs `reference` on `x_eval`: top-1 agreement overall
-    and where fp32 is confident. Within both bounds (or with `force`) it is shipped; otherwise the outcome says by
-    how much it missed, and the file is deleted when `remove`."""
-    from edgecv.agent.vision.runtimes import open_engine
-    from edgecv.tools.evaluate import confident_mask, run_logits
-
-    got = run_logits(open_engine(tflite, "tflite", threads=1), x_eval)
-    same = got.argmax(axis=1) == np.asarray(reference).argmax(axis=1)
-    confident = confident_mask(reference)
-    agree = float(same.mean())
-    agree_conf = float(same[confident].mean()) if confident.any() else None
-    measured = (f"int8 TFLite agrees with fp32 on {agree:.1%} of {len(same)} images"
-                + (f" ({agree_conf:.1%} of the {int(confident.sum())} where fp32 is confident)"
-                   if agree_conf is not None else ""))
-    misses = []
-    if agree + 1e-9 < min_agreement:
-        misses.append(f"{(min_agreement - agree) * 100:.1f} points under the {min_agreement:.0%} bound")
-    if agree_conf is not None and agree_conf + 1e-9 < min_confident:
-        misses.append(f"{(min_confident - agree_conf) * 100:.1f} points under the {min_confident:.0%} bound where "
-                      "fp32 is confident")
-
-    def outcome(path: Path | None, verdict: str) -> TfliteOutcome:
-        return TfliteOutcome(path, f"{measured}: {verdict}", agreement=agree, confident_agreement=agree_conf,
-                             confident=int(confident.sum()), images=len(same), bytes=tflite.stat().st_size)
-
-    if not misses:
-        return outcome(tflite, "shipped")
-    if force:
-        return outcome(tflite, f"{'; '.join(misses)}; shipped because of --force")
-    refused = outcome(None, f"{'; '.join(misses)}; not shipped (--force ships it anyway)")
-    if remove:
-        tflite.unlink(missing_ok=True)
-    return refused
+                 remove: bool = True) -> ArtifactOutcome:
+    """`evaluate.judge_artifact` for an int8 TFLite in LiteRT."""
+    return judge_artifact(reference, tflite, "tflite", x_eval, label="int8 TFLite", min_agreement=min_agreement,
+                          min_confident=min_confident, force=force, remove=remove)
 
 
 def _check_converted(model: torch.nn.Module, x: np.ndarray, reference: np.ndarray) -> None:

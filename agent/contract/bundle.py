@@ -30,7 +30,9 @@ BUNDLE_SUFFIX = ".edgecv"  # a gzip-compressed tar of the bundle directory
 COLORS = ("RGB", "BGR", "GRAY")
 LAYOUTS = ("NCHW", "NHWC")
 RESIZE_MODES = ("stretch", "letterbox", "center-crop")
-FORMATS = ("onnx", "tflite")
+# onnx: ONNX for onnxruntime (OpenVINO reads it too); tflite: LiteRT; openvino: an ONNX file quantized for OpenVINO
+# (NNCF's int8: slow in onnxruntime, fast in OpenVINO), run by OpenVINO only.
+FORMATS = ("onnx", "tflite", "openvino")
 PRECISIONS = ("int8", "fp32")
 TASKS = ("classification",)
 

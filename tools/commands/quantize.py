@@ -80,8 +80,8 @@ def register(subparsers: Any) -> None:
     byom.add_argument("--key", type=Path, help="private key to sign the bundle (from 'edgecv keys generate')")
     byom.add_argument("--include-fp32", action="store_true", help="also ship the fp32 ONNX in the bundle")
     byom.add_argument("--force", action="store_true",
-                      help="ship the int8 TFLite even when it misses the agreement bound with fp32 (97 %% overall, "
-                           "99 %% where fp32 is confident)")
+                      help="ship the int8 TFLite / OpenVINO artifacts even when they miss the agreement bound with "
+                           "fp32 (97 %% overall, 99 %% where fp32 is confident)")
     parser.set_defaults(handler=run)
 
 
@@ -284,13 +284,16 @@ def _run_byom(args: argparse.Namespace) -> int:
                            per_channel=not args.per_tensor, name=args.name, version=args.bundle_version,
                            private_key=args.key, include_fp32=args.include_fp32,
                            latency_runs=args.latency_runs, tflite="tflite" in _byom_formats(args.formats),
-                           force=args.force, progress=lambda m: print(m, file=sys.stderr))
+                           openvino="openvino" in _byom_formats(args.formats), force=args.force,
+                           progress=lambda m: print(m, file=sys.stderr))
     m = result.metrics
     fp32, int8 = m["fp32_onnx"], m["int8_onnx"]
     print(f"int8 ONNX {int8['bytes']:,} bytes (gzip {int8['gzip_bytes']:,}) vs fp32 {fp32['bytes']:,}; agreement "
           f"{m['int8_fp32_agreement']:.4f} on {m['eval_images']} images"
           + (f"; accuracy {int8['accuracy']:.4f} vs {fp32['accuracy']:.4f}" if "accuracy" in int8 else ""))
     print(result.tflite_note)
+    if "int8_openvino" in m:
+        print(m["int8_openvino"]["note"])
     signed = " (signed)" if args.key else " (unsigned: sign it with 'edgecv bundle sign --key ...')"
     print(f"wrote bundle {result.bundle.manifest.name} {result.bundle.manifest.version} to {args.out}{signed}")
     return 0
@@ -300,8 +303,9 @@ def _byom_formats(text: str) -> set[str]:
     from edgecv.tools.errors import ExportError
 
     formats = {f.strip() for f in text.split(",") if f.strip()}
-    if not formats or formats - {"onnx", "tflite"}:
-        raise ExportError(f"--formats for --onnx is a comma list of onnx and tflite, got {text!r}")
+    if not formats or formats - {"onnx", "tflite", "openvino"}:
+        raise ExportError(f"--formats for --onnx is a comma list of onnx, tflite and openvino (an NNCF int8 for "
+                          f"OpenVINO), got {text!r}")
     return formats
 
 

@@ -30,9 +30,10 @@ ONNXRUNTIME = "onnxruntime"
 LITERT = "litert"
 OPENVINO = "openvino"
 RUNTIMES = (ONNXRUNTIME, LITERT, OPENVINO)
-RUNTIME_FOR_FORMAT = {"onnx": ONNXRUNTIME, "tflite": LITERT}  # each format's default runtime
-RUNTIMES_FOR_FORMAT = {"onnx": (ONNXRUNTIME, OPENVINO), "tflite": (LITERT,)}  # every runtime that can run it
-FORMAT_OF_RUNTIME = {ONNXRUNTIME: "onnx", LITERT: "tflite", OPENVINO: "onnx"}
+RUNTIME_FOR_FORMAT = {"onnx": ONNXRUNTIME, "tflite": LITERT, "openvino": OPENVINO}  # each format's default runtime
+# every runtime that can run a format, and every format a runtime runs (its own first)
+RUNTIMES_FOR_FORMAT = {"onnx": (ONNXRUNTIME, OPENVINO), "tflite": (LITERT,), "openvino": (OPENVINO,)}
+FORMATS_OF_RUNTIME = {ONNXRUNTIME: ("onnx",), LITERT: ("tflite",), OPENVINO: ("openvino", "onnx")}
 INSTALL_HINT = {
     ONNXRUNTIME: "pip install onnxruntime",
     LITERT: "pip install 'edgecv[litert]' (ai-edge-litert)",
@@ -79,7 +80,7 @@ def open_engine(path: Path, fmt: str, threads: int = 1, runtime: str | None = No
     if wanted == OPENVINO:
         from edgecv.agent.vision.runtimes.openvino import OpenVinoEngine
 
-        return OpenVinoEngine(path, threads=threads, precision=precision)
+        return OpenVinoEngine(path, threads=threads, precision=precision, fmt=fmt)
     from edgecv.agent.vision.runtimes.litert import LiteRtEngine
 
     return LiteRtEngine(path, threads=threads, precision=precision)
@@ -99,9 +100,10 @@ def candidates(bundle: Bundle, runtime: str = "auto") -> list[tuple[Artifact, st
     out = []
     for precision in ("int8", "fp32"):
         for rt in chosen:
-            art = bundle.manifest.artifact(FORMAT_OF_RUNTIME[rt], precision)
-            if art is not None and rt in installed:
-                out.append((art, rt))
+            for fmt in FORMATS_OF_RUNTIME[rt]:
+                art = bundle.manifest.artifact(fmt, precision)
+                if art is not None and rt in installed:
+                    out.append((art, rt))
     return out
 
 

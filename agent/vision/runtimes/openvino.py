@@ -1,6 +1,7 @@
-"""OpenVINO adapter: runs a bundle's ONNX artifacts (fp32 and int8 QDQ) with OpenVINO's CPU plugin.
+"""OpenVINO adapter: runs a bundle's ONNX artifacts (fp32 and int8 QDQ) with OpenVINO's CPU plugin, and the
+`openvino` artifact (an ONNX file NNCF quantized for OpenVINO).
 
-OpenVINO reads `.onnx` directly, so it needs no artifact of its own: it is a third way to run the same file.
+OpenVINO reads `.onnx` directly, so it can run the bundle's ONNX files too: a third way to run the same file.
 Inference precision is forced to f32 (the CPU plugin's default on processors with bf16 or fp16 support is the
 lower precision, which would change the answers the bundle's self-test recorded), one stream, latency hint.
 """
@@ -25,7 +26,7 @@ class OpenVinoEngine:
 
     name = "openvino"
 
-    def __init__(self, path: Path, threads: int = 1, precision: str | None = None) -> None:
+    def __init__(self, path: Path, threads: int = 1, precision: str | None = None, fmt: str = "onnx") -> None:
         try:
             import openvino as ov
         except ImportError as exc:
@@ -34,6 +35,7 @@ class OpenVinoEngine:
         self.path = Path(path)
         self.threads = threads
         self.precision = precision
+        self.format = fmt
         self.version = str(ov.__version__).split("-")[0]
         try:
             core = ov.Core()
@@ -77,7 +79,7 @@ class OpenVinoEngine:
             "runtime": self.name,
             "version": self.version,
             "path": str(self.path),
-            "format": "onnx",
+            "format": self.format,
             "precision": self.precision,
             "threads": self.threads,
             "input": {"name": self._input.get_any_name(), "shape": self._in_shape, "type": "float32"},
