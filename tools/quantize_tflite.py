@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TfliteOutcome = ArtifactOutcome
 CONVERTER_TOLERANCE = 1e-3  # max |torch - onnxruntime| relative to the output's range, on fp32
 
 
