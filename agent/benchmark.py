@@ -15,7 +15,7 @@ import numpy as np
 from edgecv.agent.contract.bundle import Bundle
 from edgecv.agent.errors import IncompatibleBundleError, RuntimeUnavailableError
 from edgecv.agent.vision.preprocess import Preprocessor
-from edgecv.agent.vision.runtimes import RUNTIME_FOR_FORMAT, available_runtimes, open_engine
+from edgecv.agent.vision.runtimes import RUNTIMES_FOR_FORMAT, available_runtimes, open_engine
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,9 @@ def benchmark_bundle(bundle: Bundle, runtimes: Sequence[str] | None = None,
     pre = Preprocessor(bundle.manifest.input)
     frames = _frames(bundle)
     raw: list[dict[str, Any]] = []
-    for art in bundle.manifest.artifacts:
-        runtime = RUNTIME_FOR_FORMAT[art.format]
-        if runtime not in wanted:
-            continue
+    pairs = [(art, rt) for art in bundle.manifest.artifacts for rt in RUNTIMES_FOR_FORMAT.get(art.format, ())
+             if rt in wanted]
+    for art, runtime in pairs:
         for n in thread_counts:
             try:
                 engine = open_engine(bundle.path_of(art.path), art.format, threads=n, runtime=runtime,

@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Measure preprocessing + inference latency of a bundle's artifacts on this device, per installed runtime "
         "and thread count (median and p95 of --runs inferences, batch 1)."))
     bench.add_argument("--bundle", "-b", required=True, type=Path, help="bundle directory or .edgecv file")
-    bench.add_argument("--runtime", default="auto", help="auto, onnxruntime or litert (default auto: all installed)")
+    bench.add_argument("--runtime", default="auto",
+                       help="auto, onnxruntime, litert or openvino (default auto: all installed)")
     bench.add_argument("--threads", default="1", help="comma-separated thread counts, e.g. 1,2")
     bench.add_argument("--runs", type=int, default=500, help="timed inferences per configuration")
     bench.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "private mosquitto on a free port)")
     demo.add_argument("--frames", type=int, default=200, help="stop after this many predictions (default 200)")
     demo.add_argument("--fps", type=float, default=20.0, help="camera frame rate (default 20)")
-    demo.add_argument("--runtime", default="auto", help="auto, onnxruntime or litert")
+    demo.add_argument("--runtime", default="auto", help="auto, onnxruntime, litert or openvino")
     demo.add_argument("--bundle", type=Path, default=None, help="bundle (default: the shipped Fashion-MNIST bundle)")
     demo.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     demo.set_defaults(handler=cmd_demo)

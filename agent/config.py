@@ -25,7 +25,7 @@ from edgecv.agent.errors import ConfigError
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 PROTOCOLS = ("5", "3.1.1")
-RUNTIME_CHOICES = ("auto", "onnxruntime", "litert")
+RUNTIME_CHOICES = ("auto", "onnxruntime", "litert", "openvino")
 DOWNGRADE_CHOICES = ("when-asked", "never")  # update.allow_downgrade
 PUBLISH_MODES = ("every", "on_change", "rate")
 UNPACED_BUDGET_MS = 1000.0  # the latency budget per frame when no camera has an fps limit

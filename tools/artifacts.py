@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from edgecv.tools.errors import BoundError, ExportError
+from edgecv.tools.evaluate import MIN_AGREEMENT, MIN_CONFIDENT_AGREEMENT
 from edgecv.tools.quantize_onnx import WEIGHTED_OPS, QuantRecipe
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,8 @@ class Bound:
     """What every shipped artifact must reach against fp32: top-1 agreement overall and on the images fp32 is
     confident about (p > 0.5), and, when labels are known, at most `max_drop` accuracy lost."""
 
-    min_agreement: float = 0.97
-    min_confident_agreement: float = 0.99
+    min_agreement: float = MIN_AGREEMENT  # one definition of the bound for every artifact (evaluate.py)
+    min_confident_agreement: float = MIN_CONFIDENT_AGREEMENT
     max_drop: float | None = None
 
     def __post_init__(self) -> None:

@@ -46,6 +46,7 @@ CANONICAL_NAMES: dict[tuple[str, str], str] = {
     ("tflite", "int8"): "model.int8.tflite",
     ("onnx", "fp32"): "model.fp32.onnx",
     ("tflite", "fp32"): "model.fp32.tflite",
+    ("openvino", "int8"): "model.int8.openvino.onnx",
 }
 _BUNDLE_FILES = {MANIFEST_NAME, SIGNATURE_NAME, SELFTEST_NAME, *CANONICAL_NAMES.values()}
 # Fixed zip timestamp, so the same frames always give the same selftest.npz bytes (and sha256).

@@ -4,9 +4,10 @@ The user supplies the ONNX file, a folder of calibration images (flat, or one su
 labels file; the preprocessing comes from the model's input shape plus command-line options (resize mode
 included). Quantization goes through the one artifact chain (`edgecv.tools.artifacts`): any opset, logits or
 probabilities detected, int8 recipes measured against fp32 and the fastest one meeting the agreement bound
-shipped (with fp32 beside it when int8 is not clearly faster). The bundle is built with self-test vectors and
-packed as a `.edgecv` archive. No TFLite is produced: there is no TensorFlow-free ONNX→TFLite converter (onnx2tf
-needs TensorFlow and pins old packages), so such bundles run on onnxruntime.
+shipped (with fp32 beside it when int8 is not clearly faster). An int8 TFLite is built without TensorFlow
+(`quantize_tflite.tflite_for_onnx`: ONNX → PyTorch → litert-torch PT2E) and, on request, an NNCF int8 for OpenVINO;
+each ships only when it meets the same bound. The bundle is built with self-test vectors and packed as a `.edgecv`
+archive.
 """
 
 from __future__ import annotations
@@ -31,9 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TFLITE_SKIPPED = ("TFLite artifact skipped: there is no TensorFlow-free ONNX→TFLite converter (onnx2tf needs "
-                  "TensorFlow and old numpy/onnx); the bundle runs on onnxruntime. For an int8 TFLite, train or "
-                  "load the model in edgecv (edgecv train / edgecv quantize CHECKPOINT)")
+TFLITE_NOT_ASKED = "int8 TFLite not built: not in --formats"
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,7 @@ class ByomResult:
     artifacts: ArtifactSet
     archive: Path
     metrics: dict[str, Any]
-    tflite_skipped: str = TFLITE_SKIPPED
+    tflite_note: str = TFLITE_NOT_ASKED
     notes: list[str] = field(default_factory=list)
 
 
@@ -225,7 +224,8 @@ def quantize_byom(onnx_path: Path, calib_dir: Path, labels_path: Path, out_dir: 
                   calib: int = 200, methods: Sequence[str] | None = None, per_channel: bool | None = None,
                   name: str | None = None, version: str | None = None, private_key: Path | None = None,
                   include_fp32: bool = False, prefer: str = "auto", bound: Bound | None = None,
-                  force: bool = False, max_eval: int = 2000, latency_runs: int = 200,
+                  force: bool = False, max_eval: int = 2000, latency_runs: int = 200, tflite: bool = True,
+                  openvino: bool = False,
                   progress: Callable[[str], None] | None = None) -> ByomResult:
     """Quantize a user's fp32 ONNX classifier and build a signed-if-keyed bundle of it at `out_dir` (and the
     `.edgecv` archive beside it). The int8 recipe, and whether fp32 ships too, are chosen by measurement
@@ -285,21 +285,43 @@ def quantize_byom(onnx_path: Path, calib_dir: Path, labels_path: Path, out_dir: 
                                 for m in ship], force=force, say=say)
         metrics: dict[str, Any] = {
             "source": "byom", "calibration_images": len(calib_x), "eval_images": len(eval_x),
-            "quantize_seconds": round(time.perf_counter() - started, 3), "artifacts": arts.metrics(),
-            "tflite": "skipped: no TensorFlow-free ONNX to TFLite converter"}
+            "quantize_seconds": round(time.perf_counter() - started, 3), "artifacts": arts.metrics()}
         if arts.int8 is not None:
             metrics["int8_fp32_agreement"] = arts.int8.agreement
         if forced:
             metrics["below_bound"] = forced
-        log.debug("%s", TFLITE_SKIPPED)
-
+        artifacts = [(m.path, "onnx", m.precision) for m in ship]
         engines = {m.name: open_engine(m.path, "onnx") for m in ship}
+        tflite_note = TFLITE_NOT_ASKED
+        if tflite:
+            from edgecv.tools.quantize_tflite import tflite_for_onnx
+
+            say("int8 TFLite: ONNX → PyTorch → litert-torch PT2E (minutes for a 224×224 model) …")
+            outcome = tflite_for_onnx(arts.fp32.path, spec, calib_x, eval_x, Path(tmp) / "model.int8.tflite",
+                                      min_agreement=bound.min_agreement,
+                                      min_confident=bound.min_confident_agreement, force=force)
+            metrics["int8_tflite"] = outcome.as_dict()
+            tflite_note = outcome.note
+            say(tflite_note)
+            if outcome.path is not None:
+                artifacts.append((outcome.path, "tflite", "int8"))
+                engines["int8 tflite"] = open_engine(outcome.path, "tflite")
+        if openvino:
+            from edgecv.tools.quantize_openvino import openvino_for_onnx
+
+            ov = openvino_for_onnx(arts.fp32.path, calib_x, eval_x, Path(tmp) / "model.int8.openvino.onnx",
+                                   min_agreement=bound.min_agreement, min_confident=bound.min_confident_agreement,
+                                   force=force)
+            metrics["int8_openvino"] = ov.as_dict()
+            say(ov.note)
+            if ov.path is not None:
+                artifacts.append((ov.path, "openvino", "int8"))
+                engines["int8 openvino"] = open_engine(ov.path, "openvino", runtime="openvino")
         fp32_engine = open_engine(arts.fp32.path, "onnx")
         candidates: dict[str, Callable[[np.ndarray], np.ndarray]] = {
             n: functools.partial(run_logits, e) for n, e in engines.items()}
         frames, expected = _selftest(images, pre.batch, functools.partial(run_logits, fp32_engine), candidates,
                                      choose_selftest_frames, arts.output)
-        artifacts = [(m.path, "onnx", m.precision) for m in ship]
         if version is None:
             version = build_version()
         bundle = build_bundle(out_dir, name=name or onnx_path.stem, version=version, labels=labels, spec=spec,
@@ -307,7 +329,7 @@ def quantize_byom(onnx_path: Path, calib_dir: Path, labels_path: Path, out_dir: 
                               metrics=metrics, private_key=private_key, output=arts.output,
                               description=f"Brought-your-own model from {onnx_path.name}")
         archive = pack(out_dir, out_dir.with_name(out_dir.name + BUNDLE_SUFFIX))
-    return ByomResult(bundle=bundle, artifacts=arts, archive=archive, metrics=metrics,
+    return ByomResult(bundle=bundle, artifacts=arts, archive=archive, metrics=metrics, tflite_note=tflite_note,
                       notes=list(arts.notes))
 
 

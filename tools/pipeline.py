@@ -242,6 +242,7 @@ def run_pipeline(cfg: OptimizeConfig, say: Say | None = None) -> PipelineResult:
                                   "the quantized model is broken: try --method entropy or more --calib images")
         clock.note(f"test acc fp32 {fp32_ref.accuracy:.4f}, int8 ONNX {onnx_eval.accuracy:.4f}, "
                    f"int8 TFLite {tfl_eval.accuracy:.4f}")
+        cfg = _tflite_within_bound(cfg, fp32, int8_tflite, x_test, record, clock.note)
 
     # 8. bundle (directory + archive), signed when a key is given
     with clock("bundle"):
@@ -358,6 +359,26 @@ def _measure(stage: str, path: Path, fmt: str, x: np.ndarray, y: np.ndarray, lat
     return StageResult(stage=stage, accuracy=round(ev.accuracy, 6), bytes=ev.bytes, gzip_bytes=ev.gzip_bytes,
                        latency_ms=round(ev.latency_ms_median, 5) if latency_runs > 0 else None,
                        runtime="onnxruntime" if fmt == "onnx" else "litert")
+
+
+def _tflite_within_bound(cfg: OptimizeConfig, fp32: Path, tflite: Path, x: np.ndarray, record: RunRecord,
+                         note: Say) -> OptimizeConfig:
+    """The TFLite artifact ships only when it agrees with fp32 within the bound (quantize_tflite.judge_tflite) on
+    the test set; otherwise it is left out of the bundle, or the run stops when it was the only format asked."""
+    from dataclasses import replace
+
+    from edgecv.tools.quantize_tflite import judge_tflite
+
+    verdict = judge_tflite(_logits_fn(fp32, "onnx")(x), tflite, x, remove=False)
+    record.model["int8_tflite_agreement"] = verdict.as_dict()
+    note(verdict.note)
+    if verdict.shipped or "tflite" not in cfg.bundle_formats:
+        return cfg
+    formats = tuple(f for f in cfg.bundle_formats if f != "tflite")
+    if not formats:
+        raise ExportError(f"Refusing to bundle: {verdict.note}; add the ONNX format (--bundle-formats onnx,tflite)")
+    log.warning("int8 TFLite left out of the bundle: %s", verdict.note)
+    return replace(cfg, bundle_formats=formats)
 
 
 def _pruned_label(cfg: OptimizeConfig) -> str:

@@ -37,7 +37,9 @@ RESIZE_MODES = ("stretch", "letterbox", "center-crop", "shorter-side")
 # What an artifact's output holds: raw class scores (the agent applies softmax) or probabilities (used as they
 # are). A manifest without the key means logits, so bundles written before the key existed keep their bytes.
 OUTPUT_KINDS = ("logits", "probabilities")
-FORMATS = ("onnx", "tflite")
+# onnx: ONNX for onnxruntime (OpenVINO reads it too); tflite: LiteRT; openvino: an ONNX file quantized for OpenVINO
+# (NNCF's int8: slow in onnxruntime, fast in OpenVINO), run by OpenVINO only.
+FORMATS = ("onnx", "tflite", "openvino")
 PRECISIONS = ("int8", "fp32")
 TASKS = ("classification",)
 

@@ -65,6 +65,7 @@ from edgecv.agent.errors import (
 from edgecv.agent.link.protocol import Link
 from edgecv.agent.vision.classifier import Classifier, SelfTestReport, run_selftest
 from edgecv.agent.vision.runtimes import candidates
+from edgecv.agent.vision.selection import choose_classifier
 
 log = logging.getLogger(__name__)
 
@@ -239,20 +240,33 @@ class Updater:
         raise NoModelError(why)
 
     def _first_passing(self, bundle: Bundle, failures: list[str]) -> Classifier | None:
-        """The bundle loaded in the first runtime where it passes its self-test; failures are appended."""
+        """The bundle in the fastest runtime where it passes its self-test here, within the budgets; failures are
+        appended. The measured choice (`_load`) self-tests every candidate already (in a child process when several
+        runtime libraries are involved); the chosen one is self-tested again here, in this process and within the
+        device's budgets, and should that fail, the other runtimes are tried one at a time."""
+        try:
+            clf = self._load(bundle)
+        except EdgecvError as exc:
+            failures.append(f"{_label(bundle)}: {exc}")
+            return None
+        choice = clf.runtime_choice or {}
+        failures.extend(f"{_label(bundle)} on {c['runtime']}: {c['detail']}" for c in choice.get("candidates", ())
+                        if c.get("status") == "failed")
+        report = self._selftest(clf)
+        if report.passed:
+            return clf
+        failures.append(f"{_label(bundle)} on {clf.engine.name}: {report.detail}")
         pinned = self.cfg.model.runtime
-        runtimes = [pinned] if pinned != "auto" else list(dict.fromkeys(rt for _, rt in candidates(bundle, "auto")))
-        if not runtimes:
-            failures.append(f"{_label(bundle)}: no installed runtime can run it")
-        for runtime in runtimes:
+        others = [rt for rt in dict.fromkeys(rt for _, rt in candidates(bundle, pinned)) if rt != clf.engine.name]
+        for runtime in others:
             try:
-                clf = self._load(bundle, runtime=runtime)
+                other = self._load(bundle, runtime=runtime)
             except EdgecvError as exc:
                 failures.append(f"{_label(bundle)} on {runtime}: {exc}")
                 continue
-            report = self._selftest(clf)
+            report = self._selftest(other)
             if report.passed:
-                return clf
+                return other
             failures.append(f"{_label(bundle)} on {runtime}: {report.detail}")
         return None
 
@@ -601,9 +615,12 @@ class Updater:
             log.error("Model %s failed probation (%s) but rollback failed: %s", failed, reason, exc)
 
     def _load(self, bundle: Bundle, runtime: str | None = None) -> Classifier:
+        """The bundle's fastest (artifact, runtime) pair on this device that passes its self-test (measured side by
+        side: `edgecv.agent.vision.selection`), among the runtimes `runtime` (default `model.runtime`) allows."""
         m = self.cfg.model
-        return Classifier.load(bundle, runtime=runtime or m.runtime, threads=m.threads, top_k=self.cfg.publish.top_k,
-                               min_score=self.cfg.publish.min_score)
+        classifier, _ = choose_classifier(bundle, runtime=runtime or m.runtime, threads=m.threads,
+                                          top_k=self.cfg.publish.top_k, min_score=self.cfg.publish.min_score)
+        return classifier
 
     def _swap(self, new: Classifier) -> None:
         old = self.host.swap_classifier(new)

@@ -52,6 +52,8 @@ class Classifier:
         self.min_score = min_score
         # A model that ends in softmax outputs probabilities already: softmax again would flatten the scores.
         self.probabilities = bundle.manifest.output == "probabilities"
+        # How the runtime was chosen (`selection.SelectionReport.as_dict()`), when it was measured on this device.
+        self.runtime_choice: dict[str, Any] | None = None
 
     @classmethod
     def load(cls, bundle: Bundle | Path | str, runtime: str = "auto", threads: int = 1, top_k: int = 3,
@@ -64,6 +66,15 @@ class Classifier:
         if not isinstance(bundle, Bundle):
             bundle = load_bundle(Path(bundle))
         engine = load_engine(bundle, runtime=runtime, threads=threads)
+        return cls.from_engine(bundle, engine, top_k=top_k, min_score=min_score)
+
+    @classmethod
+    def from_engine(cls, bundle: Bundle, engine: Engine, top_k: int = 3, min_score: float = 0.0) -> Classifier:
+        """Wrap an opened engine after one warm-up inference shows it gives one output per label.
+
+        Raises IncompatibleBundleError when the model does not run on the manifest's input shape or its output
+        does not match the labels.
+        """
         spec = bundle.manifest.input
         try:
             out = engine.run(np.zeros(spec.shape(1), dtype=np.float32))
@@ -115,8 +126,11 @@ class Classifier:
         return logits, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "version": self.version, "sha256": self.bundle.manifest_sha256,
-                "output": self.bundle.manifest.output, "engine": self.engine.describe()}
+        doc = {"name": self.name, "version": self.version, "sha256": self.bundle.manifest_sha256,
+               "output": self.bundle.manifest.output, "engine": self.engine.describe()}
+        if self.runtime_choice is not None:
+            doc["runtime_choice"] = self.runtime_choice
+        return doc
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from edgecv.agent.vision.runtimes.litert import InputQuantizer, dequantize, quan
 from tests.agent.conftest import TinyModel, make_bundle
 
 
-def test_both_runtimes_are_installed_here() -> None:
-    assert available_runtimes() == ["litert", "onnxruntime"]
+def test_all_three_runtimes_are_installed_here() -> None:
+    assert available_runtimes() == ["litert", "onnxruntime", "openvino"]
 
 
 def test_fp32_onnx_and_tflite_agree_exactly(tiny_model: TinyModel) -> None:
@@ -113,6 +113,9 @@ def test_missing_runtime_gives_an_install_hint(tiny_model: TinyModel, tmp_path: 
     with pytest.raises(RuntimeUnavailableError, match=r"artifacts: onnx/int8; runtime='litert'"):
         load_engine(onnx_only, runtime="litert")
     monkeypatch.setattr(runtimes, "_has_module", lambda name: name != "onnxruntime")
+    assert available_runtimes() == ["litert", "openvino"]
+    assert load_engine(onnx_only).name == "openvino"  # OpenVINO runs the same ONNX file
+    monkeypatch.setattr(runtimes, "_has_module", lambda name: name not in ("onnxruntime", "openvino"))
     assert available_runtimes() == ["litert"]
     with pytest.raises(RuntimeUnavailableError, match="pip install onnxruntime"):
         load_engine(onnx_only)
@@ -137,12 +140,14 @@ def test_benchmark_measures_every_artifact_side_by_side(tiny_bundle: Bundle) -> 
     rows = benchmark_bundle(tiny_bundle, threads=(1, 2), runs=20)
     assert {(r.artifact, r.runtime) for r in rows} == {("model.int8.onnx", "onnxruntime"),
                                                       ("model.int8.tflite", "litert"),
-                                                      ("model.fp32.onnx", "onnxruntime")}
-    assert sorted({r.threads for r in rows}) == [1, 2] and len(rows) == 6
+                                                      ("model.fp32.onnx", "onnxruntime"),
+                                                      ("model.int8.onnx", "openvino"),
+                                                      ("model.fp32.onnx", "openvino")}
+    assert sorted({r.threads for r in rows}) == [1, 2] and len(rows) == 10
     for r in rows:
         assert 0 < r.infer_ms_median <= r.infer_ms_p95 and r.pre_ms_median > 0 and r.runs == 20
         assert r.total_ms_median >= r.infer_ms_median and r.fps > 0
-    base = next(r for r in rows if r.artifact == "model.fp32.onnx" and r.threads == 1)
+    base = next(r for r in rows if r.artifact == "model.fp32.onnx" and r.runtime == "onnxruntime" and r.threads == 1)
     assert base.speedup == 1.0
     table = format_table(rows)
     assert table.splitlines()[0].split()[:3] == ["runtime", "artifact", "thr"] and "model.int8.tflite" in table

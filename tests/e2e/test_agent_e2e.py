@@ -127,7 +127,8 @@ def test_prediction_accuracy_matches_the_bundles_recorded_accuracy(start_agent: 
     msgs = collect(sub, lambda m: len(m) >= n + 1, 120, agent)
     preds = of_kind(msgs, "predictions")[:n]
     status = of_kind(msgs, "status")[0]
-    assert status["model"]["runtime"] == runtime
+    assert status["model"]["runtime"] == runtime and status["model"]["artifact"].startswith(runtime)
+    assert f"allowed by runtime = '{runtime}'" in status["model"]["runtime_reason"]  # measured on the device
     accuracy = sum(p["top"][0]["index"] == p["truth"] for p in preds) / len(preds)
     installed = next((agent.workdir / "models" / "versions").iterdir())
     engine = {"runtime": runtime, "format": ext,

@@ -127,7 +127,7 @@ def test_dry_run_on_the_real_root_sets_owners_and_touches_nothing() -> None:
 
 def test_bad_arguments_fail_with_a_clear_message(tmp_path: Path) -> None:
     out = install(tmp_path / "r", "--runtime", "tensorflow", check=False)
-    assert out.returncode != 0 and "--runtime onnxruntime or --runtime litert" in out.stderr
+    assert out.returncode != 0 and "--runtime onnxruntime, --runtime litert or --runtime openvino" in out.stderr
     out = install(tmp_path / "r", "--purge", check=False)
     assert out.returncode != 0 and "--purge only goes with --uninstall" in out.stderr
     out = install(tmp_path / "r", "--frobnicate", check=False)

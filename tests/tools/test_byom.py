@@ -13,7 +13,7 @@ from torch import nn
 
 from edgecv.agent.contract.bundle import load_bundle, verify_bundle
 from edgecv.agent.vision.classifier import Classifier, run_selftest
-from edgecv.tools.byom import TFLITE_SKIPPED, input_spec_for, inspect_onnx
+from edgecv.tools.byom import input_spec_for, inspect_onnx
 from edgecv.tools.checkpoint import Checkpoint, load_checkpoint
 from edgecv.tools.cli import main
 from edgecv.tools.errors import ExportError
@@ -51,7 +51,6 @@ def test_byom_class_folders_give_a_bundle_that_passes_its_selftest_on_the_device
                  str(labels_file), "--calib", "16", "--latency-runs", "5", "--out", str(out), *_norm_args(ckpt)])
     assert code == 0
     captured = capsys.readouterr()
-    assert TFLITE_SKIPPED in captured.out and "TensorFlow" in captured.out
     bundle = load_bundle(out)
     verify_bundle(bundle, None, allow_unsigned=True)
     m = bundle.manifest
@@ -62,6 +61,12 @@ def test_byom_class_folders_give_a_bundle_that_passes_its_selftest_on_the_device
     chosen = next(c for c in arts["candidates"] if c["name"] in arts["shipped"])
     clearly_faster = chosen["latency_ms"] <= 0.9 * arts["fp32"]["latency_ms"]
     assert ("fp32" in shipped) == (not clearly_faster), arts
+    # an int8 TFLite is built without TensorFlow (ONNX → PyTorch → PT2E) and ships within the agreement bound
+    tfl = m.metrics["int8_tflite"]
+    assert tfl["shipped"] and tfl["agreement"] >= 0.97, tfl
+    assert tfl["note"] in captured.out and tfl["note"].endswith(": shipped")
+    assert ("model.int8.tflite", "tflite", "int8") in [(a.path, a.format, a.precision) for a in m.artifacts]
+    assert run_selftest(Classifier.load(out, runtime="litert")).passed
     assert list(m.labels) == ckpt.labels
     assert (m.input.width, m.input.height, m.input.channels, m.input.color, m.input.layout) == (32, 32, 3, "RGB",
                                                                                                 "NCHW")
@@ -106,9 +111,10 @@ def test_byom_flat_folder_fixed_batch_nhwc_model(ckpt: Checkpoint, image_folder:
         shutil.copy(img, flat / f"{i}{img.suffix}")
     out = tmp_path / "bundle"
     code = main(["quantize", "--onnx", str(path), "--calib-images", str(flat), "--labels", str(labels_file),
-                 "--calib", "8", "--latency-runs", "0", "--out", str(out), *_norm_args(ckpt)])
+                 "--calib", "8", "--latency-runs", "0", "--formats", "onnx", "--out", str(out), *_norm_args(ckpt)])
     assert code == 0, capsys.readouterr().err
     m = load_bundle(out).manifest
+    assert [a.format for a in m.artifacts] == ["onnx"] and "int8_tflite" not in m.metrics  # --formats onnx
     assert m.input.layout == "NHWC" and (m.input.height, m.input.width) == (32, 32)
     assert "accuracy" not in m.metrics["artifacts"]["fp32"]  # no class folders: agreement only
     assert run_selftest(Classifier.load(out, runtime="onnxruntime")).passed

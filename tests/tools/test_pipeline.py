@@ -21,7 +21,7 @@ from edgecv.agent.vision.preprocess import Preprocessor
 from edgecv.agent.vision.runtimes import open_engine
 from edgecv.tools.bundler import read_selftest
 from edgecv.tools.cli import main
-from edgecv.tools.errors import ToolsError
+from edgecv.tools.errors import ExportError, ToolsError
 from edgecv.tools.pipeline import OptimizeConfig, default_name
 
 
@@ -264,3 +264,32 @@ def test_bench_quick_run_prints_the_table(tmp_path: Path) -> None:
     doc = json.loads((tmp_path / "b.json").read_text())
     assert len(doc["targets"]) == 10 and all(r["accuracy"] > 0.5 for r in doc["rows"])
     assert "| structured" in proc.stdout and ("PASS" in proc.stdout or "MISS" in proc.stdout)
+
+
+def test_tflite_agreement_with_fp32_is_checked_against_the_bound(run: dict[str, Any]) -> None:
+    out = run["out"]
+    report = json.loads((out / "fm-test-report" / "report.json").read_text())
+    verdict = report["model"]["int8_tflite_agreement"]
+    assert verdict["images"] == 2000 and verdict["agreement"] >= 0.97 and verdict["shipped"]
+    assert verdict["note"].startswith("int8 TFLite agrees with fp32 on")
+    assert ("tflite", "int8") in [(a.format, a.precision) for a in load_bundle(out / "fm-test").manifest.artifacts]
+
+
+def test_a_tflite_below_the_bound_is_left_out_or_refused(run: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    import edgecv.tools.quantize_tflite as qt
+    from edgecv.tools.pipeline import _tflite_within_bound
+    from edgecv.tools.report import RunRecord
+
+    judge = qt.judge_tflite
+    monkeypatch.setattr(qt, "judge_tflite", lambda *a, **kw: judge(*a, **{**kw, "min_agreement": 1.01}))
+    work = run["out"] / "work"
+    x = np.random.default_rng(0).normal(0, 1, (50, 1, 28, 28)).astype(np.float32)
+    record = RunRecord(name="t", version="0", data="d", seed=0, command="", settings={}, machine={})
+    notes: list[str] = []
+    cfg = OptimizeConfig(data="fashion-mnist", out=run["root"])
+    left = _tflite_within_bound(cfg, work / "model.fp32.onnx", work / "model.int8.tflite", x, record, notes.append)
+    assert left.bundle_formats == ("onnx",) and "points under the 101% bound" in notes[0]
+    assert (work / "model.int8.tflite").is_file()  # the pipeline keeps its work file for the report
+    only = OptimizeConfig(data="fashion-mnist", out=run["root"], bundle_formats=("tflite",))
+    with pytest.raises(ExportError, match="Refusing to bundle: int8 TFLite agrees with fp32 on"):
+        _tflite_within_bound(only, work / "model.fp32.onnx", work / "model.int8.tflite", x, record, notes.append)

@@ -63,8 +63,9 @@ def register(subparsers: Any) -> None:
                              "at most this much accuracy vs fp32 (checkpoints: on the validation split; --onnx: "
                              "on labelled class folders, or as 1 - agreement with fp32 without them)")
     parser.add_argument("--formats", default=None,
-                        help=f"comma list of {', '.join(FORMATS)} (default onnx,tflite; fp32 ONNX always; "
-                             "checkpoints only)")
+                        help=f"checkpoints: comma list of {', '.join(FORMATS)} (default onnx,tflite; fp32 ONNX "
+                             "always); --onnx: onnx, tflite (int8 TFLite through ONNX → PyTorch → PT2E, shipped "
+                             "when within the bound) and openvino (NNCF int8 for OpenVINO), default onnx,tflite")
     parser.add_argument("--limit", type=int, default=None,
                         help="cap the images loaded per split (quick runs; checkpoints only)")
     parser.add_argument("--threads", type=int, default=None,
@@ -256,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 # Options of one path that the other would silently ignore: naming them is an error instead.
-CHECKPOINT_ONLY = (("--data", "data"), ("--formats", "formats"), ("--limit", "limit"), ("--threads", "threads"))
+CHECKPOINT_ONLY = (("--data", "data"), ("--limit", "limit"), ("--threads", "threads"))
 BYOM_ONLY = (("--calib-images", "calib_images"), ("--labels", "labels"), ("--size", "size"), ("--color", "color"),
              ("--layout", "layout"), ("--mean", "mean"), ("--std", "std"), ("--scale", "scale"),
              ("--resize", "resize"), ("--shorter-side", "shorter_side"), ("--name", "name"),
@@ -329,7 +330,7 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
 
 def _run_byom(args: argparse.Namespace) -> int:
     from edgecv.tools.artifacts import Bound
-    from edgecv.tools.byom import TFLITE_SKIPPED, quantize_byom
+    from edgecv.tools.byom import quantize_byom
     from edgecv.tools.datasets import parse_size
     from edgecv.tools.errors import ExportError
 
@@ -347,6 +348,7 @@ def _run_byom(args: argparse.Namespace) -> int:
     if max_drop is not None and not 0.0 <= max_drop < 1.0:
         raise ExportError(f"--max-drop is a fraction in [0, 1) (0.01 = one point), got {max_drop}")
     bound = Bound(min_agreement=0.97 if min_agreement is None else min_agreement, max_drop=max_drop)
+    formats = _byom_formats(args.formats or "onnx,tflite")
     result = quantize_byom(args.onnx, args.calib_images, args.labels, args.out, size=parse_size(args.size),
                            color=args.color, layout=args.layout, mean=_floats(args.mean or "0", "--mean"),
                            std=_floats(args.std or "1", "--std"),
@@ -356,6 +358,7 @@ def _run_byom(args: argparse.Namespace) -> int:
                            per_channel=False if args.per_tensor else None, name=args.name,
                            version=args.bundle_version, private_key=args.key, include_fp32=args.include_fp32,
                            prefer=args.prefer or "auto", bound=bound, force=args.force,
+                           tflite="tflite" in formats, openvino="openvino" in formats,
                            latency_runs=args.latency_runs, progress=lambda m: print(m, file=sys.stderr))
     arts = result.artifacts
     print(f"{arts.eval_images} evaluation images; model output: {arts.output}; one thread, onnxruntime, this machine")
@@ -364,12 +367,24 @@ def _run_byom(args: argparse.Namespace) -> int:
     kept = next((m.kept_float for m in arts.ship if m.kept_float), ())
     if kept:
         print(f"kept in float: {', '.join(kept)}")
-    print(TFLITE_SKIPPED)
+    print(result.tflite_note)
+    if "int8_openvino" in result.metrics:
+        print(result.metrics["int8_openvino"]["note"])
     signed = " (signed)" if args.key else " (unsigned: sign it with 'edgecv bundle sign --key ...')"
     manifest = result.bundle.manifest
     print(f"wrote bundle {manifest.name} {manifest.version} ({', '.join(a.path for a in manifest.artifacts)}) to "
           f"{args.out} and {result.archive}{signed}")
     return 0
+
+
+def _byom_formats(text: str) -> set[str]:
+    from edgecv.tools.errors import ExportError
+
+    formats = {f.strip() for f in text.split(",") if f.strip()}
+    if "onnx" not in formats or formats - {"onnx", "tflite", "openvino"}:
+        raise ExportError(f"--formats for --onnx is a comma list of onnx (always built) plus tflite and/or "
+                          f"openvino (an NNCF int8 for OpenVINO), got {text!r}")
+    return formats
 
 
 def _floats(text: str, option: str) -> tuple[float, ...]:

@@ -1,7 +1,8 @@
 """Inference runtimes behind one small interface, and the choice of which artifact of a bundle to run.
 
-Each adapter (`onnx.py` for onnxruntime, `litert.py` for LiteRT / tflite-runtime) imports its runtime
-lazily, so a device needs only the runtime it uses. Every engine takes the float32 preprocessed batch
+Each adapter (`onnx.py` for onnxruntime, `litert.py` for LiteRT / tflite-runtime, `openvino.py` for OpenVINO,
+which runs the same ONNX files as onnxruntime) imports its runtime lazily, so a device needs only the runtime it
+uses. Every engine takes the float32 preprocessed batch
 (`InputSpec.shape(n)`) and returns float32 logits (n, classes); int8 input/output tensors are
 (de)quantized inside the adapter with the tensor's own scale and zero point.
 """
@@ -19,18 +20,24 @@ from edgecv.agent.vision.runtimes.base import CodesEngine, Engine, require_class
 if TYPE_CHECKING:
     from edgecv.agent.contract.bundle import Artifact, Bundle
 
-__all__ = ["LITERT", "ONNXRUNTIME", "RUNTIMES", "CodesEngine", "Engine", "available_runtimes", "candidates",
-           "load_engine", "open_engine", "require_classifier_io"]
+__all__ = ["LITERT", "ONNXRUNTIME", "OPENVINO", "RUNTIMES", "RUNTIMES_FOR_FORMAT", "CodesEngine", "Engine",
+           "available_runtimes", "candidates",
+           "load_engine", "no_runtime_error", "open_engine", "require_classifier_io"]
 
 log = logging.getLogger(__name__)
 
 ONNXRUNTIME = "onnxruntime"
 LITERT = "litert"
-RUNTIMES = (ONNXRUNTIME, LITERT)
-RUNTIME_FOR_FORMAT = {"onnx": ONNXRUNTIME, "tflite": LITERT}
+OPENVINO = "openvino"
+RUNTIMES = (ONNXRUNTIME, LITERT, OPENVINO)
+RUNTIME_FOR_FORMAT = {"onnx": ONNXRUNTIME, "tflite": LITERT, "openvino": OPENVINO}  # each format's default runtime
+# every runtime that can run a format, and every format a runtime runs (its own first)
+RUNTIMES_FOR_FORMAT = {"onnx": (ONNXRUNTIME, OPENVINO), "tflite": (LITERT,), "openvino": (OPENVINO,)}
+FORMATS_OF_RUNTIME = {ONNXRUNTIME: ("onnx",), LITERT: ("tflite",), OPENVINO: ("openvino", "onnx")}
 INSTALL_HINT = {
     ONNXRUNTIME: "pip install onnxruntime",
     LITERT: "pip install 'edgecv[litert]' (ai-edge-litert)",
+    OPENVINO: "pip install 'edgecv[openvino]' (openvino)",
 }
 
 
@@ -41,22 +48,26 @@ def available_runtimes() -> list[str]:
         found.append(LITERT)
     if _has_module("onnxruntime"):
         found.append(ONNXRUNTIME)
+    if _has_module("openvino"):
+        found.append(OPENVINO)
     return found
 
 
 def open_engine(path: Path, fmt: str, threads: int = 1, runtime: str | None = None, *,
                 precision: str | None = None) -> Engine:
-    """Open one model file with the runtime for its format ('onnx' → onnxruntime, 'tflite' → LiteRT).
+    """Open one model file with a runtime for its format ('onnx' → onnxruntime by default, or OpenVINO;
+    'tflite' → LiteRT).
 
-    `runtime` may name the runtime explicitly; it must match the format. Raises RuntimeUnavailableError
+    `runtime` may name the runtime explicitly; it must be able to run the format. Raises RuntimeUnavailableError
     when that runtime is not installed, IncompatibleBundleError when the file cannot be loaded.
     """
     if fmt not in RUNTIME_FOR_FORMAT:
         raise IncompatibleBundleError(f"Model format {fmt!r} is not supported; use one of "
                                       f"{sorted(RUNTIME_FOR_FORMAT)}")
-    wanted = RUNTIME_FOR_FORMAT[fmt]
-    if runtime is not None and runtime != wanted:
-        raise RuntimeUnavailableError(f"Runtime {runtime!r} cannot run {fmt} models; {fmt} runs on {wanted!r}")
+    wanted = RUNTIME_FOR_FORMAT[fmt] if runtime is None else runtime
+    if wanted not in RUNTIMES_FOR_FORMAT[fmt]:
+        able = " or ".join(repr(r) for r in RUNTIMES_FOR_FORMAT[fmt])
+        raise RuntimeUnavailableError(f"Runtime {runtime!r} cannot run {fmt} models; {fmt} runs on {able}")
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     path = Path(path)
@@ -66,27 +77,33 @@ def open_engine(path: Path, fmt: str, threads: int = 1, runtime: str | None = No
         from edgecv.agent.vision.runtimes.onnx import OnnxEngine
 
         return OnnxEngine(path, threads=threads, precision=precision)
+    if wanted == OPENVINO:
+        from edgecv.agent.vision.runtimes.openvino import OpenVinoEngine
+
+        return OpenVinoEngine(path, threads=threads, precision=precision, fmt=fmt)
     from edgecv.agent.vision.runtimes.litert import LiteRtEngine
 
     return LiteRtEngine(path, threads=threads, precision=precision)
 
 
 def candidates(bundle: Bundle, runtime: str = "auto") -> list[tuple[Artifact, str]]:
-    """The (artifact, runtime) pairs `load_engine` would try, best first, restricted to installed runtimes."""
+    """The (artifact, runtime) pairs `load_engine` would try, best first, restricted to installed runtimes.
+
+    'auto' orders them by what was measured fastest in general (int8 LiteRT, int8 onnxruntime, int8 OpenVINO,
+    then fp32 in the same runtime order); `edgecv.agent.vision.selection` measures them on the device instead.
+    """
     if runtime not in ("auto", *RUNTIMES):
-        raise RuntimeUnavailableError(f"Unknown runtime {runtime!r}; use 'auto', 'onnxruntime' or 'litert'")
+        raise RuntimeUnavailableError(f"Unknown runtime {runtime!r}; use 'auto', "
+                                      f"{', '.join(repr(r) for r in RUNTIMES)}")
     installed = available_runtimes()
-    if runtime == "auto":
-        order = [("tflite", "int8"), ("onnx", "int8"), ("tflite", "fp32"), ("onnx", "fp32")]
-    elif runtime == LITERT:
-        order = [("tflite", "int8"), ("tflite", "fp32")]
-    else:
-        order = [("onnx", "int8"), ("onnx", "fp32")]
+    chosen = (LITERT, ONNXRUNTIME, OPENVINO) if runtime == "auto" else (runtime,)
     out = []
-    for fmt, precision in order:
-        art = bundle.manifest.artifact(fmt, precision)
-        if art is not None and RUNTIME_FOR_FORMAT[fmt] in installed:
-            out.append((art, RUNTIME_FOR_FORMAT[fmt]))
+    for precision in ("int8", "fp32"):
+        for rt in chosen:
+            for fmt in FORMATS_OF_RUNTIME[rt]:
+                art = bundle.manifest.artifact(fmt, precision)
+                if art is not None and rt in installed:
+                    out.append((art, rt))
     return out
 
 
@@ -99,15 +116,7 @@ def load_engine(bundle: Bundle, runtime: str = "auto", threads: int = 1) -> Engi
     """
     pairs = candidates(bundle, runtime)
     if not pairs:
-        formats = sorted({f"{a.format}/{a.precision}" for a in bundle.manifest.artifacts})
-        installed = available_runtimes()
-        needed = sorted({RUNTIME_FOR_FORMAT[a.format] for a in bundle.manifest.artifacts} - set(installed))
-        if runtime != "auto":
-            needed = [runtime] if runtime not in installed else needed
-        hint = "; ".join(f"install {r}: {INSTALL_HINT[r]}" for r in needed) or "add a matching artifact"
-        raise RuntimeUnavailableError(
-            f"No installed runtime can run this bundle (artifacts: {', '.join(formats)}; runtime={runtime!r}; "
-            f"installed: {', '.join(installed) or 'none'}); {hint}")
+        raise no_runtime_error(bundle, runtime)
     last: Exception | None = None
     for art, rt in pairs:
         try:
@@ -118,6 +127,20 @@ def load_engine(bundle: Bundle, runtime: str = "auto", threads: int = 1) -> Engi
             last = exc
     assert last is not None
     raise last
+
+
+def no_runtime_error(bundle: Bundle, runtime: str) -> RuntimeUnavailableError:
+    """The error for a bundle that no installed runtime allowed by `runtime` can run, with an install hint."""
+    formats = sorted({f"{a.format}/{a.precision}" for a in bundle.manifest.artifacts})
+    installed = available_runtimes()
+    needed = sorted({RUNTIME_FOR_FORMAT[a.format] for a in bundle.manifest.artifacts
+                     if a.format in RUNTIME_FOR_FORMAT} - set(installed))
+    if runtime != "auto":
+        needed = [runtime] if runtime not in installed else needed
+    hint = "; ".join(f"install {r}: {INSTALL_HINT[r]}" for r in needed) or "add a matching artifact"
+    return RuntimeUnavailableError(
+        f"No installed runtime can run this bundle (artifacts: {', '.join(formats)}; runtime={runtime!r}; "
+        f"installed: {', '.join(installed) or 'none'}); {hint}")
 
 
 def _has_module(name: str) -> bool:
