@@ -76,11 +76,10 @@ def augment_batch(images: np.ndarray, rng: np.random.Generator, cfg: AugmentConf
     flips = np.logical_and(rng.random(n) < 0.5, cfg.flip)
     for i in range(n):
         sx, sy = w / cw[i], h / ch[i]
-        # maps the crop box onto the whole output; a flip mirrors the x axis
+        # maps the crop box onto the whole output (pixel centres at integers); a flip mirrors the x axis
+        m = np.array([[sx, 0.0, sx * (0.5 - x0[i]) - 0.5], [0.0, sy, sy * (0.5 - y0[i]) - 0.5]])
         if flips[i]:
-            m = np.array([[-sx, 0.0, (x0[i] + cw[i]) * sx], [0.0, sy, -y0[i] * sy]])
-        else:
-            m = np.array([[sx, 0.0, -x0[i] * sx], [0.0, sy, -y0[i] * sy]])
+            m[0] = [-m[0, 0], 0.0, (w - 1) - m[0, 2]]
         warped = cv2.warpAffine(images[i], m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
         out[i] = warped.reshape(h, w, c)
     if cfg.brightness > 0 or cfg.contrast > 0:

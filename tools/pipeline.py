@@ -181,7 +181,9 @@ def run_pipeline(cfg: OptimizeConfig, say: Say | None = None) -> PipelineResult:
                                                lambda row: clock.note(format_epoch_row(row)), clock.note)
         record.settings.update(epochs=base_cfg.epochs, schedule=base_cfg.schedule, patience=base_cfg.patience,
                                augment=_describe_augment(base_cfg), device=str(device))
-        record.history += [{"phase": "train", **row} for row in result.history]
+        # a backbone's rows say which part learned ("head", then "whole"); all are training epochs
+        record.history += [{**row, "phase": "train", **({"part": row["phase"]} if "phase" in row else {})}
+                           for row in result.history]
         _save(work / "trained.pt", model, spec, labels, result.history, {"stage": "trained"})
         record.model = {"arch": describe_arch(model.arch), "params": count_params(model),
                         "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,

@@ -252,10 +252,10 @@ def _fit(model: nn.Module, splits: Splits, spec: InputSpec, cfg: TrainConfig, de
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
-    if cfg.schedule == "onecycle":
+    if cfg.schedule == "onecycle" and cfg.epochs * steps >= 8:  # torch's one-cycle divides by zero below that
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps,
                                                         pct_start=0.25)
-    elif cfg.schedule == "cosine":
+    elif cfg.schedule in ("cosine", "onecycle"):
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps)
     plateau_after = max(2, cfg.patience // 2) if cfg.patience else 3
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -340,7 +340,7 @@ def _fit(model: nn.Module, splits: Splits, spec: InputSpec, cfg: TrainConfig, de
         model.load_state_dict(best_state)
     result.best_epoch, result.best_val_acc = best_epoch, best_acc
     result.still_improving = (not result.stopped_early and len(result.history) == cfg.epochs
-                              and best_epoch >= len(result.history) - 1 and cfg.epochs > 1)
+                              and best_epoch >= max(2, len(result.history) - 1))
     result.seconds = round(time.perf_counter() - started, 3)
 
 
