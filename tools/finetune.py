@@ -84,7 +84,7 @@ def resolve_init_from(path: Path | str, allow_scratch: bool = False) -> Deployed
             if path.is_dir() and not (path / MANIFEST_NAME).is_file():
                 raise TrainingError(f"--init-from {path} is a folder without {MANIFEST_NAME}: pass a bundle folder, "
                                     f"a .edgecv archive or a {CHECKPOINT_SUFFIX} checkpoint")
-            bundle = open_bundle(path, Path(tmp))
+            bundle = open_bundle(path, Path(tmp) / "bundle")
         except BundleError as exc:
             raise TrainingError(f"--init-from {path} is not a readable bundle ({exc}): pass the bundle folder, "
                                 f"its .edgecv archive or its {CHECKPOINT_SUFFIX} checkpoint") from exc
