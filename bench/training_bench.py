@@ -15,7 +15,7 @@ Methods (everything else at the optimize defaults):
   lite0        --backbone efficientnet-lite0 (ImageNet weights, augmentation on)
 
     python bench/training_bench.py            # 3 methods × 20/100/500 per class, ~1 h on 2 busy cores
-    python bench/training_bench.py --quick    # CI-sized: 3 classes × 12 images at 64×64, 2 epochs
+    python bench/training_bench.py --quick    # CI-sized: 3 classes × 20 images at 32×32, 2 epochs
 """
 
 from __future__ import annotations
@@ -147,13 +147,14 @@ def run_cell(method: str, folder: Path, test: dict[str, list], out: Path, args: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="CI-sized: 3 classes × 12 images at 64×64, 2 epochs")
+    parser.add_argument("--quick", action="store_true", help="CI-sized: 3 classes × 20 images at 32×32, 2 epochs")
     parser.add_argument("--per-class", default="20,100,500", help="training images per class (comma-separated)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"subset of {', '.join(METHODS)}")
     parser.add_argument("--test-per-class", type=int, default=100, help="held-out images per class (default 100)")
     parser.add_argument("--size", type=int, default=128, help="image side (default 128)")
     parser.add_argument("--epochs", type=int, help="epoch limit (default: optimize's recipe)")
-    parser.add_argument("--sparsity", type=float, default=0.5, help="magnitude pruning (optimize's default 0.5)")
+    parser.add_argument("--sparsity", type=float,
+                        help="magnitude pruning (default: optimize's, 0.5 for the CNN and 0 for the backbone)")
     parser.add_argument("--calib", type=int, default=200)
     parser.add_argument("--latency-runs", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2, help="torch threads for training (default 2)")
@@ -165,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(message)s")
     classes = len(PHOTOS)
     if args.quick:
-        args.per_class, args.test_per_class, args.size, classes = "12", 10, 64, 3
-        args.epochs, args.calib, args.latency_runs, args.sparsity = args.epochs or 2, 20, 10, 0.0
+        args.per_class, args.test_per_class, args.size, classes = "20", 8, 32, 3
+        args.epochs, args.calib, args.latency_runs, args.sparsity = args.epochs or 2, 40, 10, 0.0
     sizes = [int(v) for v in args.per_class.split(",") if v]
     methods = [m for m in args.methods.split(",") if m]
     unknown = set(methods) - set(METHODS)
