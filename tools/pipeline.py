@@ -228,7 +228,7 @@ def run_pipeline(cfg: OptimizeConfig, say: Say | None = None) -> PipelineResult:
                        f"{report['params_after']} params, test acc {report['accuracy_after']:.4f}")
         if (cfg.sparsity or 0.0) > 0:
             steps = max(1, cfg.finetune_epochs)
-            pr = magnitude_prune(model, splits, spec, target_sparsity=cfg.sparsity, steps=steps,
+            pr = magnitude_prune(model, splits, spec, target_sparsity=cfg.sparsity or 0.0, steps=steps,
                                  finetune_epochs=1 if cfg.finetune_epochs else 0, cfg=ft_cfg)
             model = pr.model
             ft_rows = [row for step in pr.history for row in step.get("finetune", [])]
