@@ -20,14 +20,14 @@ from torch import nn
 from edgecv.agent.contract.bundle import InputSpec
 from edgecv.agent.errors import BundleFormatError
 from edgecv.tools.errors import TrainingError
-from edgecv.tools.model import EdgeCNN, model_from_arch
+from edgecv.tools.model import model_from_arch
 
 FORMAT = "edgecv.checkpoint/1"
 
 
 @dataclass
 class Checkpoint:
-    model: EdgeCNN
+    model: nn.Module
     spec: InputSpec
     labels: list[str]
     arch: dict[str, Any]
@@ -104,5 +104,5 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
     except RuntimeError as exc:
         raise TrainingError(f"Checkpoint {path} weights do not match its arch: {str(exc).splitlines()[0]}") from exc
     model.eval()
-    return Checkpoint(model=model, spec=spec, labels=list(doc["labels"]), arch=dict(model.arch),
+    return Checkpoint(model=model, spec=spec, labels=list(doc["labels"]), arch=dict(model.arch),  # type: ignore[arg-type]
                       history=list(doc.get("history", [])), meta=dict(doc.get("meta", {})))

@@ -5,6 +5,9 @@ the model converts cleanly to ONNX and TFLite. Each conv block is conv3x3 (no bi
 MaxPool2; the classifier is Flatten → Linear(dense) → ReLU → Dropout → Linear(classes), output = logits.
 
 arch = {"input": [C, H, W], "convs": [32, 64, 128], "dense": 128, "dropout": 0.3, "num_classes": 10}
+
+An arch with a "backbone" key describes a pretrained backbone instead (edgecv.tools.backbones); `model_from_arch`,
+`count_flops` and `describe_arch` accept both.
 """
 
 from __future__ import annotations
@@ -109,9 +112,33 @@ class EdgeCNN(nn.Module):
         return [m for m in self.classifier if isinstance(m, nn.Linear)]
 
 
-def model_from_arch(arch: Mapping[str, Any]) -> EdgeCNN:
-    """Build an (untrained) model from an arch dict."""
+def model_from_arch(arch: Mapping[str, Any]) -> nn.Module:
+    """Build an (untrained) model from an arch dict: the small CNN, or a backbone's network (no pretrained
+    weights loaded: a checkpoint's state_dict follows)."""
+    if "backbone" in arch:
+        from edgecv.tools.backbones import Lite0Classifier
+
+        return Lite0Classifier(copy.deepcopy(dict(arch)))
     return EdgeCNN(copy.deepcopy(dict(arch)))
+
+
+def head_layer(model: nn.Module) -> nn.Linear:
+    """The output layer (class logits) of an edgecv model."""
+    if isinstance(model, EdgeCNN):
+        return model.linears()[-1]
+    head = getattr(model, "head", None)
+    if head is None:
+        raise TrainingError(f"{type(model).__name__} has no known output layer")
+    return head()  # type: ignore[no-any-return]
+
+
+def set_head_layer(model: nn.Module, layer: nn.Linear) -> None:
+    """Replace the output layer (and record its new class count in `model.arch`)."""
+    if isinstance(model, EdgeCNN):
+        model.classifier[len(model.classifier) - 1] = layer
+        model.arch = dict(model.arch, num_classes=layer.out_features)
+        return
+    model.set_head(layer)  # type: ignore[operator]
 
 
 def build_model(spec: InputSpec, num_classes: int, channels: Sequence[int] | None = None,
@@ -125,7 +152,7 @@ def build_model(spec: InputSpec, num_classes: int, channels: Sequence[int] | Non
     arch = default_arch(spec, num_classes, channels, dense, dropout)
     if seed is not None:
         torch.manual_seed(seed)
-    return model_from_arch(arch)
+    return EdgeCNN(arch)
 
 
 def count_params(model: nn.Module) -> int:
@@ -134,6 +161,10 @@ def count_params(model: nn.Module) -> int:
 
 def count_flops(arch: Mapping[str, Any]) -> int:
     """Multiply-accumulates of one forward pass (convs and linears; BN/ReLU/pool are negligible)."""
+    if "backbone" in arch:
+        from edgecv.tools.backbones import backbone_flops
+
+        return backbone_flops(arch)
     arch = validate_arch(arch)
     cin, h, w = arch["input"]
     macs = 0
@@ -149,6 +180,10 @@ def count_flops(arch: Mapping[str, Any]) -> int:
 
 
 def describe_arch(arch: Mapping[str, Any]) -> str:
+    if "backbone" in arch:
+        from edgecv.tools.backbones import describe_backbone
+
+        return describe_backbone(arch)
     c, h, w = arch["input"]
     convs = "-".join(str(ch) for ch in arch["convs"])
     return f"{h}x{w}x{c} → conv {convs} → dense {arch['dense']} → {arch['num_classes']} classes"

