@@ -243,7 +243,9 @@ def _measure_in_child(bundle: Bundle, runtime: str, threads: int, rounds: int, b
     cmd = [sys.executable, "-m", "edgecv.agent.vision.selection", str(bundle.root), "--runtime", runtime,
            "--threads", str(threads), "--rounds", str(rounds), "--budget", str(budget_s)]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, check=False)
+        # errors="replace": a crashing runtime may print anything; only the last stdout line (JSON) is read
+        done = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=CHILD_TIMEOUT_S,
+                              check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise _ChildFailed(str(exc)) from exc
     try:

@@ -114,7 +114,7 @@ def test_byom_flat_folder_fixed_batch_nhwc_model(ckpt: Checkpoint, image_folder:
                  "--calib", "8", "--latency-runs", "0", "--formats", "onnx", "--out", str(out), *_norm_args(ckpt)])
     assert code == 0, capsys.readouterr().err
     m = load_bundle(out).manifest
-    assert [a.format for a in m.artifacts] == ["onnx"] and "int8_tflite" not in m.metrics  # --formats onnx
+    assert {a.format for a in m.artifacts} == {"onnx"} and "int8_tflite" not in m.metrics  # --formats onnx
     assert m.input.layout == "NHWC" and (m.input.height, m.input.width) == (32, 32)
     assert "accuracy" not in m.metrics["artifacts"]["fp32"]  # no class folders: agreement only
     assert run_selftest(Classifier.load(out, runtime="onnxruntime")).passed

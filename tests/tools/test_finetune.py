@@ -31,7 +31,7 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("deployed")
     old = make_image_folder(root / "day", classes=3, per_class=14, corrupt=False, empty_class=False, seed=1)
     out = root / "out"
-    code = main(["optimize", "--data", str(old.root), "--name", "shapes", "--epochs", "4", *FAST,
+    code = main(["optimize", "--data", str(old.root), "--name", "shapes", "--version", "1.0.0", "--epochs", "4", *FAST,
                  "--out", str(out)])
     return {"code": code, "out": out, "old": old.root, "root": root}
 
