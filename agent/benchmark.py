@@ -14,6 +14,7 @@ import numpy as np
 
 from edgecv.agent.contract.bundle import Bundle
 from edgecv.agent.errors import IncompatibleBundleError, RuntimeUnavailableError
+from edgecv.agent.vision.classifier import selftest_frames
 from edgecv.agent.vision.preprocess import Preprocessor
 from edgecv.agent.vision.runtimes import RUNTIMES_FOR_FORMAT, available_runtimes, open_engine
 
@@ -102,15 +103,11 @@ def format_table(rows: Sequence[BenchRow]) -> str:
 
 
 def _frames(bundle: Bundle) -> list[np.ndarray]:
-    st = bundle.manifest.selftest
-    if st is not None:
-        try:
-            with np.load(bundle.path_of(st.path), allow_pickle=False) as npz:
-                frames = list(np.asarray(npz["frames"]))
-            if frames:
-                return frames
-        except (OSError, KeyError, ValueError) as exc:
-            log.warning("Self-test frames unreadable (%s); benchmarking on random frames", exc)
+    """The bundle's self-test frames, or random frames of the input size when it carries none."""
+    frames = selftest_frames(bundle)
+    if frames:
+        return frames
+    log.warning("Bundle %s has no readable self-test frames; benchmarking on random frames", bundle.manifest.name)
     spec = bundle.manifest.input
     rng = np.random.default_rng(0)
     return [rng.integers(0, 256, (spec.height, spec.width, 3), dtype=np.uint8) for _ in range(8)]

@@ -173,6 +173,19 @@ def load_selftest_frames(path: Path) -> np.ndarray:
         return np.asarray(npz["frames"])
 
 
+def selftest_frames(bundle: Bundle) -> list[np.ndarray]:
+    """The bundle's self-test frames (real images of its task, loaded within the same bounds as the self-test), for
+    timing a model on this device; [] when it carries none or they cannot be read."""
+    st = bundle.manifest.selftest
+    if st is None:
+        return []
+    try:
+        return list(load_selftest_frames(bundle.path_of(st.path)))
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        log.warning("Self-test frames of %s are unreadable (%s)", bundle.manifest.name, exc)
+        return []
+
+
 def run_selftest(classifier: Classifier, *, time_limit_s: float | None = None,
                  max_latency_ms: float | None = None) -> SelfTestReport:
     """Replay the bundle's self-test frames through the classifier's own serving path; compare top-1 indices.

@@ -23,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import time
-import zipfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from edgecv.agent.errors import (
     RuntimeUnavailableError,
     SelfTestError,
 )
-from edgecv.agent.vision.classifier import Classifier, run_selftest
+from edgecv.agent.vision.classifier import Classifier, run_selftest, selftest_frames
 from edgecv.agent.vision.runtimes import candidates, no_runtime_error, open_engine
 
 log = logging.getLogger(__name__)
@@ -215,16 +214,10 @@ def _time_side_by_side(classifiers: list[Classifier], frames: list[np.ndarray], 
 
 
 def _frames(bundle: Bundle) -> list[np.ndarray]:
-    """The bundle's self-test frames (real images of its task), or one mid-grey frame of the input size."""
-    st = bundle.manifest.selftest
-    if st is not None:
-        try:
-            with np.load(bundle.path_of(st.path), allow_pickle=False) as npz:
-                frames = list(np.asarray(npz["frames"]))
-            if frames:
-                return frames
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-            pass  # the self-test already failed on these; unreachable unless it passed without vectors
+    """The bundle's self-test frames, or one mid-grey frame of the input size when it carries none."""
+    frames = selftest_frames(bundle)
+    if frames:
+        return frames
     spec = bundle.manifest.input
     return [np.full((spec.height, spec.width, spec.channels), 128, dtype=np.uint8)]
 
