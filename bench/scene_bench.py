@@ -69,8 +69,8 @@ TRAIN_SCENE = {"hold": "40", "objects": "40"}  # the training "day": more change
 RUN_START = 1_000_000  # the agent runs on another "day" of the same scene
 STABILISED = {"n1": 1, "n3": 3, "n5": 5}  # region name -> consecutive, all with trigger "every"
 DEFAULT_REGION = "default"  # the shipped defaults: trigger motion+interval, consecutive 3
-STATIC_RUNS = {"door closed": "state=closed", "door open": "state=open", "door closed, busy street":
-               "state=closed&objects=25"}
+STATIC_RUNS = {"closed": ("door closed", "state=closed"), "open": ("door open", "state=open"),
+               "busy": ("door closed, busy street", "state=closed&objects=25")}  # name -> (title, scene query)
 PARTS = ("changing", "static", "cpu")
 
 
@@ -371,8 +371,8 @@ def main() -> int:
         if "static" in parts:
             results["static"] = {}
             for name in args.static.split(","):
-                query = STATIC_RUNS[name]
-                print(f"static scene ({name}), {form.static_s:g} s ...", file=sys.stderr)
+                title, query = STATIC_RUNS[name]
+                print(f"static scene ({title}), {form.static_s:g} s ...", file=sys.stderr)
                 run = run_agent(work, port, bundle, args.runtime, f"{base}&static=1&{query}", regions, form.static_s)
                 results["runtime"] = (run.recorder.status[0].get("model") or {}).get("runtime")
                 results["static"][name] = score_static(run)
@@ -461,7 +461,8 @@ def static_table(r: dict[str, Any]) -> list[str]:
         h = max(s["hours"], 1e-9)
         cells = " | ".join(f"{s[k]['state_changes_after_first']} ({s[k]['state_changes_after_first'] / h:.0f})"
                            for k in [*STABILISED, DEFAULT_REGION])
-        lines.append(f"| {state} | {s['hours'] * 60:.1f} | {s['top1_flips']} ({s['top1_flips'] / h:.0f}) | "
+        title = STATIC_RUNS[state][0] if state in STATIC_RUNS else state
+        lines.append(f"| {title} | {s['hours'] * 60:.1f} | {s['top1_flips']} ({s['top1_flips'] / h:.0f}) | "
                      f"{s['top1_wrong_frames']} | {cells} |")
     return lines
 
