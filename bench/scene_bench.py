@@ -23,9 +23,10 @@ and i, so the agent's published states can be scored frame by frame.
      published state is the truth), the delay from a true change (the frame where the truth flips, halfway through
      the door's roll) to the state message's arrival (negative: confirmed during the roll, before the flip),
      changes missed, wrong changes (a state that is not the truth while the door stands still);
-   - static scene, door closed and door open (passers-by every 20 s on average), and door closed on a busy street
-     (every 2.5 s, many in front of the door): state changes after the first (false flips, target 0) against
-     per-frame top-1 flips, per hour;
+   - static scene, door closed and door open (passers-by every 20 s on average), door closed on a busy street
+     (every 2.5 s, many in front of the door), and door closed in conditions harsher than any in training (darker
+     "nights", more noise, heavier JPEG; `--static stress`): state changes after the first (false flips, target 0)
+     against per-frame top-1 flips, per hour;
 4. CPU per region at 10 fps on one core: short runs with 0 (source only), 1, 2 and 4 regions classified on every
    frame, a camera classifying whole frames, and one region with the default trigger on the static and the
    changing scene; CPU time of the agent process from /proc/<pid>/stat. CPU per region is the slope of CPU against
@@ -70,7 +71,10 @@ RUN_START = 1_000_000  # the agent runs on another "day" of the same scene
 STABILISED = {"n1": 1, "n3": 3, "n5": 5}  # region name -> consecutive, all with trigger "every"
 DEFAULT_REGION = "default"  # the shipped defaults: trigger motion+interval, consecutive 3
 STATIC_RUNS = {"closed": ("door closed", "state=closed"), "open": ("door open", "state=open"),
-               "busy": ("door closed, busy street", "state=closed&objects=25")}  # name -> (title, scene query)
+               "busy": ("door closed, busy street", "state=closed&objects=25"),
+               # harsher than anything in training: darker "nights" (drift 60 %), noise 12, JPEG quality 30
+               "stress": ("door closed, harsher than training", "state=closed&objects=25&noise=12&jpeg=30&drift=60")}
+# name -> (title, scene query)
 PARTS = ("changing", "static", "cpu")
 
 
