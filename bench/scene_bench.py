@@ -1,6 +1,6 @@
 """Scene benchmark: camera regions and stable states on a camera-like scene, measured with the shipped tools.
 
-    python bench/scene_bench.py                 # full form (~1 h on 2 busy cores: training, 3 x 10-minute runs)
+    python bench/scene_bench.py                 # full form (~65 min on 2 busy cores: training, 5 x 10-minute runs)
     python bench/scene_bench.py --quick         # short form (~10 min; tests/e2e/test_scene_bench.py, slow)
     python bench/scene_bench.py --json out.json
 
