@@ -56,7 +56,8 @@ class App:
         # never replace them (they replace the camera-default model, which the other regions use).
         self.agent = Agent(config, topics, link=self.link, outbox=self.outbox, predictions=self.predictions,
                            classifier=classifier, region_models=load_region_models(config, keyring))
-        self.store = ModelStore(Path(config.model.store), keep=config.update.keep_versions)
+        self.store = ModelStore(Path(config.model.store), keep=config.update.keep_versions, keyring=keyring,
+                                allow_unsigned=config.security.allow_unsigned)
         self.updater = Updater(config, topics, self.link, self.store, keyring, host=self.agent,
                                on_model_problem=self.agent.set_model_problem)
         self.commands = CommandHandler(config.device_id, topics, self.link, device=self.agent, control=self.updater)
