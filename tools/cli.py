@@ -11,7 +11,6 @@ from typing import Any
 
 from edgecv.agent import __version__, logs
 from edgecv.agent.errors import EdgecvError
-from edgecv.tools.commands.output import EXIT_CODES
 
 # Subcommand modules under tools/commands, in the order `--help` lists them.
 COMMANDS = ("train", "prune", "quantize", "optimize", "keys", "bundle", "push", "devices", "watch", "cmd",
@@ -22,11 +21,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgecv",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Workstation side of edgecv: train, prune and int8-quantize small CNNs, build signed model "
+        description="Workstation side of edgecv: train, prune and int8-quantize small CNNs, build signed model\n"
                     "bundles, and push them to devices over MQTT.\n\n"
                     "Results go to stdout (tables, or JSON with --json); progress and notes go to stderr.\n"
-                    "Fleet commands name devices with --device ID (a device id, repeatable) or --group G; the "
-                    "training commands' --device auto|cpu|cuda is the compute device instead.\n" + EXIT_CODES)
+                    "Fleet commands name devices with --device ID (a device id, repeatable) or --group G;\n"
+                    "the training commands' --device auto|cpu|cuda is the compute device instead.\n"
+                    "Exit status: 0 on success, 1 when it ran but failed, 2 on a usage error, 130 when interrupted.")
     parser.add_argument("--version", action="version", version=f"edgecv {__version__}")
     _add_verbosity(parser, None)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -37,15 +37,15 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "quantize", help="export and int8-quantize a checkpoint (or your own ONNX model)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Export an edgecv checkpoint to fp32 ONNX, int8 ONNX (onnxruntime static QDQ) and int8 "
-                    "TFLite (litert-torch PT2E), run each in its real runtime on the test set and print "
+        description="Export an edgecv checkpoint to fp32 ONNX, int8 ONNX (onnxruntime static QDQ) and int8\n"
+                    "TFLite (litert-torch PT2E), run each in its real runtime on the test set and print\n"
                     "accuracy, agreement with fp32, size and latency.\n\n"
-                    "Bring your own model: --onnx MODEL.onnx --calib-images DIR --labels labels.txt quantizes an "
+                    "Bring your own model: --onnx MODEL.onnx --calib-images DIR --labels labels.txt quantizes an\n"
                     "existing fp32 ONNX classifier and writes a bundle to --out.\n\n"
-                    "Progress and notes go to stderr; stdout gets the tables and the files written, or one JSON "
-                    "object (the metrics) with --json. Exit status: 0 on success, 1 when an artifact cannot be "
-                    "built or misses the agreement bound without --force, 2 on a usage error, 130 when "
-                    "interrupted.",
+                    "Progress and notes go to stderr; stdout gets the tables and the files written, or one\n"
+                    "JSON object (the metrics) with --json. Exit status: 0 on success, 1 when an artifact\n"
+                    "cannot be built or misses the agreement bound without --force, 2 on a usage error,\n"
+                    "130 when interrupted.",
         epilog="examples:\n"
                "  edgecv quantize runs/fmnist.pt --data fashion-mnist --calib 200 --out runs/fmnist-int8\n"
                "  edgecv quantize runs/fmnist.pt --data fashion-mnist --max-drop 0.005 --out runs/q\n"
