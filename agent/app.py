@@ -56,15 +56,18 @@ class App:
         # never replace them (they replace the camera-default model, which the other regions use).
         self.agent = Agent(config, topics, link=self.link, outbox=self.outbox, predictions=self.predictions,
                            classifier=classifier, region_models=load_region_models(config, keyring))
-        self.store = ModelStore(Path(config.model.store), keep=config.update.keep_versions)
+        self.store = ModelStore(Path(config.model.store), keep=config.update.keep_versions, keyring=keyring,
+                                allow_unsigned=config.security.allow_unsigned)
         self.updater = Updater(config, topics, self.link, self.store, keyring, host=self.agent,
                                on_model_problem=self.agent.set_model_problem)
         self.commands = CommandHandler(config.device_id, topics, self.link, device=self.agent, control=self.updater)
         self.discovery = HomeAssistantDiscovery(config, topics, self.link, current_model=lambda: self.agent.classifier)
         # Brokers that never deliver retained messages to wildcard subscriptions (RabbitMQ): the workstation asks,
-        # the device re-publishes its retained status and model state live.
+        # the device re-publishes its retained status and model state live, and its latest health report (not
+        # retained: without it `edgecv devices` would wait up to health.interval_s for fps and latency).
         self.announce = AnnounceResponder(self.link, T.announce_topic(config.prefix),
-                                          [self.agent.publish_status, self.updater.republish_state])
+                                          [self.agent.publish_status, self.updater.republish_state,
+                                           self.agent.republish_health])
         self.exit_code = 0
         self._stop: threading.Event | None = None
         # Every long-lived thread is watched: one that dies stops the watchdog pings and the process (exit 1).

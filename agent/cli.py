@@ -7,6 +7,8 @@ SIGTERM and SIGINT set a stop event so the agent drains and publishes `stopped` 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -22,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from edgecv.agent import __version__
+from edgecv.agent import __version__, logs
 from edgecv.agent.errors import ConfigError, EdgecvError, MqttError
 from edgecv.agent.resources import demo_bundle, demo_public_key, example_config
 
@@ -32,70 +34,106 @@ DEMO_FIRST_PREDICTION_S = 30.0
 
 
 
+EXIT_CODES = ("Exit status: 0 on success, 1 on an error (the reason on stderr), 2 on a usage or configuration "
+              "error, 130 when interrupted.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgecv-agent", description="edgecv device agent: camera → int8 model → "
-                                     "MQTT predictions, with over-the-air model updates.")
+                                     "MQTT predictions, with over-the-air model updates. Logs go to stderr (the "
+                                     "journal under systemd); results to stdout. " + EXIT_CODES)
     parser.add_argument("--version", action="version", version=f"edgecv-agent {__version__}")
-    parser.add_argument("--debug", action="store_true", help="debug logs and tracebacks")
+    _add_verbosity(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     run = sub.add_parser("run", help="run the agent daemon (systemd runs this)", description=(
         "Run the device agent: read the cameras, classify every frame with the active model, publish predictions, "
-        "status and health over MQTT, and accept signed model pushes. Runs until SIGTERM/SIGINT, then publishes "
-        "'stopped' and exits 0."))
+        "status and health over MQTT, and accept signed model pushes. Logs to stderr (the journal), prints nothing "
+        "on stdout. Runs until SIGTERM/SIGINT, then publishes 'stopped' and exits 0; exit status 1 when a part of "
+        "the agent died or it cannot start (no usable model, store or camera), 2 on an invalid config."))
     run.add_argument("--config", "-c", required=True, type=Path, help="agent TOML config file")
-    run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="debug logs and tracebacks")
     run.set_defaults(handler=cmd_run)
 
     check = sub.add_parser("check-config", help="validate a config file and print a summary", description=(
-        "Validate an agent config without starting anything: every error names its key path. Prints a summary of "
-        "the effective settings. Exit code 2 on an invalid config."))
+        "Validate an agent config without starting anything. Every problem is listed at once with its key path "
+        "(and a 'did you mean' for a misspelt key). Prints a summary of the effective settings, or with --json "
+        "the effective config as one object. Exit status 0 when valid, 2 when not (the problems on stderr; with "
+        "--json also on stdout)."))
     check.add_argument("config", type=Path)
-    check.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    check.add_argument("--json", action="store_true", help="print the effective config (or the problems) as JSON")
     check.set_defaults(handler=cmd_check_config)
 
     bench = sub.add_parser("bench", help="benchmark a bundle in the installed runtimes", description=(
         "Measure preprocessing + inference latency of a bundle's artifacts on this device, per installed runtime "
-        "and thread count (median and p95 of --runs inferences, batch 1)."))
+        "and thread count (median and p95 of --runs inferences, batch 1). Prints a table, fastest first (runtime, "
+        "artifact, threads, pre/infer/p95/total ms, fps, speedup), or one JSON object with --json. " + EXIT_CODES))
     bench.add_argument("--bundle", "-b", required=True, type=Path, help="bundle directory or .edgecv file")
     bench.add_argument("--runtime", default="auto",
                        help="auto, onnxruntime, litert or openvino (default auto: all installed)")
     bench.add_argument("--threads", default="1", help="comma-separated thread counts, e.g. 1,2")
     bench.add_argument("--runs", type=int, default=500, help="timed inferences per configuration")
-    bench.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    bench.add_argument("--json", action="store_true", help="print the measurements as JSON")
     bench.set_defaults(handler=cmd_bench)
 
     demo = sub.add_parser("demo", help="run the agent on synthetic Fashion-MNIST frames and watch the predictions "
                                        "arrive through an MQTT broker", description=(
         "Run the agent with the shipped, signed Fashion-MNIST bundle on a synthetic camera of test images (with their "
         "true labels) and print every prediction as a subscriber receives it through the broker, with a running "
-        "accuracy. Uses 127.0.0.1:1883 if a broker answers there, else starts a private mosquitto."))
+        "accuracy, then a summary line. Uses 127.0.0.1:1883 if a broker answers there, else starts a private "
+        "mosquitto. " + EXIT_CODES))
     demo.add_argument("--broker", help="HOST:PORT of a broker (default: 127.0.0.1:1883 if it answers, else a "
                                        "private mosquitto on a free port)")
     demo.add_argument("--frames", type=int, default=200, help="stop after this many predictions (default 200)")
     demo.add_argument("--fps", type=float, default=20.0, help="camera frame rate (default 20)")
     demo.add_argument("--runtime", default="auto", help="auto, onnxruntime, litert or openvino")
     demo.add_argument("--bundle", type=Path, default=None, help="bundle (default: the shipped Fashion-MNIST bundle)")
-    demo.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     demo.set_defaults(handler=cmd_demo)
+
     init = sub.add_parser("init", help="write a commented config file to start from", description=(
         "Write the commented example configuration (every key, its default and what it does) with this device's id "
-        "filled in, ready to edit; then check it with 'edgecv-agent check-config'."))
+        "filled in, ready to edit; then check it with 'edgecv-agent check-config'. Prints the path written. Exit "
+        "status 0, 2 when the file exists (without --force) or the device id is not a valid topic level."))
     init.add_argument("path", nargs="?", type=Path, default=Path("agent.toml"),
                       help="where to write it (default ./agent.toml)")
     init.add_argument("--device-id", help="the device id (default: this machine's host name, made a valid topic "
                                           "level)")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
-    init.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     init.set_defaults(handler=cmd_init)
+
+    rollback = sub.add_parser("rollback", help="switch the model store back to the previous model (agent stopped)",
+                              description=(
+        "Re-activate the previous model (or --to an installed version) in the model store of a config, on the "
+        "device itself, without a broker. The bundle is re-verified with the config's keyring first. Stop the "
+        "agent before (so nothing races it) and start it after: it self-tests the model at start. Prints the "
+        "models before and after (a JSON object with --json). Exit status 0, 1 when there is nothing valid to go "
+        "back to (the reason on stderr), 2 on an invalid config. From a workstation: 'edgecv rollback --device "
+        "ID'."))
+    rollback.add_argument("--config", "-c", required=True, type=Path, help="agent TOML config file")
+    rollback.add_argument("--to", metavar="VERSION",
+                          help="installed version (or directory name, or sha256 prefix) to go back to (default: "
+                               "the previous one)")
+    rollback.add_argument("--json", action="store_true", help="print the result as JSON")
+    rollback.set_defaults(handler=cmd_rollback)
+    for child in dict.fromkeys(sub.choices.values()):
+        _add_verbosity(child, top=False)
     return parser
+
+
+def _add_verbosity(parser: argparse.ArgumentParser, top: bool) -> None:
+    """--debug and --verbose, before the subcommand or after it."""
+    kwargs: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
+    group = parser.add_argument_group("output")
+    group.add_argument("--debug", action="store_true", help="debug logs, and tracebacks on errors", **kwargs)
+    group.add_argument("-v", "--verbose", action="store_true",
+                       help="also show third-party libraries' logs and banners (hidden by default)", **kwargs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = bool(getattr(args, "debug", False))
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The daemon never captures native output: a runtime's crash report must reach the journal.
+    logs.configure(level=logging.INFO, verbose=bool(getattr(args, "verbose", False)), debug=debug,
+                   fmt="%(asctime)s %(levelname)s %(name)s: %(message)s", capture_native=args.command != "run")
     try:
         return int(args.handler(args) or 0)
     except EdgecvError as exc:
@@ -127,7 +165,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     if not getattr(args, "debug", False):
-        logging.getLogger().setLevel(config.log_level.upper())
+        logging.getLogger(logs.OURS).setLevel(config.log_level.upper())
     config.broker.resolve_password()  # a missing password source is a config error before anything starts
     stop = _stop_on_signals()
     return App(config).run(stop)
@@ -136,9 +174,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     from edgecv.agent.config import load_config
 
-    cfg = load_config(args.config)
-    password = cfg.broker.resolve_password()
+    try:
+        cfg = load_config(args.config)
+        password = cfg.broker.resolve_password()
+    except ConfigError as exc:
+        if args.json:  # a script reads the verdict from stdout
+            _print_json({"ok": False, "config": str(args.config), "problems": exc.problems})
+        raise
     b = cfg.broker
+    if args.json:
+        _print_json({"ok": True, "config": str(args.config), "effective": cfg.to_dict(),
+                     "password": "set" if password else None, "latency_budget_ms": cfg.latency_budget_ms()})
+        return 0
     print(f"{args.config}: OK")
     print(f"  device      {cfg.device_id} (prefix {cfg.prefix}; groups: {', '.join(cfg.groups) or 'none'})")
     auth = f"user {b.username}" + (" with password" if password else "") if b.username else "anonymous"
@@ -214,9 +261,41 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rows = benchmark_bundle(bundle, runtimes, threads or None, runs=args.runs)
     if not rows:
         raise EdgecvError(f"No artifact of {args.bundle} could be benchmarked with the installed runtimes")
+    if args.json:
+        _print_json({"bundle": str(args.bundle), "name": bundle.manifest.name, "version": bundle.manifest.version,
+                     "rows": [dataclasses.asdict(r) for r in sorted(rows, key=lambda r: r.infer_ms_median)]})
+        return 0
     print(f"{bundle.manifest.name} {bundle.manifest.version}: preprocess + inference, batch 1, {args.runs} runs")
     print(format_table(rows))
     return 0
+
+
+# ---------------------------------------------------------------------------------------------- rollback
+def cmd_rollback(args: argparse.Namespace) -> int:
+    """The on-device rollback: the config's store, verified with the config's keyring (never without one)."""
+    from edgecv.agent.config import load_config
+    from edgecv.agent.contract.signing import load_keyring
+    from edgecv.agent.delivery.store import ModelStore
+
+    cfg = load_config(args.config)
+    store = ModelStore(Path(cfg.model.store), keep=cfg.update.keep_versions,
+                       keyring=load_keyring(cfg.security.keyring), allow_unsigned=cfg.security.allow_unsigned)
+    before = store.current()
+    bundle = store.rollback(args.to)
+    was = f"{before.manifest.name} {before.manifest.version}" if before is not None else None
+    now = f"{bundle.manifest.name} {bundle.manifest.version}"
+    if args.json:
+        _print_json({"store": str(store.root), "from": was, "to": now, "dir": bundle.root.name,
+                     "sha256": bundle.manifest_sha256})
+    else:
+        print(f"{store.root}: {was or '(no active model)'} → {now} ({bundle.root.name})")
+    print("Start the agent to serve it (it self-tests the model first): sudo systemctl start edgecv-agent",
+          file=sys.stderr)
+    return 0
+
+
+def _print_json(doc: Any) -> None:
+    print(json.dumps(doc, indent=2, sort_keys=True, default=str))
 
 
 # -------------------------------------------------------------------------------------------------- demo

@@ -1,7 +1,8 @@
 """The agent configuration: one TOML file parsed into typed, frozen dataclasses, strictly.
 
-Unknown keys, wrong types and out-of-range values raise ConfigError naming the full key path, what was
-expected and what was found (`camera[0].fps: expected a number >= 0, got 'fast'`). Every key has a default
+Unknown keys (with a "did you mean" for a near miss), wrong types and out-of-range values are reported naming the
+full key path, what was expected and what was found (`camera[0].fps: expected a number >= 0, got 'fast'`), all of
+them in one ConfigError. Every key has a default
 except `device_id`. Relative paths are resolved against the directory of the config file. The broker
 password never sits in the file: it comes from an environment variable, a file, or a systemd credential
 (`$CREDENTIALS_DIRECTORY/<credential>`), see `BrokerConfig.resolve_password`.
@@ -11,11 +12,12 @@ password never sits in the file: it comes from an environment variable, a file, 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import tomllib
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -279,43 +281,57 @@ def load_config(path: Path | str) -> AgentConfig:
 
 
 def parse_config(doc: Mapping[str, Any], source: str = "<dict>", base_dir: Path | None = None) -> AgentConfig:
-    """Validate a TOML-shaped mapping. `base_dir` (default: the current directory) anchors relative paths."""
+    """Validate a TOML-shaped mapping. `base_dir` (default: the current directory) anchors relative paths.
+
+    Every problem is collected before anything is raised: one ConfigError lists them all (`problems`), each with its
+    key path, so a config is fixed in one round."""
+    problems = _Problems()
     if not isinstance(doc, Mapping):
         raise ConfigError(f"<root>: expected a table, got {type(doc).__name__}")
     if "device_id" not in doc:
-        raise ConfigError("device_id: required key is missing; set it to this device's name, e.g. "
-                          'device_id = "pi-kitchen"')
+        problems.add("device_id", "required key is missing; set it to this device's name, e.g. "
+                                  'device_id = "pi-kitchen"')
     base = Path(base_dir) if base_dir is not None else Path.cwd()
-    cfg = _build(AgentConfig, doc, "", base)
-    if not cfg.cameras:
-        raise ConfigError("camera: expected at least one [[camera]] table, got none")
+    cfg = _build(AgentConfig, doc, "", base, problems)
+    if cfg is not _INVALID:
+        _check_consistency(cfg, doc, problems)
+    problems.raise_if_any(source)
+    return dataclasses.replace(cfg, source=source)
+
+
+def _check_consistency(cfg: AgentConfig, doc: Mapping[str, Any], problems: _Problems) -> None:
+    """Rules across keys, for the parts whose keys were valid on their own."""
+    if not cfg.cameras and problems.clean("camera"):
+        problems.add("camera", "expected at least one [[camera]] table, got none")
     seen: set[str] = set()
     for i, cam in enumerate(cfg.cameras):
+        if not problems.clean(f"camera[{i}].name"):
+            continue
         if cam.name in seen:
-            raise ConfigError(f"camera[{i}].name: expected a unique camera name, got duplicate {cam.name!r}")
+            problems.add(f"camera[{i}].name", f"expected a unique camera name, got duplicate {cam.name!r}")
         seen.add(cam.name)
         regions: set[str] = set()
         for j, region in enumerate(cam.regions):
             if region.name in regions:
-                raise ConfigError(f"camera[{i}].region[{j}].name: expected a region name unique within camera "
-                                  f"{cam.name!r}, got duplicate {region.name!r}")
+                problems.add(f"camera[{i}].region[{j}].name", f"expected a region name unique within camera "
+                                                               f"{cam.name!r}, got duplicate {region.name!r}")
             regions.add(region.name)
     broker = cfg.broker
-    sources = [k for k in ("password_env", "password_file", "credential") if getattr(broker, k)]
-    if len(sources) > 1:
-        raise ConfigError(f"broker.{sources[1]}: expected at most one password source, got "
-                          f"{' and '.join('broker.' + s for s in sources)}; keep one")
-    if broker.reconnect_max_s < broker.reconnect_min_s:
-        raise ConfigError(f"broker.reconnect_max_s: expected a number >= broker.reconnect_min_s "
-                          f"({broker.reconnect_min_s}), got {broker.reconnect_max_s}")
-    tls = broker.tls
-    if bool(tls.cert_file) != bool(tls.key_file):
-        raise ConfigError("broker.tls.key_file: expected cert_file and key_file together (client certificate), "
-                          f"got cert_file={tls.cert_file!r} key_file={tls.key_file!r}")
-    if cfg.publish.mode == "rate" and cfg.publish.max_rate <= 0:
-        raise ConfigError(f"publish.max_rate: expected a number > 0 when publish.mode is 'rate', "
-                          f"got {cfg.publish.max_rate}")
-    return dataclasses.replace(cfg, source=source)
+    if problems.clean("broker"):
+        sources = [k for k in ("password_env", "password_file", "credential") if getattr(broker, k)]
+        if len(sources) > 1:
+            problems.add(f"broker.{sources[1]}", f"expected at most one password source, got "
+                                                 f"{' and '.join('broker.' + s for s in sources)}; keep one")
+        if broker.reconnect_max_s < broker.reconnect_min_s:
+            problems.add("broker.reconnect_max_s", f"expected a number >= broker.reconnect_min_s "
+                                                   f"({broker.reconnect_min_s}), got {broker.reconnect_max_s}")
+        tls = broker.tls
+        if bool(tls.cert_file) != bool(tls.key_file):
+            problems.add("broker.tls.key_file", "expected cert_file and key_file together (client certificate), "
+                                                f"got cert_file={tls.cert_file!r} key_file={tls.key_file!r}")
+    if problems.clean("publish") and cfg.publish.mode == "rate" and cfg.publish.max_rate <= 0:
+        problems.add("publish.max_rate", f"expected a number > 0 when publish.mode is 'rate', "
+                                         f"got {cfg.publish.max_rate}")
 
 
 def resolve_camera_source(source: str, base: Path) -> str:
@@ -329,6 +345,34 @@ def resolve_camera_source(source: str, base: Path) -> str:
 # --- generic dataclass builder -------------------------------------------------------------------------
 
 _HINTS: dict[type, dict[str, Any]] = {}
+_INVALID: Any = object()  # what a section or list entry with problems builds to (its problems are recorded)
+
+
+class _Problems:
+    """The problems found so far, each `key.path: what was expected, what was found`, in the order found."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str]] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.items.append((path, f"{path}: {message}"))
+
+    def add_error(self, exc: ConfigError) -> None:
+        for text in exc.problems:
+            self.items.append((text.split(": ", 1)[0], text))
+
+    def clean(self, prefix: str) -> bool:
+        """Whether no problem was found at `prefix` or below it."""
+        return not any(p == prefix or p.startswith((f"{prefix}.", f"{prefix}[")) for p, _ in self.items)
+
+    def raise_if_any(self, source: str) -> None:
+        if not self.items:
+            return
+        texts = [text for _, text in self.items]
+        if len(texts) == 1:
+            raise ConfigError(texts[0])
+        lines = "\n".join(f"  {t}" for t in texts)
+        raise ConfigError(f"{source} has {len(texts)} problems:\n{lines}", problems=texts)
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -337,27 +381,46 @@ def _hints(cls: type) -> dict[str, Any]:
     return _HINTS[cls]
 
 
-def _build(cls: type, doc: Any, prefix: str, base: Path) -> Any:
+def _did_you_mean(word: str, known: Iterable[str]) -> str | None:
+    match = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def _build(cls: type, doc: Any, prefix: str, base: Path, problems: _Problems) -> Any:
+    """`cls` built from the table `doc`, every problem in it recorded; keys with problems keep their defaults, and a
+    table that cannot be built at all (not a table, a required key missing) is _INVALID."""
     where = prefix.rstrip(".") or "<root>"
     if not isinstance(doc, Mapping):
-        raise ConfigError(f"{where}: expected a table, got {_show(doc)}")
+        problems.add(where, f"expected a table, got {_show(doc)}")
+        return _INVALID
     fields = [f for f in dataclasses.fields(cls) if f.metadata]
     keys = {(f.metadata.get("key") or f.name): f for f in fields}
-    unknown = sorted(set(doc) - set(keys))
-    if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; known keys: {', '.join(sorted(keys))}")
+    for key in sorted(set(doc) - set(keys), key=str):
+        close = _did_you_mean(str(key), keys)
+        known = f"known keys: {', '.join(sorted(keys))}"
+        problems.add(f"{prefix}{key}", f"unknown key; did you mean {close!r}? ({known})" if close else
+                     f"unknown key; {known}")
     hints = _hints(cls)
     values: dict[str, Any] = {}
     for key, f in keys.items():
         if key not in doc:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{prefix}{key}: required key is missing; systemd/agent.example.toml shows it")
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and prefix:
+                problems.add(f"{prefix}{key}", "required key is missing; systemd/agent.example.toml shows it")
             continue
-        values[f.name] = _value(hints[f.name], doc[key], f, f"{prefix}{key}", base)
-    return cls(**values)
+        try:
+            value = _value(hints[f.name], doc[key], f, f"{prefix}{key}", base, problems)
+        except ConfigError as exc:
+            problems.add_error(exc)
+            continue
+        if value is not _INVALID:
+            values[f.name] = value
+    try:  # with problems, a partial object (their keys at the defaults) lets the rules across keys judge the rest
+        return cls(**values)
+    except TypeError:  # a required key missing (already recorded)
+        return _INVALID
 
 
-def _value(typ: Any, raw: Any, f: dataclasses.Field[Any], path: str, base: Path) -> Any:
+def _value(typ: Any, raw: Any, f: dataclasses.Field[Any], path: str, base: Path, problems: _Problems) -> Any:
     origin = typing.get_origin(typ)
     if f.metadata.get("crop"):
         return _crop(raw, path)
@@ -365,11 +428,21 @@ def _value(typ: Any, raw: Any, f: dataclasses.Field[Any], path: str, base: Path)
         item = typing.get_args(typ)[0]
         if not isinstance(raw, list):
             raise ConfigError(f"{path}: expected a list, got {_show(raw)}")
-        if dataclasses.is_dataclass(item):
-            return tuple(_build(typing.cast(type, item), entry, f"{path}[{i}].", base) for i, entry in enumerate(raw))
-        return tuple(_scalar(item, entry, f, f"{path}[{i}]", base) for i, entry in enumerate(raw))
+        found = len(problems.items)
+        entries = []
+        for i, entry in enumerate(raw):
+            if dataclasses.is_dataclass(item):
+                entries.append(_build(typing.cast(type, item), entry, f"{path}[{i}].", base, problems))
+                continue
+            try:
+                entries.append(_scalar(item, entry, f, f"{path}[{i}]", base))
+            except ConfigError as exc:
+                problems.add_error(exc)
+        # an entry that could not be built at all: the list is dropped (its default stays), as the indices of the
+        # others would no longer match their key paths
+        return _INVALID if len(problems.items) > found and _INVALID in entries else tuple(entries)
     if dataclasses.is_dataclass(typ):
-        return _build(typing.cast(type, typ), raw, f"{path}.", base)
+        return _build(typing.cast(type, typ), raw, f"{path}.", base, problems)
     return _scalar(typ, raw, f, path, base)
 
 
@@ -378,7 +451,9 @@ def _scalar(typ: Any, raw: Any, f: dataclasses.Field[Any], path: str, base: Path
     check = f.metadata.get("check")
     if choices is not None and (raw not in choices or isinstance(raw, bool)):
         shown = " or ".join(repr(c) for c in choices)
-        raise ConfigError(f"{path}: expected one of {shown}, got {_show(raw)}")
+        close = _did_you_mean(raw, [str(c) for c in choices]) if isinstance(raw, str) else None
+        raise ConfigError(f"{path}: expected one of {shown}, got {_show(raw)}"
+                          + (f"; did you mean {close!r}?" if close else ""))
     if typ is bool:
         if not isinstance(raw, bool):
             raise ConfigError(f"{path}: expected true or false, got {_show(raw)}")

@@ -14,9 +14,14 @@ class EdgecvError(Exception):
 
 
 class ConfigError(EdgecvError):
-    """The agent configuration is invalid; the message names the key path."""
+    """The agent configuration is invalid; the message names the key path. A config with several problems raises one
+    ConfigError listing them all; `problems` holds each one ("key.path: what is wrong")."""
 
     exit_code = 2
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems: list[str] = list(problems) if problems else [message]
 
 
 class CropError(ConfigError):

@@ -96,6 +96,7 @@ class Agent:
         self._ready_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._warned: dict[str, float] = {}
+        self._last_health: bytes | None = None  # the newest health report, re-sent on the announce request
         self.last_frame: Frame | None = None
         self.last_top: list[dict[str, Any]] | None = None
         self.model_error: str | None = None  # why no (or a fallback) model runs, from the start-up self-test
@@ -408,19 +409,36 @@ class Agent:
     def _health_loop(self, stop: threading.Event) -> None:
         interval = self.config.health.interval_s
         next_health = time.monotonic() + min(interval, 2.0)  # a first report soon after start
-        states = self._camera_states()
+        states = logged = self._camera_states()
+        logged_at, changes = -math.inf, 0
         while not stop.wait(min(STATUS_CHECK_S, max(0.05, next_health - time.monotonic()))):
             current = self._camera_states()
             if current != states:
                 states = current
-                log.info("Camera states changed: %s", ", ".join(f"{k}={v}" for k, v in current.items()))
+                changes += 1
                 self.publish_status()
+            # Every change goes into the status; the log gets one line per WARN_EVERY_S at most (a camera that keeps
+            # failing flaps between open and reopening every few seconds), and always the state it settled in.
+            if current != logged and time.monotonic() - logged_at >= WARN_EVERY_S:
+                log.info("Camera states changed: %s%s", ", ".join(f"{k}={v}" for k, v in current.items()),
+                         f" ({changes} changes since the last such line)" if changes > 1 else "")
+                logged, logged_at, changes = current, time.monotonic(), 0
             if time.monotonic() >= next_health:
                 next_health += interval
                 try:
-                    self.link.publish(self.topics.health, T.encode(self.health_payload()), qos=0)
+                    health = T.encode(self.health_payload())
+                    self._last_health = health
+                    self.link.publish(self.topics.health, health, qos=0)
                 except Exception:
                     log.exception("Building the health report failed")
+
+    def republish_health(self) -> None:
+        """Publish the latest health report again (the announce request's answer): `edgecv devices` then shows fps
+        and latency at once, without waiting up to health.interval_s. Not a new measurement: the same document,
+        with its `ts`, covering the interval before it. Nothing before the first report (~2 s after start)."""
+        health = self._last_health
+        if health is not None and self.link.is_connected():
+            self.link.publish(self.topics.health, health, qos=0)
 
     def _camera_states(self) -> dict[str, str]:
         return {cam.name: cam.state for cam in self.cameras}

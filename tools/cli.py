@@ -6,9 +6,10 @@ import argparse
 import importlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
-from edgecv.agent import __version__
+from edgecv.agent import __version__, logs
 from edgecv.agent.errors import EdgecvError
 
 # Subcommand modules under tools/commands, in the order `--help` lists them.
@@ -19,11 +20,15 @@ COMMANDS = ("train", "prune", "quantize", "optimize", "keys", "bundle", "push", 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgecv",
-        description="Workstation side of edgecv: train, prune and int8-quantize small CNNs, build signed model "
-                    "bundles, and push them to devices over MQTT.")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Workstation side of edgecv: train, prune and int8-quantize small CNNs, build signed model\n"
+                    "bundles, and push them to devices over MQTT.\n\n"
+                    "Results go to stdout (tables, or JSON with --json); progress and notes go to stderr.\n"
+                    "Fleet commands name devices with --device ID (a device id, repeatable) or --group G;\n"
+                    "the training commands' --device auto|cpu|cuda is the compute device instead.\n"
+                    "Exit status: 0 on success, 1 when it ran but failed, 2 on a usage error, 130 when interrupted.")
     parser.add_argument("--version", action="version", version=f"edgecv {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    _add_verbosity(parser, None)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         try:
@@ -33,7 +38,28 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue  # command not built yet
         module.register(sub)
+    for sub_parser in _subparsers(parser):
+        _add_verbosity(sub_parser, argparse.SUPPRESS)
     return parser
+
+
+def _add_verbosity(parser: argparse.ArgumentParser, default: str | None) -> None:
+    """--debug, --verbose and --quiet, accepted before the subcommand and after it (`edgecv optimize ... -v`)."""
+    group = parser.add_argument_group("output")
+    kwargs: dict[str, Any] = {} if default is None else {"default": default}
+    group.add_argument("--debug", action="store_true", help="debug logs, and tracebacks on errors", **kwargs)
+    group.add_argument("-v", "--verbose", action="store_true",
+                       help="also show third-party libraries' logs and banners (hidden by default)", **kwargs)
+    group.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr", **kwargs)
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """Every subcommand's parser, nested ones too (`bundle inspect`)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # aliases share a parser
+                yield child
+                yield from _subparsers(child)
 
 
 # Top-level modules of the `tools` extra: a device-only install lacks them.
@@ -44,8 +70,7 @@ WORKSTATION_MODULES = frozenset({"torch", "onnx", "onnxscript", "litert_torch", 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logs.configure(level=logging.WARNING if args.quiet else logging.INFO, verbose=args.verbose, debug=args.debug)
     try:
         return int(args.handler(args) or 0)
     except EdgecvError as exc:

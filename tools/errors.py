@@ -41,3 +41,10 @@ class LabelError(ToolsError):
 
 class UnknownSampleError(LabelError):
     """The sample is not (or no longer) waiting in `_unlabelled`."""
+
+
+class UsageError(ToolsError):
+    """The command line is incomplete or contradictory in a way the argument parser cannot see (exit status 2, like
+    the parser's own errors)."""
+
+    exit_code = 2

@@ -166,7 +166,7 @@ def run_pipeline(cfg: OptimizeConfig, say: Say | None = None) -> PipelineResult:
 
     from edgecv.tools.datasets import to_model_input
     from edgecv.tools.model import count_params, describe_arch
-    from edgecv.tools.train import format_epoch_row, select_device
+    from edgecv.tools.train import format_epoch_header, format_epoch_row, select_device
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -188,8 +188,14 @@ def run_pipeline(cfg: OptimizeConfig, say: Say | None = None) -> PipelineResult:
 
     # 2. train
     with clock("train"):
-        model, base_cfg, result = _train_stage(cfg, deployed, splits, spec, labels, device,
-                                               lambda row: clock.note(format_epoch_row(row)), clock.note)
+        header = [format_epoch_header()]  # printed once, above the first epoch row
+
+        def on_epoch(row: dict[str, Any]) -> None:
+            if header:
+                clock.note(header.pop())
+            clock.note(format_epoch_row(row))
+
+        model, base_cfg, result = _train_stage(cfg, deployed, splits, spec, labels, device, on_epoch, clock.note)
         record.settings.update(epochs=base_cfg.epochs, schedule=base_cfg.schedule, patience=base_cfg.patience,
                                augment=_describe_augment(base_cfg), device=str(device))
         # a backbone's rows say which part learned ("head", then "whole"); all are training epochs

@@ -229,7 +229,7 @@ def calibrate(pre: Path, calib: np.ndarray, method: str, cache: Path) -> Path:
     save_tensors_data(ranges, cache)
     if chatter.getvalue():
         log.debug("onnxruntime calibration: %s", chatter.getvalue().strip().replace("\n", "; "))
-    log.info("Calibrated %d tensors (%s) on %d images in %.2f s", len(ranges.data), method, len(calib),
+    log.debug("Calibrated %d tensors (%s) on %d images in %.2f s", len(ranges.data), method, len(calib),
              time.perf_counter() - started)
     return cache
 
@@ -263,7 +263,7 @@ def quantize_with_recipe(pre: Path, ranges: Path, out: Path, recipe: QuantRecipe
             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
     except Exception as exc:  # onnxruntime raises plain Exceptions and its own Fail types
         raise ExportError(f"onnxruntime static quantization of {pre.name} failed ({recipe.label}): {exc}") from exc
-    log.info("Quantized %s → %s (%s, %d nodes kept float) in %.2f s", pre.name, out, recipe.label,
+    log.debug("Quantized %s → %s (%s, %d nodes kept float) in %.2f s", pre.name, out, recipe.label,
              len(exclude_nodes), time.perf_counter() - started)
     return out
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgecv.agent.logs import tame_library_logger
 from edgecv.tools.errors import ExportError
 from edgecv.tools.evaluate import (
     MIN_AGREEMENT,
@@ -38,6 +39,7 @@ def nncf_int8(fp32: Path, calib: np.ndarray, out: Path) -> Path:
         raise ExportError(f"NNCF is not installed ({exc}); install the workstation extras: "
                           "pip install 'edgecv[tools]'") from exc
     logging.getLogger("nncf").setLevel(logging.WARNING)
+    tame_library_logger("nncf")  # its own handler writes to stdout, which is for results
     model = onnx.load(str(fp32))
     name = model.graph.input[0].name
     calib = np.asarray(calib, dtype=np.float32)

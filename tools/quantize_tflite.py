@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 import warnings
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgecv.agent.logs import native_banners_hidden
 from edgecv.tools.errors import ExportError
 from edgecv.tools.evaluate import MIN_AGREEMENT, MIN_CONFIDENT_AGREEMENT, ArtifactOutcome, judge_artifact
 
@@ -286,15 +286,17 @@ def _write(edge: object, out: Path) -> None:
 
 def _import_litert() -> tuple[Any, Any, Any]:
     # torchao warns on import about optional CUDA kernels that a CPU install never has, and torch about an
-    # enum it registers; the converter's native code logs through absl unless told not to.
+    # enum it registers; the converter's native code prints absl and oneDNN banners when it loads.
     logging.getLogger("torchao").setLevel(logging.ERROR)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     pytree = logging.getLogger("torch.utils._pytree")
     level = pytree.level
     pytree.setLevel(logging.ERROR)
     try:
-        import litert_torch
-        from litert_torch.quantize import pt2e_quantizer, quant_config
+        with native_banners_hidden():
+            import litert_torch
+            from litert_torch.quantize import pt2e_quantizer, quant_config
+            with contextlib.suppress(ImportError):  # loaded by the first conversion otherwise: its banners too
+                import litert_converter.converter_api_ext  # noqa: F401
     except ImportError as exc:
         raise ExportError(f"litert-torch is not installed ({exc}); install the workstation extras: "
                           "pip install 'edgecv[tools]'") from exc

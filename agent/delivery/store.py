@@ -67,14 +67,16 @@ class StoredVersion:
 class ModelStore:
     """Verified model bundles on disk with an atomically switched active pointer. Thread-safe."""
 
-    def __init__(self, root: Path | str, keep: int = 3) -> None:
+    def __init__(self, root: Path | str, keep: int = 3, *, keyring: Keyring | None = None,
+                 allow_unsigned: bool = False) -> None:
         self.root = Path(root)
         self.keep = max(1, int(keep))
         self.versions = self.root / VERSIONS
         self._lock = threading.RLock()
-        # Remembered from ensure_model/install so rollback re-verifies with the same trust settings.
-        self._keyring: Keyring | None = None
-        self._allow_unsigned = False
+        # The device's trust settings (security.keyring, security.allow_unsigned): rollback and recovery re-verify
+        # installed bundles with them. ensure_model/install replace them with the ones they are given.
+        self._keyring: Keyring | None = keyring
+        self._allow_unsigned = allow_unsigned
 
     # ------------------------------------------------------------------ queries
     def staging_dir(self) -> Path:
@@ -181,10 +183,25 @@ class ModelStore:
                     raise StoreError("There is no previous model to roll back to; push a bundle instead")
             else:
                 path = self._find(to)
-            bundle = self._valid(path)
-            if bundle is None:
-                raise StoreError(f"Installed bundle {path.name} no longer verifies; push it again")
-            return self.activate(bundle)
+            return self.activate(self._verified(path))
+
+    def _verified(self, path: Path) -> Bundle:
+        """The installed bundle at `path`, re-verified; StoreError saying why not (a missing keyring is named as
+        such: the bundle is fine, the store was opened without the device's trust settings)."""
+        try:
+            bundle = load_bundle(path)
+        except (BundleError, OSError) as exc:
+            raise StoreError(f"Installed bundle {path.name} cannot be read ({exc}); push it again") from exc
+        no_keyring = self._keyring is None or len(self._keyring) == 0
+        if bundle.signature is not None and no_keyring and not self._allow_unsigned:
+            raise StoreError(f"Installed bundle {path.name} is signed (key {bundle.signature.key_id}), but this model "
+                             f"store was opened without a keyring to check it; use the device's keyring "
+                             f"(security.keyring), e.g. 'edgecv-agent rollback --config /etc/edgecv/agent.toml'")
+        try:
+            verify_bundle(bundle, self._keyring, allow_unsigned=self._allow_unsigned)
+        except (BundleError, OSError) as exc:
+            raise StoreError(f"Installed bundle {path.name} no longer verifies ({exc}); push it again") from exc
+        return bundle
 
     def ensure_model(self, seed: Path | str | None, keyring: Keyring | None = None,
                      allow_unsigned: bool = False) -> Bundle:
@@ -303,7 +320,8 @@ class ModelStore:
             if to in (path.name, bundle.manifest.version) or (len(to) >= 6 and bundle.manifest_sha256.startswith(to)):
                 matches.append(path)
         if not matches:
-            raise StoreError(f"No installed model matches {to!r}; 'edgecv cmd <device> ping' lists what is active")
+            installed = ", ".join(f"{b.manifest.version} ({p.name})" for p, b in self._readable_versions()) or "none"
+            raise StoreError(f"No installed model matches {to!r}; installed: {installed}")
         return matches[0]  # newest install of that version
 
     def _readable_versions(self) -> Iterator[tuple[Path, Bundle]]:

@@ -51,6 +51,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# CONNACK reason code of a broker that does not speak the requested MQTT version (3.1.1's return code 1 maps to it)
+UNSUPPORTED_PROTOCOL_VERSION = 132
+
 CONNACK_TIMEOUT_S = 10.0
 COALESCE_S = 0.005  # at most one round of sending per 5 ms while messages come faster than that
 # ... and per 20 ms once a round carries this many messages (a stream above ~1,600 per second; it stays in this mode
@@ -162,8 +165,9 @@ class MqttLink:
     def wait_connected(self, timeout: float) -> None:
         """Block until connected; raise MqttError naming the last failure (e.g. a refused CONNACK) otherwise."""
         if not self.connected.wait(timeout):
+            advice = "" if "broker.protocol" in (self.last_error or "") else "; check broker.host/port and credentials"
             raise MqttError(f"Could not connect to the MQTT broker {self.cfg.host}:{self.cfg.port} within "
-                            f"{timeout:g} s: {self.last_error or 'no answer'}; check broker.host/port and credentials")
+                            f"{timeout:g} s: {self.last_error or 'no answer'}{advice}")
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, expiry_s: int = 0) -> int:
         """Queue a message for delivery (never blocks); returns its outbox id, or REFUSED (0) for a message no
@@ -324,7 +328,10 @@ class MqttLink:
         if reason.is_failure:
             self.refused += 1
             name = getattr(reason, "getName", lambda: str(reason))()
-            self._fail(f"broker refused the connection: {name} (reason code {reason.value})")
+            hint = ""
+            if reason.value == UNSUPPORTED_PROTOCOL_VERSION and self._v5:
+                hint = '; this broker does not speak MQTT 5 (NATS speaks 3.1.1): set broker.protocol = "3.1.1"'
+            self._fail(f"broker refused the connection: {name} (reason code {reason.value}){hint}")
             self._session_ended.set()
             return
         with self._lock:

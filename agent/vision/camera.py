@@ -42,7 +42,8 @@ from edgecv.agent.vision.synthetic import SourceSpecError, SyntheticSource, synt
 
 log = logging.getLogger(__name__)
 
-STATE_OPEN, STATE_REOPENING, STATE_FAILED, STATE_ENDED = "open", "reopening", "failed", "ended"
+STATE_OPENING, STATE_OPEN, STATE_REOPENING = "opening", "open", "reopening"
+STATE_FAILED, STATE_ENDED = "failed", "ended"
 WARN_INTERVAL_S = 30.0
 _FPS_WINDOW = 30
 
@@ -227,7 +228,7 @@ class Camera:
         self._frame: Frame | None = None
         self._returned_seq = -1
         self._seq = 0
-        self._state = STATE_REOPENING
+        self._state = STATE_OPENING  # until the first open; "reopening" only after a failure
         self._error: str | None = None
         self._last_error: str | None = None
         self._reopens = 0
@@ -236,13 +237,16 @@ class Camera:
         self._times: deque[float] = deque(maxlen=_FPS_WINDOW)
         self._last_warn = -WARN_INTERVAL_S
         self._suppressed = 0
+        self._opened = False  # opened at least once: later opens are reopens, logged at most once per interval
+        self._last_reopen_log = -WARN_INTERVAL_S
+        self._unlogged_reopens = 0
         self._shape: tuple[int, ...] | None = None  # of the newest frame
 
     # -- consumer side ----------------------------------------------------------------------------------
 
     def start(self) -> Camera:
         """Arm the camera; a live one starts its grabber thread. The first open happens on the grabber thread or
-        in the first `latest()` call; status() says 'reopening' until then."""
+        in the first `latest()` call; status() says 'opening' until then."""
         if self._running:
             return self
         self._stop.clear()
@@ -271,7 +275,9 @@ class Camera:
     def status(self) -> dict[str, Any]:
         """{name, source, state, error, last_error, fps, reopens, frames, skipped, width, height, last_frame_ts}.
 
-        `error` is the current problem (None while open); `last_error` keeps the most recent one for diagnosis.
+        `state`: opening (not opened yet), open, reopening (failed; retrying with backoff), failed (the source string
+        is wrong; no retry), ended (a finite source played once). `error` is the current problem (None while open);
+        `last_error` keeps the most recent one for diagnosis, also after the camera recovered.
         """
         with self._cond:
             times = list(self._times)
@@ -370,7 +376,7 @@ class Camera:
             except Exception as exc:  # OpenCV and OS errors alike: retry later
                 self._fail(str(exc))
                 return None
-            log.info("Camera %s: opened %s", self.name, redact(self.cfg.source))
+            self._log_open()
         if self._interval and not self.live:  # pull mode: pace at fps, on the caller's thread, within its timeout
             if self._due > deadline:
                 self._sleep_until(deadline)
@@ -470,6 +476,24 @@ class Camera:
                 self._error = error
             if error is not None:
                 self._last_error = error
+
+    def _log_open(self) -> None:
+        """The first open at INFO; reopens (a camera that keeps failing reopens every few seconds) at INFO at most once
+        per WARN_INTERVAL_S with how many there were, the others at DEBUG, like the failures themselves."""
+        source = redact(self.cfg.source)
+        if not self._opened:
+            self._opened = True
+            log.info("Camera %s: opened %s", self.name, source)
+            return
+        now = time.monotonic()
+        self._unlogged_reopens += 1
+        if now - self._last_reopen_log >= WARN_INTERVAL_S:
+            log.info("Camera %s: reopened %s%s", self.name, source,
+                     f" ({self._unlogged_reopens} reopens since the previous such line)"
+                     if self._unlogged_reopens > 1 else "")
+            self._last_reopen_log, self._unlogged_reopens = now, 0
+        else:
+            log.debug("Camera %s: reopened %s", self.name, source)
 
     def _warn(self, msg: str, *args: object) -> None:
         """At most one warning per WARN_INTERVAL_S per camera; the rest are counted and summarised."""

@@ -367,8 +367,9 @@ def test_stop_from_another_thread_while_the_consumer_reads() -> None:
 
 def test_failing_camera_is_reopened_with_backoff(caplog: pytest.LogCaptureFixture) -> None:
     cam = Camera(CameraConfig(source="synthetic:fail?after=5", fps=200), **FAST)
+    assert cam.status()["state"] == "opening"  # before the first open: not "reopening"
     seqs: list[int] = []
-    with caplog.at_level(logging.WARNING, logger="edgecv.agent.vision.camera"):
+    with caplog.at_level(logging.INFO, logger="edgecv.agent.vision.camera"):
         cam.start()
         try:
             deadline = time.monotonic() + 3.0
@@ -382,8 +383,27 @@ def test_failing_camera_is_reopened_with_backoff(caplog: pytest.LogCaptureFixtur
     assert seqs == list(range(16))  # frames flow again after each reopen, seq goes on
     assert status["reopens"] == 3 and status["state"] == "open" and status["error"] is None
     assert "Synthetic failure after 5 frames" in (status["last_error"] or "")
-    # per-frame warnings are rate-limited: one log line for several failures
+    # per-frame warnings are rate-limited: one log line for several failures ...
     assert len([r for r in caplog.records if "reopening" in r.getMessage()]) == 1
+    # ... and so are the INFO lines of the reopens: the first open, then one line for the three reopens
+    opened = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert len(opened) == 2 and "opened" in opened[0] and "reopened" in opened[1], opened
+
+
+def test_a_camera_that_keeps_failing_logs_a_bounded_number_of_lines(caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 13: a camera failing every few frames logged an INFO line at every reopen (23 lines in 15 s). Now its
+    log lines are rate-limited like the per-frame problems: within one interval, however many reopens, one warning
+    and two INFO lines (the first open and the first reopen); DEBUG keeps every one."""
+    cam = Camera(CameraConfig(source="synthetic:fail?after=1", fps=0), **FAST)
+    with caplog.at_level(logging.DEBUG, logger="edgecv.agent.vision.camera"):
+        cam.start()
+        try:
+            assert _wait_for(lambda: (cam.latest(timeout=0.02), cam.status()["reopens"])[1] >= 20, timeout=30.0)
+        finally:
+            cam.stop()
+    info_or_worse = [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert len(info_or_worse) == 3, [r.getMessage() for r in info_or_worse]
+    assert len([r for r in caplog.records if "reopened" in r.getMessage()]) >= 19  # at DEBUG
 
 
 def test_video_file_loops(video: Path) -> None:

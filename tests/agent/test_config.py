@@ -156,10 +156,11 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
 
 @pytest.mark.parametrize(("doc", "expected"), [
     ({"device_id": "d", "publish": {"mod": "every"}},
-     "publish.mod: unknown key; known keys: batch_max, buffer, expiry_s"),
+     "publish.mod: unknown key; did you mean 'mode'? (known keys: batch_max, buffer, expiry_s"),
     ({"device_id": "d", "broker": {"tls": {"verify": True}}}, "broker.tls.verify: unknown key; known keys: ca_file"),
-    ({"device_id": "d", "camera": [{}, {"name": "b", "sourc": "x"}]}, "camera[1].sourc: unknown key"),
-    ({"device_id": "d", "cameras": []}, "cameras: unknown key; known keys: "),
+    ({"device_id": "d", "camera": [{}, {"name": "b", "sourc": "x"}]},
+     "camera[1].sourc: unknown key; did you mean 'source'?"),
+    ({"device_id": "d", "cameras": []}, "cameras: unknown key; did you mean 'camera'? (known keys: "),
 ])
 def test_unknown_keys_name_the_full_path(doc: dict[str, Any], expected: str) -> None:
     assert _error(doc).startswith(expected)
@@ -249,3 +250,33 @@ def test_password_from_systemd_credentials(tmp_path: Path, monkeypatch: pytest.M
     assert cfg.broker.resolve_password() == "from-credential"
     assert parse_config({"device_id": "d"}).broker.resolve_password() is None
     assert _error({"device_id": "d", "broker": {"credential": "../etc/shadow"}}).startswith("broker.credential:")
+
+
+def test_every_problem_is_reported_at_once_with_its_key_path() -> None:
+    """Issue 13: config errors came one at a time. Now one ConfigError lists them all: unknown keys (with a "did you
+    mean"), bad values in several sections and list entries, a bad choice, and the rules across keys of the sections
+    that were valid on their own."""
+    doc = {"device_id": "d", "brokr": {}, "log_level": "loud",
+           "broker": {"port": 0, "reconnect_min_s": 5, "reconnect_max_s": 1},
+           "camera": [{"name": "a", "fps": "fast"}, {"name": "b", "sorce": "x"}, {"name": "b"}],
+           "model": {"runtime": "litrt"}, "publish": {"mode": "rate"}}
+    with pytest.raises(ConfigError) as info:
+        parse_config(doc, source="agent.toml")
+    problems = info.value.problems
+    paths = [p.split(": ", 1)[0] for p in problems]
+    assert paths == ["brokr", "log_level", "broker.port", "camera[0].fps", "camera[1].sorce", "model.runtime",
+                     "camera[2].name", "publish.max_rate"], problems
+    text = str(info.value)
+    assert text.startswith("agent.toml has 8 problems:\n  brokr: unknown key; did you mean 'broker'?")
+    assert "camera[1].sorce: unknown key; did you mean 'source'?" in text
+    assert "model.runtime: expected one of 'auto' or 'onnxruntime' or 'litert' or 'openvino', got 'litrt'; did you " \
+           "mean 'litert'?" in text
+    # broker.reconnect_max_s < min is not judged: the broker section already has a problem (its port)
+    assert "reconnect_max_s" not in text
+
+
+def test_a_single_problem_is_one_line() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"device_id": "d", "camera": [{"fps": -1}]})
+    assert str(info.value) == "camera[0].fps: expected a number >= 0, got -1"
+    assert info.value.problems == [str(info.value)]

@@ -256,3 +256,23 @@ def test_remove_refused_version_but_never_current(tmp_path: Path, archives, keyr
     assert store.remove(refused) and not refused.root.exists()
     assert not store.remove(store.current())  # type: ignore[arg-type]
     assert [v.version for v in store.history()] == ["1.0"]
+
+
+def test_rollback_of_signed_bundles_needs_the_keyring_and_says_so(tmp_path: Path, archives, keyring) -> None:
+    """Issue 13: OPERATIONS.md's on-device one-liner opened the store without a keyring, and rolling back a signed
+    bundle then failed with "no longer verifies", as if the bundle were corrupt. A store opened without the keyring
+    now names the missing keyring; one opened with the device's trust settings rolls back."""
+    setup = ModelStore(tmp_path / "store", keyring=keyring)
+    for version in ("1.0", "1.1"):
+        setup.activate(setup.install(archives[version], keyring))
+    bare = ModelStore(tmp_path / "store")
+    with pytest.raises(StoreError, match=r"is signed \(key .*\), but this model store was opened without a keyring"):
+        bare.rollback()
+    assert bare.current().manifest.version == "1.1"  # type: ignore[union-attr]  # nothing changed
+    trusted = ModelStore(tmp_path / "store", keyring=keyring)
+    assert trusted.rollback().manifest.version == "1.0"
+    with pytest.raises(StoreError, match=r"No installed model matches '9.9'; installed: 1.1 \(1.1-"):
+        trusted.rollback("9.9")
+    other = ModelStore(tmp_path / "store", keyring=Keyring([generate_private_key().public_key()]))
+    with pytest.raises(StoreError, match=r"no longer verifies .*key"):
+        other.rollback("1.1")  # a keyring without the signer's key: a real verification failure

@@ -273,11 +273,13 @@ def test_mqtt5_clients_of_a_311_only_broker_fail_with_the_reason(nats_only: Nats
     assert res.returncode != 0 and "Traceback" not in res.stderr
     errors = [line for line in res.stderr.splitlines() if line.startswith("edgecv: error:")]
     assert len(errors) == 1 and "protocol" in errors[0].lower(), res.stderr
+    assert errors[0].endswith("add --protocol 3.1.1") and "password" not in errors[0], errors[0]  # the way out
     launcher = AgentLauncher(tmp_path, fashion_bundle)
     try:
         agent = launcher.start(broker=nats_only)
         assert wait_until(lambda: "broker refused the connection" in agent.log(), 30), agent.log()
         assert "protocol version" in agent.log().lower() and agent.alive()
+        assert 'set broker.protocol = "3.1.1"' in agent.log()
         assert "Connected to MQTT broker" not in agent.log()
     finally:
         launcher.close()

@@ -161,11 +161,14 @@ def test_push_one_device_hot_swap_without_lost_frames_and_commands(start_agent: 
     assert all(0 <= s["progress"] <= 1 for s in states if s["state"] == "receiving")
 
     # fleet commands against the running agent
-    ping = cli("cmd", agent.device, "ping", broker=shared_broker)
-    assert ping.returncode == 0 and json.loads(ping.stdout)["model"]["version"] == "2.0"
-    snap = cli("cmd", agent.device, "snapshot", "--out", str(tmp_path / "s.jpg"), broker=shared_broker)
+    ping = cli("cmd", "ping", "--device", agent.device, "--json", broker=shared_broker)
+    assert ping.returncode == 0 and json.loads(ping.stdout)[0]["model"]["version"] == "2.0"
+    snap = cli("cmd", "snapshot", "--device", agent.device, "--out", str(tmp_path / "s.jpg"), "--json",
+               broker=shared_broker)
     assert snap.returncode == 0, snap.stderr
-    assert (tmp_path / "s.jpg").read_bytes()[:2] == b"\xff\xd8" and json.loads(snap.stdout)["top"]
+    shot, = json.loads(snap.stdout)
+    assert (tmp_path / "s.jpg").read_bytes()[:2] == b"\xff\xd8" and shot["top"] and "jpeg" not in shot
+    assert shot["saved"] == str(tmp_path / "s.jpg") and shot["jpeg_bytes"] > 0
     devices = cli("devices", "--wait", "1.5", broker=shared_broker)
     line = next(line for line in devices.stdout.splitlines() if line.startswith(agent.device))
     assert "online" in line and "2.0" in line

@@ -144,7 +144,7 @@ def test_idle_after_the_files_ended_until_told_to_stop(start_agent: StartAgent, 
 
     msgs = collect(sub, ended, 60, agent)  # every frame, and the retained status says the camera ended ...
     assert agent.alive()  # ... and the agent stays up, serving MQTT
-    ping = edgecv("cmd", device, "ping", "--broker", f"{shared_broker.host}:{shared_broker.port}")
+    ping = edgecv("cmd", "ping", "--device", device, "--broker", f"{shared_broker.host}:{shared_broker.port}")
     assert ping.returncode == 0, ping.stderr
     assert len(of_kind(msgs, "predictions")) == 12 and agent.alive()
     assert agent.stop() == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -139,6 +140,13 @@ def test_cli_train_prints_table_and_test_accuracy(image_folder: ImageFolder, tmp
     x = to_model_input(load_splits(image_folder.root, size="16x16").test.images, ckpt.spec)
     assert ckpt.model(torch.from_numpy(x)).shape == (len(x), 3)
     assert np.isfinite(ckpt.meta["test_accuracy"])
+    # --json: the same lines on stderr, one JSON object on stdout
+    rc = main(["train", "--data", str(image_folder.root), "--size", "16x16", "--epochs", "1", "--batch-size", "8",
+               "--channels", "8,16", "--dense", "16", "--no-progress", "--json", "--out", str(out)])
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    assert rc == 0 and "test accuracy: " in captured.err and doc["checkpoint"] == str(out)
+    assert len(doc["history"]) == 1 and doc["classes"] == ckpt.labels and "test_accuracy" in doc
 
 
 @pytest.mark.parametrize(("argv", "message"), [

@@ -11,32 +11,47 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgecv.tools.commands.output import EXIT_CODES, add_json_option, print_json, print_rows
+
 if TYPE_CHECKING:
     from edgecv.agent.contract.bundle import Bundle
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("bundle", help="inspect, verify and sign model bundles",
-                                   description="Work with model bundles: a directory or a .edgecv archive.")
+                                   description="Work with model bundles: a directory or a .edgecv archive. "
+                                               + EXIT_CODES)
     sub = parser.add_subparsers(dest="bundle_command", metavar="ACTION", required=True)
 
-    inspect = sub.add_parser("inspect", help="show name, version, labels, input, artifacts, metrics, signer")
+    inspect = sub.add_parser("inspect", help="show name, version, labels, input, artifacts, metrics, signer",
+                             description="Show what a bundle holds: name, version, labels, input spec, self-test, "
+                                         "signer, then a table of its artifacts (format, precision, size, sha256) "
+                                         "and its recorded metrics; or everything as one JSON object with --json. "
+                                         "Nothing is verified (that is 'edgecv bundle verify'). " + EXIT_CODES)
     inspect.add_argument("path", type=Path, help="bundle directory or .edgecv archive")
-    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_option(inspect, "everything")
     inspect.set_defaults(handler=inspect_cmd)
 
     verify = sub.add_parser("verify", help="check every file's sha256 and the signature (exit 0 only if valid)",
                             description="Verify a bundle as a device would: sizes and sha256 of every file, "
-                                        "then the Ed25519 signature against the keyring.")
+                                        "then the Ed25519 signature against the keyring. Prints 'OK name version: "
+                                        "N files match the manifest, signed by KEY' (a JSON object with --json). "
+                                        "Exit status 0 when it verifies, 1 when it does not (the reason on "
+                                        "stderr), 2 on a usage error.")
     verify.add_argument("path", type=Path, help="bundle directory or .edgecv archive")
     verify.add_argument("--keyring", type=Path, help="directory of trusted *.pub keys, or one .pub file")
     verify.add_argument("--allow-unsigned", action="store_true",
                         help="accept a bundle without signature (a bad signature is always refused)")
+    add_json_option(verify, "the verdict")
     verify.set_defaults(handler=verify_cmd)
 
-    sign = sub.add_parser("sign", help="sign a bundle directory or archive in place")
+    sign = sub.add_parser("sign", help="sign a bundle directory or archive in place",
+                          description="Sign a bundle's manifest with an Ed25519 private key (writes manifest.sig; "
+                                      "an archive is re-packed). Prints the key id it was signed with. "
+                                      + EXIT_CODES)
     sign.add_argument("path", type=Path, help="bundle directory or .edgecv archive (re-packed)")
     sign.add_argument("--key", type=Path, required=True, help="private key from 'edgecv keys generate'")
+    add_json_option(sign, "the bundle and key id")
     sign.set_defaults(handler=sign_cmd)
 
 
@@ -78,7 +93,7 @@ def inspect_cmd(args: argparse.Namespace) -> int:
     with opened(args.path) as bundle:
         info = describe(bundle, Path(args.path))
     if args.json:
-        print(json.dumps(info, indent=2, sort_keys=True))
+        print_json(info)
         return 0
     inp = info["input"]
     rows = [
@@ -96,9 +111,7 @@ def inspect_cmd(args: argparse.Namespace) -> int:
         rows.append(("archive", _size(info["archive_bytes"])))
     if info["description"]:
         rows.insert(1, ("description", info["description"]))
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
+    print_rows(rows)
     print()
     print(f"{'artifact':<22} {'format':<7} {'precision':<9} {'size':>10}  sha256")
     for art in info["artifacts"]:
@@ -115,7 +128,7 @@ def inspect_cmd(args: argparse.Namespace) -> int:
 def verify_cmd(args: argparse.Namespace) -> int:
     from edgecv.agent.contract.bundle import verify_bundle
     from edgecv.agent.contract.signing import Keyring
-    from edgecv.agent.errors import KeyFileError
+    from edgecv.agent.errors import BundleError, KeyFileError
 
     if args.keyring is None and not args.allow_unsigned:
         raise KeyFileError("Give --keyring DIR|FILE with the trusted public keys (or --allow-unsigned to check "
@@ -123,9 +136,18 @@ def verify_cmd(args: argparse.Namespace) -> int:
     keyring = Keyring.from_path(Path(args.keyring).expanduser()) if args.keyring is not None else None
     if keyring is not None and len(keyring) == 0:
         raise KeyFileError(f"Keyring {args.keyring} holds no *.pub keys; copy the signer's public key into it")
-    with opened(args.path) as bundle:
-        result = verify_bundle(bundle, keyring, allow_unsigned=args.allow_unsigned)
-        m = bundle.manifest
+    try:
+        with opened(args.path) as bundle:
+            result = verify_bundle(bundle, keyring, allow_unsigned=args.allow_unsigned)
+            m = bundle.manifest
+    except BundleError as exc:
+        if args.json:  # the verdict is the result: a script reads it from stdout, the reason too
+            print_json({"ok": False, "path": str(args.path), "error": str(exc)})
+        raise
+    if args.json:
+        print_json({"ok": True, "path": str(args.path), "name": m.name, "version": m.version,
+                    "checked_files": result.checked_files, "signed_by": result.signed_by})
+        return 0
     signer = f"signed by {result.signed_by}" if result.signed_by else "UNSIGNED (allowed by --allow-unsigned)"
     print(f"OK {m.name} {m.version}: {result.checked_files} files match the manifest, {signer}")
     return 0
@@ -149,7 +171,10 @@ def sign_cmd(args: argparse.Namespace) -> int:
             pack_bundle(root, path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    print(f"Signed {path} with key {sig.key_id}")
+    if args.json:
+        print_json({"path": str(path), "key_id": sig.key_id})
+    else:
+        print(f"Signed {path} with key {sig.key_id}")
     return 0
 
 

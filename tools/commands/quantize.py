@@ -25,23 +25,27 @@ if TYPE_CHECKING:
     from edgecv.agent.contract.bundle import InputSpec
     from edgecv.tools.evaluate import ArtifactEval
 
+from edgecv.tools.commands.output import add_json_option, add_progress_option
+
 log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "tflite", "tflite-fp32")
 METHODS = ("minmax", "entropy", "percentile")
-# Third-party loggers that narrate every pass at INFO; the command keeps them at WARNING.
-NOISY_LOGGERS = ("onnx_ir", "onnxscript", "onnxruntime", "torch.onnx", "jax", "absl", "torchao")
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "quantize", help="export and int8-quantize a checkpoint (or your own ONNX model)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Export an edgecv checkpoint to fp32 ONNX, int8 ONNX (onnxruntime static QDQ) and int8 "
-                    "TFLite (litert-torch PT2E), run each in its real runtime on the test set and print "
+        description="Export an edgecv checkpoint to fp32 ONNX, int8 ONNX (onnxruntime static QDQ) and int8\n"
+                    "TFLite (litert-torch PT2E), run each in its real runtime on the test set and print\n"
                     "accuracy, agreement with fp32, size and latency.\n\n"
-                    "Bring your own model: --onnx MODEL.onnx --calib-images DIR --labels labels.txt quantizes an "
-                    "existing fp32 ONNX classifier and writes a bundle to --out.",
+                    "Bring your own model: --onnx MODEL.onnx --calib-images DIR --labels labels.txt quantizes an\n"
+                    "existing fp32 ONNX classifier and writes a bundle to --out.\n\n"
+                    "Progress and notes go to stderr; stdout gets the tables and the files written, or one\n"
+                    "JSON object (the metrics) with --json. Exit status: 0 on success, 1 when an artifact\n"
+                    "cannot be built or misses the agreement bound without --force, 2 on a usage error,\n"
+                    "130 when interrupted.",
         epilog="examples:\n"
                "  edgecv quantize runs/fmnist.pt --data fashion-mnist --calib 200 --out runs/fmnist-int8\n"
                "  edgecv quantize runs/fmnist.pt --data fashion-mnist --max-drop 0.005 --out runs/q\n"
@@ -73,6 +77,8 @@ def register(subparsers: Any) -> None:
                              "thread, as the device runs)")
     parser.add_argument("--latency-runs", type=int, default=500,
                         help="batch-1 inferences timed per artifact (default 500; 0 skips latency)")
+    add_progress_option(parser)
+    add_json_option(parser, "the metrics (what metrics.json or the manifest records)")
     byom = parser.add_argument_group("bring your own model (with --onnx)")
     byom.add_argument("--onnx", type=Path, help="your fp32 ONNX image classifier (outputs class scores)")
     byom.add_argument("--calib-images", type=Path, help="folder of images like the camera's (flat or per class)")
@@ -233,8 +239,6 @@ def format_table(report: QuantizeReport) -> str:
 def run(args: argparse.Namespace) -> int:
     from edgecv.tools.errors import ExportError
 
-    for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
     if args.calib < 1:
         raise ExportError(f"--calib {args.calib} must be at least 1 (a few hundred images is typical)")
     if args.onnx is not None:
@@ -270,6 +274,7 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from edgecv.tools.checkpoint import load_checkpoint
+    from edgecv.tools.commands.output import print_json, progress_enabled
     from edgecv.tools.datasets import load_splits, spec_color, stratified_order, to_model_input
 
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
@@ -285,7 +290,7 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
     test_x, test_y = to_model_input(splits.test.images, spec), splits.test.labels
     val_x = to_model_input(splits.val.images, spec) if len(splits.val) else None
     steps = 2 * (1 + len(formats))  # one "building" and one "evaluating" message per artifact
-    bar = tqdm(total=steps, desc="quantize", unit="step", file=sys.stderr, disable=args.quiet)
+    bar = tqdm(total=steps, desc="quantize", unit="step", file=sys.stderr, disable=not progress_enabled(args))
     started = [0]
 
     def progress(msg: str) -> None:
@@ -310,6 +315,9 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
                "method": args.method, "per_channel": not args.per_tensor, "test_images": len(test_x),
                "artifacts": report.metrics()}
     (Path(args.out) / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=float) + "\n")
+    if args.json:
+        print_json({**metrics, "out": str(args.out), "files": [str(p) for p in report.paths.values()]})
+        return 0
     method = args.method or "minmax and percentile measured"
     print(f"{splits.describe()}; calibration {len(calib_x)} images ({method}); test {len(test_x)} images")
     if report.selection is not None:
@@ -329,8 +337,12 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
 
 
 def _run_byom(args: argparse.Namespace) -> int:
+    import contextlib
+    import io
+
     from edgecv.tools.artifacts import Bound
     from edgecv.tools.byom import quantize_byom
+    from edgecv.tools.commands.output import note, print_json, progress_enabled
     from edgecv.tools.datasets import parse_size
     from edgecv.tools.errors import ExportError
 
@@ -349,17 +361,25 @@ def _run_byom(args: argparse.Namespace) -> int:
         raise ExportError(f"--max-drop is a fraction in [0, 1) (0.01 = one point), got {max_drop}")
     bound = Bound(min_agreement=0.97 if min_agreement is None else min_agreement, max_drop=max_drop)
     formats = _byom_formats(args.formats or "onnx,tflite")
-    result = quantize_byom(args.onnx, args.calib_images, args.labels, args.out, size=parse_size(args.size),
-                           color=args.color, layout=args.layout, mean=_floats(args.mean or "0", "--mean"),
-                           std=_floats(args.std or "1", "--std"),
-                           scale=1.0 / 255.0 if args.scale is None else args.scale,
-                           resize=args.resize or "stretch", shorter_side=args.shorter_side, calib=args.calib,
-                           methods=[args.method] if args.method else None,
-                           per_channel=False if args.per_tensor else None, name=args.name,
-                           version=args.bundle_version, private_key=args.key, include_fp32=args.include_fp32,
-                           prefer=args.prefer or "auto", bound=bound, force=args.force,
-                           tflite="tflite" in formats, openvino="openvino" in formats,
-                           latency_runs=args.latency_runs, progress=lambda m: print(m, file=sys.stderr))
+    # stdout is for the result: NNCF draws its progress bars there (to stderr instead, or nowhere)
+    with contextlib.redirect_stdout(sys.stderr if progress_enabled(args) else io.StringIO()):
+        result = quantize_byom(args.onnx, args.calib_images, args.labels, args.out, size=parse_size(args.size),
+                               color=args.color, layout=args.layout, mean=_floats(args.mean or "0", "--mean"),
+                               std=_floats(args.std or "1", "--std"),
+                               scale=1.0 / 255.0 if args.scale is None else args.scale,
+                               resize=args.resize or "stretch", shorter_side=args.shorter_side, calib=args.calib,
+                               methods=[args.method] if args.method else None,
+                               per_channel=False if args.per_tensor else None, name=args.name,
+                               version=args.bundle_version, private_key=args.key, include_fp32=args.include_fp32,
+                               prefer=args.prefer or "auto", bound=bound, force=args.force,
+                               tflite="tflite" in formats, openvino="openvino" in formats,
+                               latency_runs=args.latency_runs, progress=note)
+    if args.json:
+        manifest = result.bundle.manifest
+        print_json({"bundle": str(args.out), "archive": str(result.archive), "name": manifest.name,
+                    "version": manifest.version, "artifacts": [a.path for a in manifest.artifacts],
+                    "signed": bool(args.key), "metrics": result.metrics})
+        return 0
     arts = result.artifacts
     print(f"{arts.eval_images} evaluation images; model output: {arts.output}; one thread, onnxruntime, this machine")
     print(arts.table())

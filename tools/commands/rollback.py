@@ -1,33 +1,34 @@
-"""`edgecv rollback --device ID [--to VERSION]`: make a device go back to its previous (or a named) model."""
+"""`edgecv rollback --device ID|--group G [--to VERSION]`: make devices go back to their previous (or a named) model."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
-from edgecv.tools.fleet.broker_options import add_broker_arguments
+from edgecv.tools.commands.output import add_json_option
+from edgecv.tools.fleet.broker_options import add_broker_arguments, add_target_arguments
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "rollback", help="switch a device back to its previous model",
-        description="Ask a device to re-activate its previous model (or --to an installed version). The device "
-                    "re-verifies it, swaps it in without a restart and publishes model/state rolled_back.")
-    parser.add_argument("--device", required=True, help="device id")
-    parser.add_argument("--to", help="installed version to go back to (default: the previous one)")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the result (default 30)")
+        "rollback", help="switch devices back to their previous model",
+        description="Ask devices to re-activate their previous model (or --to an installed version). Each device "
+                    "re-verifies it, swaps it in without a restart and publishes model/state rolled_back. Prints "
+                    "one row per device (DEVICE, RESULT, MODEL, SECONDS, DETAIL), or a JSON array with --json. Exit "
+                    "status 0 when every device rolled back, 1 when any refused (nothing to go back to, no such "
+                    "version) or did not answer within --timeout (or was never seen), 2 on a usage error. On the "
+                    "device itself, without a broker: 'edgecv-agent rollback'.")
+    add_target_arguments(parser)
+    parser.add_argument("--to", metavar="VERSION",
+                        help="installed version to go back to (default: the previous one)")
+    parser.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                        help="seconds to wait for the results (default 30)")
+    add_json_option(parser, "one result per device")
     add_broker_arguments(parser)
     parser.set_defaults(handler=rollback_cmd)
 
 
 def rollback_cmd(args: argparse.Namespace) -> int:
-    from edgecv.tools.commands.cmd import send_command
+    from edgecv.tools.commands.cmd import run_command
 
-    result = send_command(args, "rollback", {"to": args.to} if args.to else {})
-    if not result.get("ok"):
-        print(f"edgecv: rollback of {args.device} failed: {result.get('error')}", file=sys.stderr)
-        return 1
-    model = result.get("model") or {}
-    print(f"{args.device}: now running {model.get('name')} {model.get('version')}")
-    return 0
+    return run_command(args, "rollback", {"to": args.to} if args.to else {})

@@ -9,7 +9,23 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from edgecv.tools.commands.output import (
+    EXIT_CODES,
+    add_json_option,
+    add_progress_option,
+    print_json,
+    progress_enabled,
+    results_printer,
+)
+
 log = logging.getLogger(__name__)
+
+def add_compute_device_option(p: argparse.ArgumentParser, what: str = "training") -> None:
+    """--device auto|cpu|cuda of the training commands: the compute device (issues 13 and 15 name it so), where the
+    fleet commands' --device is an edgecv device id."""
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), metavar="auto|cpu|cuda",
+                   help=f"the compute device {what} runs on, not an edgecv device id: auto = CUDA when torch sees "
+                        "a GPU, else the CPU (default auto)")
 
 
 def _channels(text: str) -> tuple[int, ...]:
@@ -35,15 +51,18 @@ def add_data_arguments(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--seed", type=int, help="seed for splits, initialisation and shuffling (default 0)")
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
     p.add_argument("--batch-size", type=int, default=128, metavar="N", help="mini-batch size (default 128)")
-    p.add_argument("--no-progress", action="store_true", help="hide the per-epoch progress bar")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="where training runs: auto = CUDA when torch sees a GPU, else the CPU (default auto)")
+    add_progress_option(p)
+    add_compute_device_option(p)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="train a small CNN and write a checkpoint",
-                              description="Train the small CNN sized from the input on Fashion-MNIST or an image "
-                                          "folder; prints an epoch table and the final test accuracy.")
+                              description="Train the small CNN sized from the input (or fine-tune a pretrained "
+                                          "--backbone) on Fashion-MNIST or an image folder and write a checkpoint. "
+                                          "Prints the data split, the model, an epoch table (epoch, loss, train "
+                                          "acc, val acc, time) and the final test accuracy (with --json on stderr, "
+                                          "and one JSON object on stdout); the per-epoch progress bar goes to "
+                                          "stderr. " + EXIT_CODES)
     add_data_arguments(p, required=True)
     p.add_argument("--epochs", type=int, metavar="N",
                    help="at most N epochs; early stopping ends training when validation stops improving (default: "
@@ -68,6 +87,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dense", type=int, metavar="N", help="hidden dense units (default 128; 0 = none)")
     p.add_argument("--dropout", type=float, metavar="P", help="dropout before the output layer (default 0.3)")
     p.add_argument("--out", required=True, type=Path, metavar="CKPT", help="checkpoint file to write")
+    add_json_option(p, "the result (accuracies, epoch history, checkpoint)")
     p.set_defaults(handler=run)
 
 
@@ -90,13 +110,14 @@ def run(args: argparse.Namespace) -> int:
         train,
     )
 
+    say = results_printer(args)  # with --json the lines go to stderr and the JSON document to stdout
     seed = 0 if args.seed is None else args.seed
     recipe = BACKBONE_RECIPE if args.backbone else recipe_for(args.data, fashion_epochs=5)
     device = select_device(args.device)
     cfg = TrainConfig(epochs=recipe.epochs if args.epochs is None else args.epochs, batch_size=args.batch_size,
                       lr=args.lr, schedule=recipe.schedule,
                       patience=recipe.patience if args.patience is None else args.patience,
-                      seed=seed, threads=args.threads, progress=not args.no_progress, device=str(device))
+                      seed=seed, threads=args.threads, progress=progress_enabled(args), device=str(device))
     cfg.validate()
     size = parse_size(args.size)
     if args.backbone:
@@ -106,10 +127,10 @@ def run(args: argparse.Namespace) -> int:
         spec = lite0_input_spec(size)
     splits = load_splits(args.data, size=size, color="rgb" if args.backbone else args.color,
                          val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=seed, limit=args.limit)
-    print(splits.describe())
+    say(splits.describe())
     skipped = len(splits.train.skipped)
     if skipped:
-        print(f"skipped {skipped} unreadable file(s)")
+        say(f"skipped {skipped} unreadable file(s)")
     if recipe.augment and not args.no_augment:
         cfg.augment = AugmentConfig(flip=flip_allowed(splits.classes, not args.no_flip))
     model: Any
@@ -119,20 +140,20 @@ def run(args: argparse.Namespace) -> int:
         spec = default_input_spec(splits.train)
         model = build_model(spec, len(splits.classes), channels=args.channels, dense=args.dense,
                             dropout=args.dropout, seed=seed)
-    print(f"model: {describe_arch(model.arch)}, {count_params(model):,} params, "
+    say(f"model: {describe_arch(model.arch)}, {count_params(model):,} params, "
           f"{count_flops(model.arch):,} MACs; training on {device}, at most {cfg.epochs} epochs, augmentation "
           f"{'on' if cfg.augment else 'off'}")
-    print(format_epoch_header())
-    on_epoch = lambda row: print(format_epoch_row(row), flush=True)  # noqa: E731
+    say(format_epoch_header())
+    on_epoch = lambda row: say(format_epoch_row(row))  # noqa: E731
     if args.backbone:
         result = train_backbone(model, splits, spec, cfg, on_epoch=on_epoch)
     else:
         result = train(model, splits, spec, cfg, on_epoch=on_epoch)
     if result.stopped_early:
-        print(f"early stop: best val acc {result.best_val_acc:.4f} in epoch {result.best_epoch}")
+        say(f"early stop: best val acc {result.best_val_acc:.4f} in epoch {result.best_epoch}")
     hint = result.hint(cfg.epochs)
     if hint:
-        print(f"hint: {hint}")
+        say(f"hint: {hint}")
     test_acc = evaluate_model(model, splits.test, spec)
     val_acc = evaluate_model(model, splits.val, spec)
     train_cfg = {k: v for k, v in asdict(cfg).items() if k != "augment"}
@@ -147,6 +168,10 @@ def run(args: argparse.Namespace) -> int:
     meta = {k: (None if isinstance(v, float) and v != v else v) for k, v in meta.items()}
     save_checkpoint(args.out, model, spec, splits.classes, model.arch, result.history, meta)
     shown = "n/a (empty test split)" if test_acc != test_acc else f"{test_acc:.4f}"
-    print(f"test accuracy: {shown} ({len(splits.test)} images)")
-    print(f"wrote {args.out}")
+    say(f"test accuracy: {shown} ({len(splits.test)} images)")
+    say(f"wrote {args.out}")
+    if args.json:
+        print_json({"checkpoint": str(args.out), "classes": list(splits.classes), "history": result.history,
+                    **{k: meta[k] for k in ("test_accuracy", "val_accuracy", "params", "flops", "train_seconds")},
+                    "best_epoch": result.best_epoch, "stopped_early": result.stopped_early, "hint": hint or None})
     return 0

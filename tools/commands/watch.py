@@ -5,21 +5,24 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from edgecv.tools.fleet.broker_options import add_broker_arguments, client_options
+from edgecv.tools.commands.output import add_json_option
+from edgecv.tools.fleet.broker_options import add_broker_arguments, add_target_arguments, client_options
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "watch", help="print predictions live (table or JSON lines)",
-        description="Subscribe to <prefix>/+/predictions and print each prediction: time, device, camera, top "
-                    "label, score and latency; or the raw payloads as JSON lines with --json.")
+        description="Subscribe to <prefix>/+/predictions and print each prediction as it arrives: a table row "
+                    "(TIME, DEVICE, CAMERA, TOP, SCORE, INFER, TOTAL, SEQ; region state changes as STATE rows), or "
+                    "with --json the payloads as JSON lines. Runs until Ctrl+C, --count or --timeout. Exit status 0; "
+                    "1 when fewer than --count predictions arrived (before --timeout or Ctrl+C) or the broker "
+                    "cannot be reached; 2 on a usage error.")
+    add_target_arguments(parser, filter=True, several_per_option=True)
+    add_json_option(parser, "one JSON object per line (a stream, not one document)")
+    parser.add_argument("--count", type=int, metavar="N",
+                        help="stop after N predictions (exit 1 if fewer arrive in --timeout)")
+    parser.add_argument("--timeout", type=float, metavar="S", help="stop after S seconds (default: with --count 60)")
     add_broker_arguments(parser)
-    parser.add_argument("--device", nargs="+", action="extend", default=[], metavar="ID",
-                        help="only these devices")
-    parser.add_argument("--group", help="only devices whose retained status lists this group")
-    parser.add_argument("--json", action="store_true", help="one JSON object per line")
-    parser.add_argument("--count", type=int, help="stop after N predictions (exit 1 if fewer arrive in --timeout)")
-    parser.add_argument("--timeout", type=float, help="stop after this many seconds")
     parser.set_defaults(handler=handle)
 
 

@@ -144,10 +144,11 @@ def group_members(infos: dict[str, DeviceInfo], group: str, online_only: bool = 
     return sorted(d for d, i in infos.items() if group in i.groups and (i.state == T.STATUS_ONLINE or not online_only))
 
 
-def format_table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
-    lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=False)).rstrip() for r in [headers, *rows]]
-    return "\n".join(lines)
+def describe_offline(info: DeviceInfo, now: float | None = None) -> str:
+    """`pi-1 is offline (last seen 3m ago)`: for a note before a command that will wait for it."""
+    seen = "" if info.last_seen is None else f", last seen {_ago((now or time.time()) - info.last_seen)}"
+    state = "never reported" if info.state == "unknown" else info.state
+    return f"{info.device} is {state}{seen}"
 
 
 def _ago(seconds: float) -> str:

@@ -35,6 +35,7 @@ CONNECT_ATTEMPTS = 3  # connections refused for a reason that may pass are tried
 # unavailable" arrives as 136 too), and a connection closed before any CONNACK
 DROPPED_BEFORE_CONNACK = -1  # the broker closed the connection without answering the CONNECT
 TRANSIENT_REFUSALS = frozenset({128, 136, 137, DROPPED_BEFORE_CONNACK})
+UNSUPPORTED_PROTOCOL_VERSION = 132  # CONNACK of a broker that does not speak the requested version (3.1.1's code 1)
 
 
 def parse_address(address: str, default_port: int = 1883) -> tuple[str, int]:
@@ -180,8 +181,12 @@ class MqttClient:
             if self._done.is_set() or time.monotonic() > deadline:
                 self._client.loop_stop()
                 reason = self._error or f"no answer within {timeout:g} s"
+                if self._refusal == UNSUPPORTED_PROTOCOL_VERSION and self._v5:
+                    advice = "this broker does not speak MQTT 5 (NATS speaks 3.1.1): add --protocol 3.1.1"
+                else:
+                    advice = "check the address, --username/--password and TLS options"
                 raise FleetError(f"MQTT broker {opts.host}:{opts.port} refused or dropped the connection: {reason}; "
-                                 "check the address, --username/--password and TLS options")
+                                 f"{advice}")
         return self
 
     def __enter__(self) -> MqttClient:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from edgecv.agent.errors import IncompatibleBundleError, InferenceError, RuntimeUnavailableError
+from edgecv.agent.logs import native_banners_hidden
 from edgecv.agent.vision.runtimes.base import require_classifier_io
 
 log = logging.getLogger(__name__)
@@ -126,8 +127,9 @@ class LiteRtEngine:
         self.threads = threads
         self.precision = precision
         try:
-            self._interp = interpreter_cls(model_path=str(self.path), num_threads=threads)
-            self._interp.allocate_tensors()
+            with native_banners_hidden():  # the first interpreter prints an XNNPACK banner (CLIs hide it)
+                self._interp = interpreter_cls(model_path=str(self.path), num_threads=threads)
+                self._interp.allocate_tensors()
         except Exception as exc:
             if self.provider == "tflite-runtime" and int(np.__version__.split(".")[0]) >= 2:
                 raise RuntimeUnavailableError(
