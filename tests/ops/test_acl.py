@@ -4,14 +4,14 @@ device that copies another's client id cannot kick it off the broker."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.ops.fleet_broker import PASSWORD, FleetBroker
 from tests.ops.probe import Probe
+from tests.waiting import wait_until
 
 USERS = ("workstation", "homeassistant", "pi-kitchen", "pi-hall", "pi-garage")
 
@@ -153,14 +153,6 @@ def test_home_assistant_reads_the_fleet_and_cannot_command(fleet: FleetBroker) -
         dev.close()
 
 
-def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
-
 
 def test_a_device_copying_another_devices_client_id_cannot_kick_it_off(fleet: FleetBroker, ws: Probe) -> None:
     """Session takeover: an MQTT client that connects with a client id already in use disconnects its holder. On
@@ -195,7 +187,7 @@ def test_without_the_forced_client_id_a_copy_would_kick_the_holder_off(fleet: Fl
     first = login(fleet, "workstation", client_id="edgecv-tool-shared")
     try:
         second = login(fleet, "homeassistant", client_id="edgecv-tool-shared")
-        assert _wait(lambda: not first.client.is_connected(), 10), "the first client was not taken over"
+        assert wait_until(lambda: not first.client.is_connected(), 10), "the first client was not taken over"
         second.close()
     finally:
         first.close()
