@@ -50,10 +50,12 @@ def test_device_publishes_only_under_its_own_subtree(fleet: FleetBroker, ws: Pro
     try:
         for topic in ("edgecv/pi-kitchen/predictions", "edgecv/pi-kitchen/status", "edgecv/pi-kitchen/health",
                       "edgecv/pi-kitchen/model/state", "edgecv/pi-kitchen/model/push/t1/ack",
-                      "edgecv/pi-kitchen/cmd/ping/result"):
+                      "edgecv/pi-kitchen/cmd/ping/result", "edgecv/pi-kitchen/state/garage/door",
+                      "edgecv/pi-kitchen/latest", "edgecv/pi-kitchen/latest/garage/door"):
             assert dev.publish(topic), topic
-        assert len({m.topic for m in ws.collect(3, n=6)}) == 6
-        denied = ("edgecv/pi-hall/predictions", "edgecv/pi-hall/status", "edgecv/pi-kitchen/cmd/reload",
+        assert len({m.topic for m in ws.collect(3, n=9)}) == 9
+        denied = ("edgecv/pi-hall/predictions", "edgecv/pi-hall/status", "edgecv/pi-hall/state/garage/door",
+                  "edgecv/pi-hall/latest", "edgecv/pi-kitchen/cmd/reload",
                   "edgecv/pi-kitchen/model/push/t1/0", "edgecv/groups/kitchen/model/push/t1/0",
                   "homeassistant/sensor/pi-hall/fps/config", "homeassistant/status", "edgecv/pi-kitchen/other")
         for topic in denied:
@@ -138,12 +140,17 @@ def test_group_pushes_reach_members_only(fleet: FleetBroker, ws: Probe) -> None:
 def test_home_assistant_reads_the_fleet_and_cannot_command(fleet: FleetBroker) -> None:
     ha, dev = login(fleet, "homeassistant"), login(fleet, "pi-garage")
     try:
-        assert ha.subscribe("edgecv/+/predictions") and ha.subscribe("homeassistant/sensor/#")
+        for flt in ("edgecv/+/predictions", "edgecv/+/state/#", "edgecv/+/latest/#", "homeassistant/sensor/#"):
+            assert ha.subscribe(flt), flt
         assert dev.subscribe("homeassistant/status")
-        assert dev.publish("edgecv/pi-garage/predictions", b"p")
+        # What Home Assistant's entities read: predictions, a region's stable state, the rate-limited latest.
+        published = ["edgecv/pi-garage/predictions", "edgecv/pi-garage/state/cam/door", "edgecv/pi-garage/latest",
+                     "edgecv/pi-garage/latest/cam/door"]
+        for topic in published:
+            assert dev.publish(topic, b"p"), topic
         assert dev.publish("homeassistant/sensor/pi-garage/top_label/config", b"{}", retain=True)
-        assert sorted(m.topic for m in ha.collect(3, n=2)) == ["edgecv/pi-garage/predictions",
-                                                              "homeassistant/sensor/pi-garage/top_label/config"]
+        assert sorted(m.topic for m in ha.collect(3, n=5)) == sorted(
+            [*published, "homeassistant/sensor/pi-garage/top_label/config"])
         assert ha.publish("homeassistant/status", b"online")  # the birth message reaches devices
         assert [m.payload for m in dev.collect(3, n=1)] == [b"online"]
         assert not ha.publish("edgecv/pi-garage/cmd/reload")
