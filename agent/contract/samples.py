@@ -63,7 +63,7 @@ def parse_list(body: dict[str, Any]) -> ListRequest:
     after = body.get("after")
     if after is not None:
         check_sample_id(after, "'after'")
-    limit = _int(body, "limit", MAX_PAGE, 1, 1 << 31)
+    limit = _int(body, "limit", MAX_PAGE, 1, 1 << 53)
     return ListRequest(after, min(limit, MAX_PAGE))
 
 
@@ -71,7 +71,7 @@ def parse_chunk(body: dict[str, Any]) -> ChunkRequest:
     """`{"sample": id, "offset": 0.., "length": 1..}`; a length above MAX_CHUNK is lowered to it."""
     sample = check_sample_id(body.get("sample"), "'sample'")
     offset = _int(body, "offset", 0, 0, MAX_SAMPLE_BYTES)
-    length = _int(body, "length", MAX_CHUNK, 1, 1 << 31)
+    length = _int(body, "length", MAX_CHUNK, 1, 1 << 53)
     return ChunkRequest(sample, offset, min(length, MAX_CHUNK))
 
 

@@ -66,7 +66,8 @@ class DeviceCollection:
     fetched: list[str] = field(default_factory=list)
     already: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # sample id (or "-") -> why
-    bytes: int = 0
+    bytes: int = 0  # the size of the samples fetched
+    transferred: int = 0  # image bytes received in this run (less than `bytes` when downloads resumed)
     deleted: int = 0
     verified: list[str] = field(default_factory=list)  # in the dataset with the device's sha256: safe to delete
 
@@ -76,7 +77,8 @@ class DeviceCollection:
 
     def to_dict(self) -> dict[str, Any]:
         return {"device": self.device, "ok": self.ok, "listed": self.listed, "fetched": self.fetched,
-                "already": self.already, "failed": self.failed, "bytes": self.bytes, "deleted": self.deleted}
+                "already": self.already, "failed": self.failed, "bytes": self.bytes, "transferred": self.transferred,
+                "deleted": self.deleted}
 
 
 class SampleFetcher:
@@ -231,6 +233,12 @@ def collect_device(options: ClientOptions, prefix: str, device: str, root: Path,
     except OSError as exc:
         raise DatasetError(f"Cannot create {unlabelled}: {exc.strerror or exc}") from exc
     have = present_samples(root)
+
+    def received(n: int) -> None:
+        out.transferred += n
+        if progress is not None:
+            progress(n)
+
     with MqttClient(options) as client:
         fetcher = SampleFetcher(client, prefix, device, timeout=timeout)
         listed = [s for s in fetcher.list_all() if not reasons or s.sidecar.reason in reasons]
@@ -245,7 +253,7 @@ def collect_device(options: ClientOptions, prefix: str, device: str, root: Path,
                     out.verified.append(sample.id)
                 continue
             try:
-                fetch_sample(fetcher, sample, unlabelled, chunk_size=chunk_size, progress=progress)
+                fetch_sample(fetcher, sample, unlabelled, chunk_size=chunk_size, progress=received)
             except (FleetError, DatasetError, OSError) as exc:
                 out.failed[sample.id] = str(exc)
                 continue
