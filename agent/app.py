@@ -112,8 +112,10 @@ class App:
         if self.samples is not None:
             self.samples.start()
         self.agent.start(stop)
-        self.supervisor.watch([*self.link.threads, *self.agent.threads, *self.updater.threads,
-                               *self.commands.threads, *(self.samples.threads if self.samples else [])])
+        self.supervisor.watch([*self.link.threads, *self.updater.threads, *self.commands.threads,
+                               *(self.samples.threads if self.samples else [])])
+        self.supervisor.watch(self.agent.threads, may_end=self.agent.finished)
+        self.supervisor.watch(self.agent.grabbers, may_end=self.agent.grabber_done)
         self.supervisor.start()
         try:
             stop.wait()
