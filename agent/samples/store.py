@@ -130,7 +130,8 @@ class SampleStore:
     def _load(self, stem: str) -> StoredSample | None:
         meta_path = self.dir / f"{stem}{META_SUFFIX}"
         try:
-            raw = meta_path.read_bytes()[:MAX_META_BYTES + 1]
+            with open(meta_path, "rb") as fh:
+                raw = fh.read(MAX_META_BYTES + 1)
             size = (self.dir / f"{stem}{IMAGE_SUFFIX}").stat().st_size
             meta = json.loads(raw) if len(raw) <= MAX_META_BYTES else None
         except (OSError, ValueError):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import logging
 import os
 import re
@@ -167,8 +168,6 @@ class SampleFetcher:
 
 def _id_of(payload: bytes) -> object:
     try:
-        import json
-
         doc = json.loads(payload)
     except ValueError:
         return None
