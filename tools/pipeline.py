@@ -601,6 +601,17 @@ def _feature_shape(model: Any, x: np.ndarray) -> tuple[int, ...]:
         return tuple(features(torch.from_numpy(x)).shape[1:])
 
 
+def selftest_pool(splits: Splits, count: int) -> np.ndarray:
+    """The images the self-test frames are chosen from: the test split, and with a small one the validation and
+    training images too. The frames check the device's runtime against fp32, not accuracy, so they need not be held
+    out; they must be images every artifact answers clearly, and a 3-image test split of a small folder may not
+    hold `count` of them (a barely trained model made `optimize` fail on that)."""
+    pool = [splits.test.images]
+    if len(splits.test) < 4 * count:
+        pool += [splits.val.images, splits.train.images]
+    return np.concatenate([np.asarray(p) for p in pool if len(p)])
+
+
 def _logits_fn(path: Path, fmt: str) -> Callable[[np.ndarray], np.ndarray]:
     from edgecv.agent.vision.runtimes import open_engine
     from edgecv.tools.evaluate import run_logits
@@ -627,8 +638,9 @@ def _bundle(cfg: OptimizeConfig, name: str, labels: list[str], spec: InputSpec, 
         artifacts.append((fp32, "onnx", "fp32"))
     candidates = {f"{precision} {fmt}": _logits_fn(path, fmt) for path, fmt, precision in artifacts
                   if precision == "int8"}
-    frames, expected = choose_selftest_frames(splits.test.images, pre.batch, _logits_fn(fp32, "onnx"), candidates,
-                                              count=min(cfg.selftest_count, len(splits.test)), seed=cfg.seed)
+    pool = selftest_pool(splits, cfg.selftest_count)
+    frames, expected = choose_selftest_frames(pool, pre.batch, _logits_fn(fp32, "onnx"), candidates,
+                                              count=min(cfg.selftest_count, len(pool)), seed=cfg.seed)
     by_stage = {s.stage: s for s in record.stages}
     metrics = {
         "dataset": record.dataset.get("source", cfg.data),

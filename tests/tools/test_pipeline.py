@@ -331,3 +331,19 @@ def test_a_tflite_below_the_bound_is_left_out_or_refused(run: dict[str, Any], mo
     only = OptimizeConfig(data="fashion-mnist", out=run["root"], bundle_formats=("tflite",))
     with pytest.raises(ExportError, match="Refusing to bundle: int8 TFLite agrees with fp32 on"):
         _tflite_within_bound(only, work / "model.fp32.onnx", work / "model.int8.tflite", x, record, notes.append)
+
+
+def test_selftest_frames_come_from_the_test_split_or_from_all_images_when_it_is_small() -> None:
+    """A 3-image test split cannot be relied on for 8 (or even 3) frames every artifact answers clearly; then the
+    validation and training images join the pool (the frames check runtime numerics, not accuracy)."""
+    from edgecv.tools.datasets import Dataset, Splits
+    from edgecv.tools.pipeline import selftest_pool
+
+    def part(n: int, value: int) -> Dataset:
+        return Dataset(np.full((n, 4, 4, 1), value, np.uint8), np.zeros(n, np.int64), ["a"])
+
+    small = Splits(train=part(30, 1), val=part(3, 2), test=part(3, 3))
+    pool = selftest_pool(small, 8)
+    assert len(pool) == 36 and set(np.unique(pool)) == {1, 2, 3}
+    large = Splits(train=part(300, 1), val=part(40, 2), test=part(40, 3))
+    assert len(selftest_pool(large, 8)) == 40 and set(np.unique(selftest_pool(large, 8))) == {3}
