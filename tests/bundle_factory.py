@@ -4,9 +4,9 @@ The model takes an 8x8 gray image (NCHW float32 in [0, 1]) and returns 10 logits
 top-1 class is `top1` on any input: tests can tell two versions apart by their predictions. With
 `fail_on_bright=True` the model reshapes its output to an impossible shape whenever the brightest input pixel is
 above 0.5: it passes a self-test on dark frames and then raises on real camera frames — an honest model that is
-broken at run time (used to test probation rollback). With `slow=True` it also computes a large convolution stack
-on an upscaled copy of the input (~10 GMAC, ~100 ms per image on one core, little memory) whose result is multiplied
-by zero: correct answers, far too slow for a camera (used to test the latency budget end to end).
+broken at run time (used to test probation rollback). With `slow=True` it also runs a long loop of matrix products
+seeded from the input (~17 GMAC, ~150 ms per image on one core, little memory) whose result is multiplied by zero:
+correct answers, far too slow for a camera (used to test the latency budget end to end).
 """
 
 from __future__ import annotations
@@ -60,23 +60,32 @@ def tiny_onnx(top1: int = 1, fail_on_bright: bool = False, pad_bytes: int = 0, s
                   helper.make_node("Add", ["base", "extra2"], ["shape"]),
                   helper.make_node("Reshape", ["raw", "shape"], ["logits"])]
     elif slow:
-        # 16 convolutions of 128x128x3x3 at 64x64 sharing one weight: ~10 GMAC, 2 MB activations, a 0.6 MB file, so
-        # the model is slow without being large (the hostile-peer suite holds every input to +64 MB of RSS).
-        side, width, layers = 64, 128, 16
-        inits += [numpy_helper.from_array(np.array([1.0, 1.0, side / 8, side / 8], np.float32), "scales"),
-                  numpy_helper.from_array((rng.standard_normal((width, 1, 3, 3)) * 0.1).astype(np.float32), "K0"),
-                  numpy_helper.from_array((rng.standard_normal((width, width, 3, 3)) * 0.03).astype(np.float32), "K"),
+        # A Loop of 1,000 256x256 matrix products seeded from the input (so nothing can be folded at load time):
+        # ~17 GMAC, ~150 ms per image on one core, in 256 KB of working memory, so the model is slow without being
+        # large (the hostile-peer suite holds every input to +64 MB of RSS; a convolution stack was not).
+        n = 256
+        body = helper.make_graph(
+            [helper.make_node("MatMul", ["acc_in", "L"], ["mm"]), helper.make_node("Tanh", ["mm"], ["acc_out"]),
+             helper.make_node("Identity", ["cond_in"], ["cond_out"])], "body",
+            [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+             helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+             helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, [n, n])],
+            [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+             helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [n, n])],
+            [numpy_helper.from_array((rng.standard_normal((n, n)) * 0.05).astype(np.float32), "L")])
+        inits += [numpy_helper.from_array(np.array(1000, np.int64), "trips"),
+                  numpy_helper.from_array(np.array(True), "go"),
+                  numpy_helper.from_array(np.array([n, n], np.int64), "square"),
                   numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
-                  numpy_helper.from_array(np.array([1], np.int64), "one_axis")]
-        nodes += [helper.make_node("Resize", ["input", "", "scales"], ["big"], mode="nearest"),
-                  helper.make_node("Conv", ["big", "K0"], ["c0"], pads=[1, 1, 1, 1])]
-        for i in range(1, layers + 1):
-            nodes.append(helper.make_node("Conv", [f"c{i - 1}", "K"], [f"c{i}"], pads=[1, 1, 1, 1]))
-        nodes += [helper.make_node("ReduceMean", [f"c{layers}"], ["m"], keepdims=0, axes=[1, 2, 3]),
+                  numpy_helper.from_array(np.array(0.01, np.float32), "start")]
+        nodes += [helper.make_node("ReduceMean", ["input"], ["level"], keepdims=0),
+                  helper.make_node("Add", ["level", "start"], ["seed"]),
+                  helper.make_node("Expand", ["seed", "square"], ["acc0"]),
+                  helper.make_node("Loop", ["trips", "go", "acc0"], ["accN"], body=body),
+                  helper.make_node("ReduceMean", ["accN"], ["m"], keepdims=0),
                   helper.make_node("Mul", ["m", "zero"], ["nothing"]),
-                  helper.make_node("Unsqueeze", ["nothing", "one_axis"], ["nothing2"]),
                   helper.make_node("Add", ["xw", "B"], ["raw"]),
-                  helper.make_node("Add", ["raw", "nothing2"], ["logits"])]
+                  helper.make_node("Add", ["raw", "nothing"], ["logits"])]
     else:
         nodes.append(helper.make_node("Add", ["xw", "B"], ["logits"]))
     if pad_bytes:
