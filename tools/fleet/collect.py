@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ from typing import Any
 
 from edgecv.agent.contract import samples as S
 from edgecv.agent.contract import topics as T
+from edgecv.agent.contract.bundle import file_sha256
 from edgecv.tools.dataset_layout import (
     JUNK,
     UNLABELLED,
@@ -209,14 +209,6 @@ def present_samples(root: Path) -> dict[str, Path]:
             if is_image_name(entry.name):
                 found.setdefault(os.path.splitext(entry.name)[0], Path(entry.path))
     return found
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def collect_device(options: ClientOptions, prefix: str, device: str, root: Path, *,
