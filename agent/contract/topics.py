@@ -315,9 +315,13 @@ def bounded(text: str | None, limit: int = MAX_ERROR_CHARS) -> str | None:
 def state_payload(device: str, boot: str, camera: str, region: str, *, state: str | None, previous: str | None,
                   since: float, reason: str, score: float | None = None, count: int = 0, frame: int | None = None,
                   frame_ts: float | None = None, model: dict[str, str] | None = None) -> dict[str, Any]:
-    """A region's stable state; `state` None = unknown (at start, or after a model that cannot name it)."""
-    return {"ts": now(), "device": device, "boot": boot, "camera": camera, "region": region, "state": state,
-            "previous": previous, "since": round(since, 4), "reason": reason,
+    """A region's stable state; `state` None = unknown (at start, or after a model that cannot name it).
+
+    `ts` is never earlier than `since` as written (since has 4 decimals, ts 3: a state published within the same
+    millisecond it changed would otherwise read as published before it changed)."""
+    since = round(since, 4)
+    return {"ts": max(now(), since), "device": device, "boot": boot, "camera": camera, "region": region,
+            "state": state, "previous": previous, "since": since, "reason": reason,
             "score": None if score is None else _finite(score, 5), "count": count, "frame": frame,
             "frame_ts": None if frame_ts is None else round(frame_ts, 4), "model": model}
 

@@ -162,3 +162,12 @@ def test_region_predictions_carry_the_region_and_stay_sorted() -> None:
     nan = json.loads(enc(seq=8, ts=2.0, frame_ts=1.5, top=[{"label": "open", "index": 1, "score": float("nan")}],
                          latency_ms={"infer": 0.1}))
     assert nan["region"] == 'door "1"' and nan["top"][0]["score"] is None  # the slow path keeps it too
+
+
+def test_a_state_is_never_published_before_it_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ts` has 3 decimals and `since` 4: a state published in the same millisecond as its change once read
+    ts 1795991301.067 < since 1795991301.0671 (a flaky e2e assertion found it)."""
+    monkeypatch.setattr(topics.time, "time", lambda: 1795991301.06712)
+    doc = topics.state_payload("pi-1", "b", "garage", "door", state="open", previous="closed", since=1795991301.06712,
+                               reason="confirmed", frame_ts=1795991301.0)
+    assert doc["frame_ts"] <= doc["since"] <= doc["ts"]

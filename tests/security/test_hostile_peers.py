@@ -50,6 +50,9 @@ class Case:
 CASES: list[Case] = []
 CLASS_CONFIG: dict[str, dict[str, Any]] = {
     "versions": {"update": {"allow_downgrade": "never"}},
+    # One runtime: with "auto" a signed model is also compiled in OpenVINO to be measured, which costs 13-60 MB of
+    # RSS by itself (docs/SECURITY.md); the budget here is about what the hostile model does, not that choice.
+    "models": {"model": {"runtime": "onnxruntime"}},
     # sample collection on, keeping nothing (so the agent's directory stays as it was): the commands are served
     "samples": {"samples": {"enabled": True, "low_confidence": 0.0, "state_changes": False, "pending": False}},
 }
@@ -579,7 +582,7 @@ _model_case("input 16384x16384", "larger than this agent supports", "does not ru
             edit=_json_edit(lambda d: d["input"].update(width=16384, height=16384)))
 
 
-@case("models", "correct but far too slow (~10 GMAC per frame, 20 fps camera)")
+@case("models", "correct but far too slow (~150 ms per frame, 20 fps camera)")
 def _slow_model(t: Target, kit: Kit) -> str:
     """A validly signed model whose answers pass its own self-test but whose every frame takes hundreds of
     milliseconds: refused by the device's absolute budget (one frame period of its 20 fps camera), the old model
