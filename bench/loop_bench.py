@@ -35,7 +35,6 @@ changes missed and wrong changes (a confirmed state that is not the truth while 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -61,11 +60,13 @@ from scene_bench import (
     per_frame,
     region_table,
     run_agent,
+    scene_arguments,
     score_changing,
     train_bundle,
 )
 
 from edgecv.agent.vision.scene import SCENE_LABELS, Scene, SceneSpec
+from edgecv.tools.dataset_layout import REASONS
 
 SHIFT = "ir=1&noise=10&jpeg=40&drift=45"  # the night: infrared, noisier, heavier JPEG, deeper lighting swings
 BEFORE_START, AFTER_START, DAY_START = 2_000_000, 3_000_000, RUN_START  # stretches of the scene, far apart
@@ -117,10 +118,10 @@ class Steps:
 
 
 # ------------------------------------------------------------------------------------------ 1. the day model
-def day_model(form: LoopForm, seed: int, work: Path, notes: list[str]) -> tuple[Path, Path, Path]:
-    """(signed day bundle folder, private key, public key): scene_bench's model copied with its checkpoint (what
-    --init-from reads beside the bundle) and signed with a fresh key."""
-    cached, _ = train_bundle(form.train, seed, notes)
+def day_model(form: LoopForm, seed: int, work: Path, notes: list[str]) -> tuple[Path, Path, Path, dict[str, Any]]:
+    """(signed day bundle folder, private key, public key, its optimize report): scene_bench's model copied with its
+    checkpoint (what --init-from reads beside the bundle) and signed with a fresh key."""
+    cached, report = train_bundle(form.train, seed, notes)
     day = work / "day"
     day.mkdir()
     shutil.copytree(cached, day / cached.name)
@@ -128,7 +129,7 @@ def day_model(form: LoopForm, seed: int, work: Path, notes: list[str]) -> tuple[
     key = work / "keys" / "bench.key"
     edgecv("keys", "generate", "--out", str(key))
     edgecv("bundle", "sign", str(day / cached.name), "--key", str(key))
-    return day / cached.name, key, key.with_suffix(".pub")
+    return day / cached.name, key, key.with_suffix(".pub"), report
 
 
 def samples_section(store: Path, form: LoopForm) -> list[str]:
@@ -196,7 +197,7 @@ def label_by_truth(dataset: Path) -> dict[str, Any]:
 
 def collected_reasons(dataset: Path) -> dict[str, int]:
     """Samples in the collected dataset by the reason the device kept them (from the sidecars)."""
-    reasons: Counter[str] = Counter()
+    reasons: Counter[str] = Counter({r: 0 for r in REASONS})
     for sidecar in (dataset / "_unlabelled").glob("*.json"):
         try:
             doc = json.loads(sidecar.read_text()) if sidecar.stat().st_size <= MAX_SIDECAR_BYTES else {}
@@ -220,13 +221,15 @@ def served_version(device: str, broker: str) -> str | None:
 def loop(form: LoopForm, seed: int, work: Path, port: int, runtime: str, notes: list[str]) -> dict[str, Any]:
     steps = Steps()
     broker = f"127.0.0.1:{port}"
-    bundle, key, pub = steps.run("1. day model", lambda: day_model(form, seed, work, notes))
+    bundle, key, pub, report = steps.run("1. day model", lambda: day_model(form, seed, work, notes))
     security = ["[security]", f'keyring = "{pub}"']
     night = f"seed={seed}&{SHIFT}"
     day = f"seed={seed}"
     store = work / "device-models"
     dataset = work / "collected"
-    out: dict[str, Any] = {"steps": steps.seconds}
+    out: dict[str, Any] = {"steps": steps.seconds,
+                           "day_model": {"version": report.get("version"), "data": report.get("data"),
+                                         "optimize_s": sum((report.get("timings_s") or {}).values())}}
 
     def close_the_loop(device: str) -> None:
         """Steps 3-6, while the device keeps running on the night."""
@@ -234,7 +237,8 @@ def loop(form: LoopForm, seed: int, work: Path, port: int, runtime: str, notes: 
         collect = steps.run("3. collect", lambda: edgecv("collect", "--device", device, "--out", str(dataset),
                                                          "--delete-after", "--broker", broker, "--json",
                                                          "--no-progress", timeout=1800))
-        out["collect"] = {"cli": json.loads(collect), "by_reason": collected_reasons(dataset)}
+        out["collect"] = {"cli": [{k: v for k, v in r.items() if k not in ("fetched", "already")}
+                                  for r in json.loads(collect)], "by_reason": collected_reasons(dataset)}
         out["label"] = steps.run("4. label by script (truth)", lambda: label_by_truth(dataset))
         tuned = work / "tuned"
         result = steps.run("5. fine-tune (edgecv optimize --init-from)", lambda: json.loads(edgecv(
@@ -276,12 +280,7 @@ def loop(form: LoopForm, seed: int, work: Path, port: int, runtime: str, notes: 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the short form (CI)")
-    parser.add_argument("--seed", type=int, default=7, help="the scene (default 7)")
-    parser.add_argument("--runtime", default="auto", help="the agent's model.runtime (default auto)")
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
+    args = scene_arguments(__doc__).parse_args()
     form_name = "quick" if args.quick else "full"
     form = LOOP_FORMS[form_name]
     notes: list[str] = []
@@ -312,8 +311,12 @@ def render(r: dict[str, Any]) -> str:
              f"machine: {r['machine']}; load average after {r['load_after'][0]:.1f}", ""]
     c = r["collect"]
     lab = r["label"]
-    lines += [f"- collected {sum(c['by_reason'].values())} samples from {r['device']}: "
-              + ", ".join(f"{k} {v}" for k, v in sorted(c["by_reason"].items())),
+    lines += [f"- day model {r['day_model']['version']}: `edgecv optimize` took "
+              f"{r['day_model']['optimize_s']:.0f} s (its report; step 1 reuses scene_bench's cached model when there "
+              "is one)",
+              f"- collected {sum(c['by_reason'].values())} samples from {r['device']} "
+              f"({sum(x.get('bytes', 0) for x in c['cli']) / 1e6:.1f} MB): "
+              + ", ".join(f"{k} {v}" for k, v in c["by_reason"].items()),
               f"- labelled by script from each sample's recorded truth (an oracle standing in for the person at the "
               f"page): {lab['labelled']} ({', '.join(f'{k} {v}' for k, v in sorted(lab['by_class'].items()))}), "
               f"{lab['day_model_wrong']} of them predicted wrong by the day model; {lab['junk']} without a truth "

@@ -349,12 +349,18 @@ def score_static(run: Run) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ main
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def scene_arguments(doc: str | None) -> argparse.ArgumentParser:
+    """The options every scene benchmark takes: --quick, --seed, --runtime, --json."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the short form (CI)")
     parser.add_argument("--seed", type=int, default=7, help="the scene (default 7)")
     parser.add_argument("--runtime", default="auto", help="the agent's model.runtime (default auto)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    return parser
+
+
+def main() -> int:
+    parser = scene_arguments(__doc__)
     parser.add_argument("--parts", default=",".join(PARTS),
                         help=f"what to run, comma-separated (default all: {','.join(PARTS)})")
     parser.add_argument("--static", default=",".join(STATIC_RUNS), metavar="NAMES",

@@ -4,24 +4,17 @@ unseen night and by day), all real processes; slow (~12 min on 2 busy cores), ru
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.e2e.conftest import run_bench_quick
 
 
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_loop_bench_quick(tmp_path: Path) -> None:
-    out = tmp_path / "loop.json"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "loop_bench.py"), "--quick", "--json", str(out)],
-                          capture_output=True, text=True, timeout=3600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(out.read_text())
+    proc, r = run_bench_quick("loop_bench.py", tmp_path)
     assert "| condition | model |" in proc.stdout and "| step | wall s |" in proc.stdout
     collected = sum(r["collect"]["by_reason"].values())
     assert collected > 0 and r["label"]["labelled"] > 0
