@@ -100,8 +100,9 @@ class App:
         self.announce.start()
         self.link.start()
         self.agent.start(stop)
-        self.supervisor.watch([*self.link.threads, *self.agent.threads, *self.updater.threads,
-                               *self.commands.threads])
+        self.supervisor.watch([*self.link.threads, *self.updater.threads, *self.commands.threads])
+        self.supervisor.watch(self.agent.threads, may_end=self.agent.finished)
+        self.supervisor.watch(self.agent.grabbers, may_end=self.agent.grabber_done)
         self.supervisor.start()
         try:
             stop.wait()

@@ -120,19 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_verbosity(parser: argparse.ArgumentParser, top: bool) -> None:
-    """--debug and --verbose, before the subcommand or after it."""
+    """--debug, --verbose and --quiet, before the subcommand or after it (as `edgecv`'s)."""
     kwargs: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
     group = parser.add_argument_group("output")
     group.add_argument("--debug", action="store_true", help="debug logs, and tracebacks on errors", **kwargs)
     group.add_argument("-v", "--verbose", action="store_true",
                        help="also show third-party libraries' logs and banners (hidden by default)", **kwargs)
+    group.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr", **kwargs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = bool(getattr(args, "debug", False))
     # The daemon never captures native output: a runtime's crash report must reach the journal.
-    logs.configure(level=logging.INFO, verbose=bool(getattr(args, "verbose", False)), debug=debug,
+    level = logging.WARNING if getattr(args, "quiet", False) else logging.INFO
+    logs.configure(level=level, verbose=bool(getattr(args, "verbose", False)), debug=debug,
                    fmt="%(asctime)s %(levelname)s %(name)s: %(message)s", capture_native=args.command != "run")
     try:
         return int(args.handler(args) or 0)

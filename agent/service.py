@@ -30,7 +30,7 @@ from edgecv.agent.link.predictions import PredictionStream
 from edgecv.agent.link.protocol import Link
 from edgecv.agent.system.health import FrameCounters, HealthMonitor
 from edgecv.agent.system.sdnotify import SystemdNotifier
-from edgecv.agent.vision.camera import STATE_ENDED, Camera, Frame
+from edgecv.agent.vision.camera import STATE_ENDED, STATE_FAILED, Camera, Frame
 from edgecv.agent.vision.classifier import Classifier
 from edgecv.agent.vision.postprocess import MotionGate, PublishPolicy
 from edgecv.agent.vision.regions import Region
@@ -85,6 +85,7 @@ class Agent:
                 for region in regions:
                     region.latest_due = math.inf
         self._ended: set[str] = set()  # cameras whose source ended
+        self._finished: set[threading.Thread] = set()  # camera loops that returned because their source ended
         self._ended_lock = threading.Lock()
         self.policy = PublishPolicy(config.publish)
         self.motion = MotionGate(config.motion)
@@ -175,6 +176,21 @@ class Agent:
         """The camera loops and the health loop, for supervision."""
         return list(self._threads)
 
+    def finished(self, thread: threading.Thread) -> bool:
+        """Whether a thread of `threads` ended on purpose: a camera loop whose source ended (files play once), while
+        the other cameras go on. The supervisor asks this before it counts an ended thread as a failure."""
+        return thread in self._finished
+
+    @property
+    def grabbers(self) -> list[threading.Thread]:
+        """The live cameras' grabber threads, for supervision."""
+        return [t for cam in self.cameras if (t := cam.grabber) is not None]
+
+    def grabber_done(self, thread: threading.Thread) -> bool:
+        """Whether a grabber ended on purpose: its camera's source ended or its source string is wrong (both are
+        reported in status); any other end of a grabber is a failure."""
+        return any(cam.grabber is thread and cam.state in (STATE_ENDED, STATE_FAILED) for cam in self.cameras)
+
     def join(self, timeout: float = 10.0) -> None:
         """After `stop` was set: tell systemd, and wait for the loops to finish their frame."""
         self.notifier.stopping()
@@ -202,6 +218,7 @@ class Agent:
             frame = cam.latest(timeout=0.5)
             if frame is None:
                 if cam.state == STATE_ENDED:
+                    self._finished.add(threading.current_thread())  # before the thread ends: see finished()
                     self._camera_ended(cam, stop)
                     return
                 continue

@@ -281,17 +281,28 @@ def evaluate_targets(run: ModelRun) -> list[Target]:
     shipped = [r for r in run.rows if r.shipped]
     int8 = [r for r in shipped if r.variant != "fp32"]
     peers = [r for r in run.rows if not r.shipped and r.variant.startswith(("ort", "nncf")) and r.bytes]
+    measured = [r for r in run.rows if r.variant != "fp32" and r.bytes and r.latency_ms > 0]  # shipped or not
     out = []
-    best = min(r.ratio for r in shipped)
-    out.append(Target(run.model, "what the device runs is never slower than fp32", best <= 1.0 + 1e-9,
-                      f"fastest shipped {best:.2f}× fp32 latency (onnxruntime)"))
+    fastest = min(shipped, key=lambda r: r.ratio)
+    out.append(Target(run.model, "what the device runs is never slower than fp32", fastest.ratio <= 1.0 + 1e-9,
+                      f"fastest shipped {fastest.ratio:.2f}× fp32 latency ({fastest.runtime})"))
+    # The issue's own speed target, stated as it is: a shipped int8 artifact 1.8× faster than fp32 in its runtime.
+    # The fastest int8 measured (shipped or not) says whether the speed exists and what kept it from shipping.
+    quickest = max(measured, key=speedup, default=None)
+    seen = (f"; fastest int8 measured: {speedup(quickest):.2f}× ({quickest.variant}, {quickest.runtime}) at "
+            f"{quickest.agreement:.1%} / {quickest.confident_agreement:.1%} agreement"
+            + ("" if quickest.shipped else ", not shipped")) if quickest is not None else ""
+    top = max(int8, key=speedup, default=None)
+    out.append(Target(run.model, "int8 ≥ 1.8× faster than fp32 in the best runtime (issue 12)",
+                      top is not None and speedup(top) >= 1.8,
+                      (f"shipped int8 best {speedup(top):.2f}× ({top.runtime})" if top is not None
+                       else "no int8 shipped") + seen))
     if int8:
         r = max(int8, key=speedup)
         gain = speedup(r)
         peer_best = max((speedup(p) for p in peers if p.agreement >= 0.97), default=0.0)
-        goal = 1.8 if run.model == "efficientnet-lite0" else max(peer_best, 1.0)
-        out.append(Target(run.model, f"int8 ≥ {goal:.2f}× faster than fp32 in its runtime"
-                          + (" (peers' best within bound)" if run.model != "efficientnet-lite0" else ""),
+        goal = max(peer_best, 1.0)
+        out.append(Target(run.model, f"int8 ≥ {goal:.2f}× faster than fp32 (at least the peers' best within bound)",
                           gain >= goal, f"{gain:.2f}× ({r.variant}, {r.runtime})"
                           + (f"; missed by {goal - gain:.2f}×" if gain < goal else "")))
         out.append(Target(run.model, "int8 agreement ≥ 97 % overall, ≥ 99 % where fp32 is confident",

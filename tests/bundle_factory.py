@@ -4,7 +4,9 @@ The model takes an 8x8 gray image (NCHW float32 in [0, 1]) and returns 10 logits
 top-1 class is `top1` on any input: tests can tell two versions apart by their predictions. With
 `fail_on_bright=True` the model reshapes its output to an impossible shape whenever the brightest input pixel is
 above 0.5: it passes a self-test on dark frames and then raises on real camera frames — an honest model that is
-broken at run time (used to test probation rollback).
+broken at run time (used to test probation rollback). With `slow=True` it also computes a large convolution stack
+on an upscaled copy of the input (~10 GMAC, a few hundred milliseconds per image on one core) whose result is
+multiplied by zero: correct answers, far too slow for a camera (used to test the latency budget end to end).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ LABELS = tuple(f"class{i}" for i in range(10))
 SPEC = InputSpec(width=8, height=8, channels=1, color="GRAY", layout="NCHW", mean=(0.0,), std=(1.0,))
 
 
-def tiny_onnx(top1: int = 1, fail_on_bright: bool = False, pad_bytes: int = 0) -> bytes:
+def tiny_onnx(top1: int = 1, fail_on_bright: bool = False, pad_bytes: int = 0, slow: bool = False) -> bytes:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -57,6 +59,23 @@ def tiny_onnx(top1: int = 1, fail_on_bright: bool = False, pad_bytes: int = 0) -
                   helper.make_node("Concat", ["zero1", "extra"], ["extra2"], axis=0),
                   helper.make_node("Add", ["base", "extra2"], ["shape"]),
                   helper.make_node("Reshape", ["raw", "shape"], ["logits"])]
+    elif slow:
+        side, width, layers = 256, 32, 16  # 16 convolutions of 32x32x3x3 at 256x256: ~10 GMAC, 8 MB activations
+        inits += [numpy_helper.from_array(np.array([1.0, 1.0, side / 8, side / 8], np.float32), "scales"),
+                  numpy_helper.from_array((rng.standard_normal((width, 1, 3, 3)) * 0.1).astype(np.float32), "K0"),
+                  numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+                  numpy_helper.from_array(np.array([1], np.int64), "one_axis")]
+        nodes += [helper.make_node("Resize", ["input", "", "scales"], ["big"], mode="nearest"),
+                  helper.make_node("Conv", ["big", "K0"], ["c0"], pads=[1, 1, 1, 1])]
+        for i in range(1, layers + 1):
+            inits.append(numpy_helper.from_array(
+                (rng.standard_normal((width, width, 3, 3)) * 0.05).astype(np.float32), f"K{i}"))
+            nodes.append(helper.make_node("Conv", [f"c{i - 1}", f"K{i}"], [f"c{i}"], pads=[1, 1, 1, 1]))
+        nodes += [helper.make_node("ReduceMean", [f"c{layers}"], ["m"], keepdims=0, axes=[1, 2, 3]),
+                  helper.make_node("Mul", ["m", "zero"], ["nothing"]),
+                  helper.make_node("Unsqueeze", ["nothing", "one_axis"], ["nothing2"]),
+                  helper.make_node("Add", ["xw", "B"], ["raw"]),
+                  helper.make_node("Add", ["raw", "nothing2"], ["logits"])]
     else:
         nodes.append(helper.make_node("Add", ["xw", "B"], ["logits"]))
     if pad_bytes:
@@ -71,11 +90,11 @@ def tiny_onnx(top1: int = 1, fail_on_bright: bool = False, pad_bytes: int = 0) -
 
 
 def make_bundle(root: Path, version: str, *, top1: int = 1, key: Any = None, fail_on_bright: bool = False,
-                name: str = "tiny", pad_bytes: int = 0, min_agent_version: str = "0.1.0") -> Path:
+                name: str = "tiny", pad_bytes: int = 0, min_agent_version: str = "0.1.0", slow: bool = False) -> Path:
     """Write a bundle directory (signed when `key` is given) and return it."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    (root / "model.fp32.onnx").write_bytes(tiny_onnx(top1, fail_on_bright, pad_bytes))
+    (root / "model.fp32.onnx").write_bytes(tiny_onnx(top1, fail_on_bright, pad_bytes, slow))
     frames = np.zeros((4, 8, 8, 1), np.uint8)  # dark frames: the expected class is the bias class
     buf = io.BytesIO()
     np.savez(buf, frames=frames)

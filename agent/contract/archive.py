@@ -84,21 +84,22 @@ class _Stream:
         del self.buf[:n]
         return data
 
-    def copy(self, n: int, fd: int, what: str) -> None:
-        """Move the next `n` bytes to the file descriptor `fd`, READ bytes at a time."""
+    def copy(self, n: int, fd: int | None, what: str) -> None:
+        """Move the next `n` bytes to the file descriptor `fd` (None: drop them), READ bytes at a time."""
         left = n
         while left:
             self._fill(min(left, READ))
             if not self.buf:
                 raise BundleFormatError(f"Bundle archive is truncated or corrupt: it ends inside {what}")
             piece = min(left, len(self.buf))
-            view = memoryview(self.buf)[:piece]
-            try:
-                written = 0
-                while written < piece:
-                    written += os.write(fd, view[written:])
-            finally:
-                view.release()
+            if fd is not None:
+                view = memoryview(self.buf)[:piece]
+                try:
+                    written = 0
+                    while written < piece:
+                        written += os.write(fd, view[written:])
+                finally:
+                    view.release()
             del self.buf[:piece]
             left -= piece
 
@@ -110,14 +111,7 @@ class _Stream:
             self.buf.clear()
 
     def skip(self, n: int, what: str) -> None:
-        left = n
-        while left:
-            self._fill(min(left, READ))
-            if not self.buf:
-                raise BundleFormatError(f"Bundle archive is truncated or corrupt: it ends inside {what}")
-            piece = min(left, len(self.buf))
-            del self.buf[:piece]
-            left -= piece
+        self.copy(n, None, what)
 
 
 def extract(archive: Path, dest: Path, *, max_bytes: int, max_members: int = 64) -> Path:

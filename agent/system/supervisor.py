@@ -34,6 +34,8 @@ class Supervisor:
         self._exit_deadline_s = exit_deadline_s
         self._hard_exit = hard_exit
         self._watched: list[threading.Thread] = []
+        # Threads that may end on purpose (a camera loop whose file ended): asked before a death counts as one.
+        self._may_end: dict[threading.Thread, Callable[[threading.Thread], bool]] = {}
         self._errors: dict[int, str] = {}  # thread ident -> the exception that ended it
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -41,11 +43,18 @@ class Supervisor:
         self._previous_hook: Callable[[threading.ExceptHookArgs], object] | None = None
         self._timer: threading.Timer | None = None
         self.failure: str | None = None
+        self.checks = 0  # rounds completed (tests wait on it instead of on time)
 
-    def watch(self, threads: Iterable[threading.Thread]) -> None:
-        """Supervise these (started) threads from now on."""
+    def watch(self, threads: Iterable[threading.Thread],
+              may_end: Callable[[threading.Thread], bool] | None = None) -> None:
+        """Supervise these (started) threads from now on. With `may_end`, a thread that has ended is not a failure
+        while `may_end(thread)` is true (its owner says it finished its work, e.g. a file played once)."""
         with self._lock:
-            self._watched += [t for t in threads if t not in self._watched]
+            for thread in threads:
+                if thread not in self._watched:
+                    self._watched.append(thread)
+                if may_end is not None:
+                    self._may_end[thread] = may_end
 
     @property
     def watched(self) -> list[str]:
@@ -57,7 +66,13 @@ class Supervisor:
             return False
         if self._stopping.is_set():
             return True
-        return all(t.is_alive() for t in self._watched)
+        return not any(self._died(t) for t in self._watched)
+
+    def _died(self, thread: threading.Thread) -> bool:
+        if thread.is_alive():
+            return False
+        may_end = self._may_end.get(thread)
+        return may_end is None or not may_end(thread)
 
     def start(self) -> Supervisor:
         self._previous_hook = threading.excepthook
@@ -85,7 +100,8 @@ class Supervisor:
         if self._stopping.is_set() or self.failure is not None:
             return self.failure
         with self._lock:
-            dead = [t for t in self._watched if not t.is_alive()]
+            dead = [t for t in self._watched if self._died(t)]
+        self.checks += 1
         if not dead:
             return None
         thread = dead[0]

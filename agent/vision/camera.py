@@ -303,6 +303,11 @@ class Camera:
     def state(self) -> str:
         return self._state
 
+    @property
+    def grabber(self) -> threading.Thread | None:
+        """The grabber thread of a started live camera (None in pull mode)."""
+        return self._thread
+
     def stop(self, timeout: float = 5.0) -> None:
         """Stop reading and release the source. Waits up to `timeout` for a grabber blocked in a read; a
         `latest()` caller mid-read is not waited for: it closes the source itself when its read returns."""

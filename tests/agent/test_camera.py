@@ -8,7 +8,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,17 +22,10 @@ from edgecv.agent.vision import camera as camera_module
 from edgecv.agent.vision import synthetic
 from edgecv.agent.vision.camera import Camera, Frame, has_gstreamer, open_source, redact, source_is_live
 from edgecv.agent.vision.synthetic import SourceSpecError, SyntheticSource, load_fashion_mnist, read_idx
+from tests.waiting import wait_until
 
 FAST = {"backoff_min_s": 0.02, "backoff_max_s": 0.1}
 
-
-def _wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 @contextmanager
@@ -354,7 +347,7 @@ def test_stop_from_another_thread_while_the_consumer_reads() -> None:
     for _ in range(5):
         cam.start()
         with _consumer(cam) as frames:
-            assert _wait_for(lambda: len(frames) >= 10 and opener.sources[-1].reading)
+            assert wait_until(lambda: len(frames) >= 10 and opener.sources[-1].reading)
             cam.stop()  # mid-read (almost surely: reads take 5 ms): the reader closes the source when it returns
             stopped = len(frames)
             time.sleep(0.05)
@@ -398,7 +391,7 @@ def test_a_camera_that_keeps_failing_logs_a_bounded_number_of_lines(caplog: pyte
     with caplog.at_level(logging.DEBUG, logger="edgecv.agent.vision.camera"):
         cam.start()
         try:
-            assert _wait_for(lambda: (cam.latest(timeout=0.02), cam.status()["reopens"])[1] >= 20, timeout=30.0)
+            assert wait_until(lambda: (cam.latest(timeout=0.02), cam.status()["reopens"])[1] >= 20, timeout=30.0)
         finally:
             cam.stop()
     info_or_worse = [r for r in caplog.records if r.levelno >= logging.INFO]
@@ -465,16 +458,16 @@ def test_vanished_video_file_reopens_when_it_returns(video: Path, tmp_path: Path
     aside = tmp_path / "aside.avi"
     try:
         with _consumer(cam) as received:
-            assert _wait_for(lambda: len(received) > 0)
+            assert wait_until(lambda: len(received) > 0)
             video.rename(aside)
-            assert _wait_for(lambda: cam.status()["state"] == "reopening", timeout=4.0)
+            assert wait_until(lambda: cam.status()["state"] == "reopening", timeout=4.0)
             assert "vanished" in cam.status()["error"] or "does not exist" in cam.status()["error"]
             frames = cam.status()["frames"]
             time.sleep(0.2)
             assert cam.status()["frames"] == frames  # nothing delivered while it is gone
             aside.rename(video)
-            assert _wait_for(lambda: cam.status()["state"] == "open", timeout=4.0)
-            assert _wait_for(lambda: cam.status()["frames"] > frames)
+            assert wait_until(lambda: cam.status()["state"] == "open", timeout=4.0)
+            assert wait_until(lambda: cam.status()["frames"] > frames)
             assert cam.status()["reopens"] >= 1
     finally:
         cam.stop()
@@ -488,7 +481,7 @@ def test_missing_device_and_unreachable_stream_keep_retrying() -> None:
         for cam in cams:
             cam.start()
         for cam in cams:
-            assert _wait_for(lambda cam=cam: cam.status()["reopens"] >= 2, timeout=8.0)  # type: ignore[misc]
+            assert wait_until(lambda cam=cam: cam.status()["reopens"] >= 2, timeout=8.0)  # type: ignore[misc]
             status = cam.status()
             assert status["state"] == "reopening" and "Cannot open" in status["error"]
         assert cams[1].status()["source"] == "rtsp://***@127.0.0.1:9/x"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -20,6 +19,7 @@ from edgecv.agent.link.mqtt import MqttLink
 from edgecv.agent.link.outbox import Outbox
 from tests.broker import Broker
 from tests.ops.probe import Probe
+from tests.waiting import wait_until
 
 # Keys Home Assistant documents for an MQTT sensor (https://www.home-assistant.io/integrations/sensor.mqtt/),
 # for the `device` mapping and the `origin` mapping (https://www.home-assistant.io/integrations/mqtt/).
@@ -206,19 +206,13 @@ def agent_on_broker(broker: Broker) -> Iterator[FakeAgent]:
     link.stop()
 
 
-def wait_until(cond: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
-
 
 def test_retained_on_the_broker_and_republished_when_home_assistant_comes_online(
         broker: Broker, agent_on_broker: FakeAgent) -> None:
     agent = agent_on_broker
     disc = agent.discovery().start()
     agent.link.start()
-    wait_until(lambda: disc.publications == 1 and len(agent.link.outbox) == 0)
+    assert wait_until(lambda: disc.publications == 1 and len(agent.link.outbox) == 0)
     # A Home Assistant that connects later sees every config, retained.
     ha = Probe(broker.port)
     assert ha.subscribe("homeassistant/sensor/#")
@@ -236,7 +230,7 @@ def test_retained_on_the_broker_and_republished_when_home_assistant_comes_online
     ha.close()
     broker.stop(kill=True)
     broker.start()
-    wait_until(lambda: disc.publications == 3, timeout=15)
+    assert wait_until(lambda: disc.publications == 3, timeout=15)
     ha.close()
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import getpass
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from edgecv.agent.config import BrokerConfig
@@ -19,6 +18,7 @@ from edgecv.agent.link.outbox import Outbox
 from edgecv.agent.link.protocol import MAX_PAYLOAD_BYTES, REFUSED, message_problem
 from edgecv.tools.fleet.mqtt_client import ClientOptions, MqttClient, Received
 from tests.broker import Broker
+from tests.waiting import wait_until
 
 
 def _link(broker: Broker, device: str, **kw: object) -> MqttLink:
@@ -44,14 +44,6 @@ def _values(sub: MqttClient, n: int, timeout: float) -> list[int]:
             out[json.loads(msg.payload)["n"]] = None
     return list(out)
 
-
-def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 BAD = [("edgecv/dev/+/ack", b"{}"), ("edgecv/dev/#", b"{}"), ("edgecv/dev/a\x00b/ack", b"{}"), ("", b"{}"),
@@ -150,7 +142,7 @@ def test_a_puback_failure_is_counted_and_publishing_goes_on(tmp_path: Path) -> N
             link.publish("edgecv/dev-p/denied", b"{}")
             link.publish("edgecv/dev-p/ok", json.dumps({"n": i}).encode())
         assert _values(sub, 5, 10) == list(range(5))
-        assert _wait(lambda: link.outbox.undeliverable == 5, 5), link.outbox.undeliverable
+        assert wait_until(lambda: link.outbox.undeliverable == 5, 5), link.outbox.undeliverable
         assert link.outbox.wait_empty(5) and link.outbox.delivered == 5
     finally:
         link.stop(None)

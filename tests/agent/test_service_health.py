@@ -7,8 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,17 +22,10 @@ from edgecv.agent.link.outbox import Outbox
 from edgecv.agent.link.predictions import PredictionStream
 from edgecv.agent.service import Agent
 from edgecv.agent.vision.classifier import Classifier
+from tests.waiting import wait_until
 
 BUNDLE = Path(__file__).resolve().parents[2] / "models" / "fashion-mnist"
 
-
-def _wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 @contextmanager
@@ -64,7 +56,7 @@ def test_the_latest_health_report_is_sent_again_on_request(tmp_path: Path) -> No
         agent.republish_health()
         assert link.messages(health) == []  # nothing measured yet: nothing to send
         # the first report comes ~2 s after start, the next one only after health.interval_s (600 s)
-        assert _wait_for(lambda: len(link.messages(health)) == 1, timeout=30.0)
+        assert wait_until(lambda: len(link.messages(health)) == 1, timeout=30.0)
         first = link.messages(health)[0]
         agent.republish_health()
         again = link.messages(health)
@@ -81,7 +73,7 @@ def test_a_flapping_camera_changes_the_status_every_time_but_logs_once(tmp_path:
     with caplog.at_level(logging.INFO, logger="edgecv.agent.service"), \
             running_agent(tmp_path, camera, health_s=600.0) as (agent, link):
         status = agent.topics.status
-        assert _wait_for(lambda: len(link.messages(status)) >= 6, timeout=60.0)
+        assert wait_until(lambda: len(link.messages(status)) >= 6, timeout=60.0)
     states = [json.loads(m.payload)["cameras"]["cam0"]["state"] for m in link.messages(status)]
     assert {"open", "reopening"} <= set(states)  # every change published ...
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Camera states changed")]

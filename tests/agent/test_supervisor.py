@@ -19,6 +19,7 @@ from edgecv.agent.system.supervisor import Supervisor
 from tests.agent.test_sdnotify import FakeClock, NotifySocket, notify_socket  # noqa: F401 (fixture)
 from tests.broker import Broker
 from tests.bundle_factory import make_bundle
+from tests.waiting import wait_until
 
 
 def _thread(target: object, name: str) -> threading.Thread:
@@ -158,3 +159,67 @@ def test_app_exits_1_when_a_supervised_thread_dies(tmp_path: Path, shared_broker
     assert app.agent.notifier.watchdog_pings == len(pings)
     # nothing after the failure: the last datagrams are the stop notice, and no ping follows the failure log
     assert received[-1].startswith("STOPPING=1")
+
+
+def _app(tmp_path: Path, broker: Broker, cameras: list[dict[str, object]], device: str) -> App:
+    seed = make_bundle(tmp_path / "seed", "1.0")
+    return App(parse_config({
+        "device_id": device, "broker": {"host": broker.host, "port": broker.port}, "camera": cameras,
+        "model": {"store": str(tmp_path / "store"), "bundle": str(seed)}, "security": {"allow_unsigned": True},
+        "homeassistant": {"enabled": False}}))
+
+
+def _run(app: App) -> tuple[threading.Event, threading.Thread, list[int]]:
+    stop, result = threading.Event(), []
+    runner = threading.Thread(target=lambda: result.append(app.run(stop)), daemon=True)
+    runner.start()
+    return stop, runner, result
+
+
+def test_a_camera_whose_file_ended_is_not_a_dead_thread_while_the_others_go_on(tmp_path: Path,
+                                                                              shared_broker: Broker) -> None:
+    """A 10-frame clip (loop = false) beside an endless camera: the clip's loop returns when the clip ends, on
+    purpose. The agent stays healthy and keeps classifying the other camera over many supervisor checks; it was
+    shut down with exit code 1 ("died unexpectedly") when a camera loop's end counted as a death."""
+    app = _app(tmp_path, shared_broker, [
+        {"name": "clip", "source": "synthetic:scene?frames=10&width=160&height=120", "loop": False, "fps": 0.0},
+        {"name": "live", "source": "synthetic:noise", "fps": 50.0}], "dev-sup-ended")
+    stop, runner, result = _run(app)
+    clip = next(c for c in app.agent.cameras if c.name == "clip")
+    try:
+        assert wait_until(lambda: clip.state == "ended" and "loop-clip" in app.supervisor.watched
+                          and not any(t.name == "loop-clip" and t.is_alive() for t in app.agent.threads), 60)
+        inferred = app.agent.monitor.inferred
+        checks = app.supervisor.checks
+        # Ten supervisor rounds later (each looks at every thread), the agent still serves the other camera.
+        assert wait_until(lambda: app.supervisor.checks >= checks + 10 and app.agent.monitor.inferred > inferred + 20,
+                          60)
+        assert app.supervisor.healthy() and app.supervisor.failure is None and runner.is_alive()
+    finally:
+        stop.set()
+        runner.join(60)
+    assert result == [0]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_live_cameras_grabber_that_dies_stops_the_agent(tmp_path: Path, shared_broker: Broker,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A live camera's grabber thread is supervised too: a bug that ends it (injected in its read step) is a
+    failure, named, and the agent exits 1, instead of a camera that silently delivers no more frames."""
+    from edgecv.agent.vision.camera import Camera
+
+    real, calls = Camera._step, {"n": 0}
+
+    def step(self: Camera, deadline: float) -> object:
+        calls["n"] += 1
+        if calls["n"] > 20:
+            raise RuntimeError("injected bug in the grabber")
+        return real(self, deadline)
+
+    monkeypatch.setattr(Camera, "_step", step)
+    app = _app(tmp_path, shared_broker, [{"name": "cam", "source": "synthetic:noise?live=1", "fps": 50.0}],
+               "dev-sup-grabber")
+    _stop, runner, result = _run(app)
+    runner.join(60)
+    assert result == [1]
+    assert app.supervisor.failure == "Thread camera-cam died unexpectedly (RuntimeError: injected bug in the grabber)"

@@ -32,6 +32,7 @@ import pytest
 from edgecv.agent.contract.topics import DeviceTopics, decode
 from edgecv.tools.fleet.mqtt_client import ClientOptions, MqttClient, Received
 from tests.broker import Broker, BrokerProcess, nats_server
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_BUNDLE = REPO / "models" / "fashion-mnist"
@@ -289,14 +290,6 @@ def start_agent(tmp_path: Path, fashion_bundle: Path) -> Iterator[StartAgent]:
     yield launcher.start
     launcher.close()
 
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def mosquitto_available() -> bool:

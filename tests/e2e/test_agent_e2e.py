@@ -16,9 +16,9 @@ from edgecv.agent.contract.topics import HEALTH_KEYS, PREDICTION_KEYS, STATUS_KE
 from edgecv.tools.fleet.mqtt_client import ClientOptions, MqttClient, Received
 from tests.broker import Broker
 from tests.e2e.conftest import (
-    AgentHandle,
     StartAgent,
     agent_command,
+    collect,
     durable_subscriber,
     persistent_broker,
     recorded_accuracy,
@@ -36,20 +36,6 @@ def subscriber(broker: Broker, *filters: str) -> MqttClient:
         client.subscribe(flt)
     return client
 
-
-def collect(client: MqttClient, until: Any, timeout: float, agent: AgentHandle | None = None) -> list[Received]:
-    """Messages until `until(messages)` is true; fails with the agent's log on timeout."""
-    out: list[Received] = []
-    deadline = time.monotonic() + timeout
-    while not until(out):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            log = agent.log()[-3000:] if agent else ""
-            raise AssertionError(f"Timed out after {timeout:g} s with {len(out)} messages; agent log:\n{log}")
-        msg = client.get(min(left, 0.2))
-        if msg is not None:
-            out.append(msg)
-    return out
 
 
 def drain(client: MqttClient) -> list[Received]:

@@ -4,14 +4,14 @@ device that copies another's client id cannot kick it off the broker."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.ops.fleet_broker import PASSWORD, FleetBroker
 from tests.ops.probe import Probe
+from tests.waiting import wait_until
 
 USERS = ("workstation", "homeassistant", "pi-kitchen", "pi-hall", "pi-garage")
 
@@ -50,10 +50,12 @@ def test_device_publishes_only_under_its_own_subtree(fleet: FleetBroker, ws: Pro
     try:
         for topic in ("edgecv/pi-kitchen/predictions", "edgecv/pi-kitchen/status", "edgecv/pi-kitchen/health",
                       "edgecv/pi-kitchen/model/state", "edgecv/pi-kitchen/model/push/t1/ack",
-                      "edgecv/pi-kitchen/cmd/ping/result"):
+                      "edgecv/pi-kitchen/cmd/ping/result", "edgecv/pi-kitchen/state/garage/door",
+                      "edgecv/pi-kitchen/latest", "edgecv/pi-kitchen/latest/garage/door"):
             assert dev.publish(topic), topic
-        assert len({m.topic for m in ws.collect(3, n=6)}) == 6
-        denied = ("edgecv/pi-hall/predictions", "edgecv/pi-hall/status", "edgecv/pi-kitchen/cmd/reload",
+        assert len({m.topic for m in ws.collect(3, n=9)}) == 9
+        denied = ("edgecv/pi-hall/predictions", "edgecv/pi-hall/status", "edgecv/pi-hall/state/garage/door",
+                  "edgecv/pi-hall/latest", "edgecv/pi-kitchen/cmd/reload",
                   "edgecv/pi-kitchen/model/push/t1/0", "edgecv/groups/kitchen/model/push/t1/0",
                   "homeassistant/sensor/pi-hall/fps/config", "homeassistant/status", "edgecv/pi-kitchen/other")
         for topic in denied:
@@ -138,12 +140,17 @@ def test_group_pushes_reach_members_only(fleet: FleetBroker, ws: Probe) -> None:
 def test_home_assistant_reads_the_fleet_and_cannot_command(fleet: FleetBroker) -> None:
     ha, dev = login(fleet, "homeassistant"), login(fleet, "pi-garage")
     try:
-        assert ha.subscribe("edgecv/+/predictions") and ha.subscribe("homeassistant/sensor/#")
+        for flt in ("edgecv/+/predictions", "edgecv/+/state/#", "edgecv/+/latest/#", "homeassistant/sensor/#"):
+            assert ha.subscribe(flt), flt
         assert dev.subscribe("homeassistant/status")
-        assert dev.publish("edgecv/pi-garage/predictions", b"p")
+        # What Home Assistant's entities read: predictions, a region's stable state, the rate-limited latest.
+        published = ["edgecv/pi-garage/predictions", "edgecv/pi-garage/state/cam/door", "edgecv/pi-garage/latest",
+                     "edgecv/pi-garage/latest/cam/door"]
+        for topic in published:
+            assert dev.publish(topic, b"p"), topic
         assert dev.publish("homeassistant/sensor/pi-garage/top_label/config", b"{}", retain=True)
-        assert sorted(m.topic for m in ha.collect(3, n=2)) == ["edgecv/pi-garage/predictions",
-                                                              "homeassistant/sensor/pi-garage/top_label/config"]
+        assert sorted(m.topic for m in ha.collect(3, n=5)) == sorted(
+            [*published, "homeassistant/sensor/pi-garage/top_label/config"])
         assert ha.publish("homeassistant/status", b"online")  # the birth message reaches devices
         assert [m.payload for m in dev.collect(3, n=1)] == [b"online"]
         assert not ha.publish("edgecv/pi-garage/cmd/reload")
@@ -152,14 +159,6 @@ def test_home_assistant_reads_the_fleet_and_cannot_command(fleet: FleetBroker) -
         ha.close()
         dev.close()
 
-
-def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def test_a_device_copying_another_devices_client_id_cannot_kick_it_off(fleet: FleetBroker, ws: Probe) -> None:
@@ -195,7 +194,7 @@ def test_without_the_forced_client_id_a_copy_would_kick_the_holder_off(fleet: Fl
     first = login(fleet, "workstation", client_id="edgecv-tool-shared")
     try:
         second = login(fleet, "homeassistant", client_id="edgecv-tool-shared")
-        assert _wait(lambda: not first.client.is_connected(), 10), "the first client was not taken over"
+        assert wait_until(lambda: not first.client.is_connected(), 10), "the first client was not taken over"
         second.close()
     finally:
         first.close()

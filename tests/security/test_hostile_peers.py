@@ -575,6 +575,16 @@ _model_case("input 16384x16384", "larger than this agent supports", "does not ru
             edit=_json_edit(lambda d: d["input"].update(width=16384, height=16384)))
 
 
+@case("models", "correct but far too slow (~10 GMAC per frame, 20 fps camera)")
+def _slow_model(t: Target, kit: Kit) -> str:
+    """A validly signed model whose answers pass its own self-test but whose every frame takes hundreds of
+    milliseconds: refused by the device's absolute budget (one frame period of its 20 fps camera), the old model
+    keeps serving."""
+    _pusher, result = t.push(kit.archive(f"9.4.{next(_n)}", top1=3, slow=True))
+    assert result.state == "rejected", result
+    return "rejected: " + expect(result.error, "too slow for this device", "budget")
+
+
 # ------------------------------------------------------------------------------------------------- commands
 def _command(t: Target, name: str, payload: bytes) -> tuple[str, dict[str, Any]]:
     mark = t.mark()

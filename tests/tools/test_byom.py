@@ -168,3 +168,42 @@ def test_input_spec_rules() -> None:
     with pytest.raises(ExportError, match="does not fit"):
         input_spec_for(gray, color="rgb")
     assert np.isclose(input_spec_for(gray, scale=1.0).scale, 1.0)
+
+
+def test_byom_max_drop_bounds_accuracy_with_class_folders_and_agreement_without(
+        user_onnx: Path, image_folder: ImageFolder, labels_file: Path, ckpt: Checkpoint, tmp_path: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    """`--max-drop` works with `--onnx` (issue 12 item 4). With class folders it bounds the accuracy lost against
+    fp32: at 0 and an exact agreement bound, either an int8 that loses nothing ships (and its recorded accuracy
+    equals fp32's), or nothing is signed and the refusal says by how much, and `--force` then ships it with the
+    miss recorded. Without class folders there is no accuracy, so it becomes an agreement bound, and says so."""
+    common = ["--labels", str(labels_file), "--calib", "16", "--latency-runs", "0", "--formats", "onnx",
+              *_norm_args(ckpt)]
+    out = tmp_path / "exact"
+    code = main(["quantize", "--onnx", str(user_onnx), "--calib-images", str(image_folder.root), "--max-drop", "0",
+                 "--min-agreement", "1.0", "--out", str(out), *common])
+    captured = capsys.readouterr()
+    if code == 0:
+        arts = load_bundle(out).manifest.metrics["artifacts"]
+        assert arts["bound"]["max_drop"] == 0.0
+        chosen = next(c for c in arts["candidates"] if c["name"] in arts["shipped"])
+        assert chosen["meets_bound"] and chosen["accuracy"] >= arts["fp32"]["accuracy"] and chosen["agreement"] == 1.0
+    else:
+        assert code == 1 and "Refusing to sign" in captured.err and "missed by" in captured.err, captured.err
+        forced = tmp_path / "forced"
+        assert main(["quantize", "--onnx", str(user_onnx), "--calib-images", str(image_folder.root), "--max-drop",
+                     "0", "--min-agreement", "1.0", "--force", "--out", str(forced), *common]) == 0
+        assert "shipping below the agreement bound because of --force" in capsys.readouterr().out
+        assert load_bundle(forced).manifest.metrics["artifacts"]["bound"]["max_drop"] == 0.0
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, img in enumerate(sorted(p for p in image_folder.root.rglob("*") if p.suffix in (".png", ".bmp", ".ppm"))):
+        shutil.copy(img, flat / f"{i}{img.suffix}")
+    out = tmp_path / "agreement"
+    assert main(["quantize", "--onnx", str(user_onnx), "--calib-images", str(flat), "--max-drop", "0.05",
+                 "--out", str(out), *common]) == 0
+    printed = capsys.readouterr()
+    assert "--max-drop 0.05 bounds disagreement with fp32 instead (agreement ≥ 95.0%)" in printed.out + printed.err
+    bound = load_bundle(out).manifest.metrics["artifacts"]["bound"]
+    assert bound["min_agreement"] == pytest.approx(0.95) and bound["max_drop"] is None
