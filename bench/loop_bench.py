@@ -2,8 +2,8 @@
 samples it kept collected, labelled, a model fine-tuned from the deployed one and pushed back, measured before and
 after, with the wall time of every step; all with the shipped tools as real processes.
 
-    python bench/loop_bench.py                  # full form (~40 min on 2 busy cores: 10-minute runs)
-    python bench/loop_bench.py --quick          # short form (~12 min; tests/e2e/test_loop_bench.py, slow)
+    python bench/loop_bench.py                  # full form (~40 min on 2 busy cores: 10-minute night runs)
+    python bench/loop_bench.py --quick          # short form (~8 min; tests/e2e/test_loop_bench.py, slow)
     python bench/loop_bench.py --json out.json --seed 7
 
 The scene is `synthetic:scene` (agent/vision/scene.py, as in bench/scene_bench.py, whose data, model, agent runs
@@ -321,7 +321,9 @@ def render(r: dict[str, Any]) -> str:
               f"page): {lab['labelled']} ({', '.join(f'{k} {v}' for k, v in sorted(lab['by_class'].items()))}), "
               f"{lab['day_model_wrong']} of them predicted wrong by the day model; {lab['junk']} without a truth "
               "to junk",
-              f"- fine-tuned {r['tuned']['version']} on {', '.join(map(str, r['tuned']['sources'] or []))}; "
+              f"- fine-tuned {r['tuned']['version']} on {', '.join(map(str, r['tuned']['sources'] or []))} "
+              f"(accuracy on the held-out part of that data: "
+              + ", ".join(f"{st['stage']} {_f(st['accuracy'])}" for st in r["tuned"]["stages"]) + "); "
               f"pushed: {', '.join(str(p.get('state')) for p in r['push'])}; the device then served "
               f"{r['served_after_push']}", "",
               "| condition | model | version | stable-state accuracy | per-frame accuracy | true changes | missed | "
