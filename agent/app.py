@@ -26,6 +26,8 @@ from edgecv.agent.link.discovery import HomeAssistantDiscovery
 from edgecv.agent.link.mqtt import MqttLink
 from edgecv.agent.link.outbox import Outbox
 from edgecv.agent.link.predictions import PredictionStream
+from edgecv.agent.samples.collector import SampleCollector
+from edgecv.agent.samples.store import SampleStore
 from edgecv.agent.service import Agent
 from edgecv.agent.system.supervisor import EXIT_CODE, Supervisor
 from edgecv.agent.vision.classifier import Classifier
@@ -52,15 +54,23 @@ class App:
                              online=lambda: self.agent.status_bytes(T.STATUS_ONLINE),
                              batches={topics.predictions: config.publish.batch_max}, feed=self.predictions.drain)
         keyring = load_keyring(config.security.keyring)
+        # Samples worth labelling (opt-in): the loops decide, one writer thread stores, the commands serve them.
+        self.samples: SampleCollector | None = None
+        if config.samples.enabled:
+            store = SampleStore(config.samples_dir(), max_bytes=int(config.samples.max_mb * 1024 * 1024),
+                                device_id=config.device_id).open()
+            self.samples = SampleCollector(config.samples, store, config.device_id)
         # Regions with a bundle of their own: verified and self-tested now (a bad one is a startup error); pushes
         # never replace them (they replace the camera-default model, which the other regions use).
         self.agent = Agent(config, topics, link=self.link, outbox=self.outbox, predictions=self.predictions,
-                           classifier=classifier, region_models=load_region_models(config, keyring))
+                           classifier=classifier, region_models=load_region_models(config, keyring),
+                           samples=self.samples)
         self.store = ModelStore(Path(config.model.store), keep=config.update.keep_versions, keyring=keyring,
                                 allow_unsigned=config.security.allow_unsigned)
         self.updater = Updater(config, topics, self.link, self.store, keyring, host=self.agent,
                                on_model_problem=self.agent.set_model_problem)
-        self.commands = CommandHandler(config.device_id, topics, self.link, device=self.agent, control=self.updater)
+        self.commands = CommandHandler(config.device_id, topics, self.link, device=self.agent, control=self.updater,
+                                       samples=self.samples.store if self.samples is not None else None)
         self.discovery = HomeAssistantDiscovery(config, topics, self.link, current_model=lambda: self.agent.classifier)
         # Brokers that never deliver retained messages to wildcard subscriptions (RabbitMQ): the workstation asks,
         # the device re-publishes its retained status and model state live, and its latest health report (not
@@ -99,8 +109,11 @@ class App:
         self.discovery.start()
         self.announce.start()
         self.link.start()
+        if self.samples is not None:
+            self.samples.start()
         self.agent.start(stop)
-        self.supervisor.watch([*self.link.threads, *self.updater.threads, *self.commands.threads])
+        self.supervisor.watch([*self.link.threads, *self.updater.threads, *self.commands.threads,
+                               *(self.samples.threads if self.samples else [])])
         self.supervisor.watch(self.agent.threads, may_end=self.agent.finished)
         self.supervisor.watch(self.agent.grabbers, may_end=self.agent.grabber_done)
         self.supervisor.start()
@@ -124,7 +137,9 @@ class App:
         log.info("Stopping: finishing the current frames and flushing %d buffered message(s)",
                  len(self.outbox) + len(self.predictions))
         self.agent.join()
-        for part in (self.commands, self.updater):
+        for part in (self.commands, self.updater, self.samples):
+            if part is None:
+                continue
             try:
                 part.stop()
             except Exception:

@@ -377,7 +377,7 @@ def _demo_broker(address: str | None) -> Iterator[tuple[str, int]]:
         free = int(sock.getsockname()[1])
     with tempfile.TemporaryDirectory(prefix="edgecv-demo-broker-") as tmp:
         conf = Path(tmp) / "mosquitto.conf"
-        conf.write_text(f"listener {free} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        conf.write_text(f"listener {free} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n")
         proc = subprocess.Popen([mosquitto, "-c", str(conf)], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
         try:

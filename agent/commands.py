@@ -1,4 +1,4 @@
-"""Fleet commands a workstation sends to one device: ping, reload, snapshot, rollback.
+"""Fleet commands a workstation sends to one device: ping, reload, snapshot, rollback, and sample collection.
 
 Requests arrive on `<p>/<dev>/cmd/<name>` as JSON `{"id": "<request id>", ...}`; each gets exactly one result on
 `<p>/<dev>/cmd/<name>/result`: `{"id", "ok", "device", "ts", ...}` plus `error` when ok is false.
@@ -7,6 +7,13 @@ Requests arrive on `<p>/<dev>/cmd/<name>` as JSON `{"id": "<request id>", ...}`;
     reload    → re-load the store's current model in a fresh runtime and swap it in → model
     snapshot  → the latest frame as a base64 JPEG (`jpeg`, `width`, `height`) and the current `top` predictions
     rollback  → {"to": version (optional)}: re-activate the previous (or named) installed model → model
+    samples   → {"after": id|null, "limit": n}: a page of stored samples in id order → samples [...], more
+    sample    → {"sample": id, "offset": n, "length": n}: one chunk of a sample's JPEG → data (base64), offset,
+                bytes (total), sha256
+    samples.delete → {"samples": [id, ...]}: remove them → deleted, missing [...]
+
+The sample commands' fields are parsed by agent/contract/samples.py (ids validated before any path is formed,
+lengths capped) and served by the SampleStore (agent/samples/store.py).
 """
 
 from __future__ import annotations
@@ -19,13 +26,15 @@ import time
 from typing import Any, Protocol
 
 from edgecv.agent import __version__ as AGENT_VERSION
+from edgecv.agent.contract import samples as S
 from edgecv.agent.contract import topics as T
 from edgecv.agent.contract.bundle import Bundle
 from edgecv.agent.contract.commands import RequestError, parse_request
 from edgecv.agent.contract.documents import describe
 from edgecv.agent.contract.names import MAX_NAME, is_name
-from edgecv.agent.errors import EdgecvError
+from edgecv.agent.errors import EdgecvError, SampleStoreError
 from edgecv.agent.link.protocol import REFUSED, Link
+from edgecv.agent.samples.store import SampleStore
 from edgecv.agent.vision.camera import Frame
 from edgecv.agent.vision.classifier import Classifier
 
@@ -54,8 +63,9 @@ class CommandHandler:
     """Subscribes to the device's command topics and answers them; slow commands run on its own thread."""
 
     def __init__(self, device_id: str, topics: T.DeviceTopics, link: Link, device: DeviceView,
-                 control: ModelControl | None = None) -> None:
+                 control: ModelControl | None = None, samples: SampleStore | None = None) -> None:
         self.device_id = device_id
+        self.samples = samples
         self.topics = topics
         self.link = link
         self.device = device
@@ -110,7 +120,7 @@ class CommandHandler:
 
     def _execute(self, name: str, request: dict[str, Any]) -> None:
         try:
-            result = getattr(self, f"_cmd_{name}")(request)
+            result = getattr(self, f"_cmd_{name.replace('.', '_')}")(request)
         except EdgecvError as exc:
             self._reply(name, request, ok=False, error=str(exc))
         except Exception as exc:
@@ -172,6 +182,28 @@ class CommandHandler:
         return {"jpeg": base64.b64encode(jpeg.tobytes()).decode(), "width": int(image.shape[1]),
                 "height": int(image.shape[0]), "frame_ts": frame.ts, "top": self.device.last_top,
                 "model": self._model()}
+
+    def _cmd_samples(self, request: dict[str, Any]) -> dict[str, Any]:
+        page = S.parse_list(request)
+        found, more = self._need_samples().page(page.after, page.limit, S.PAGE_BUDGET_BYTES)
+        return {"samples": [s.listing() for s in found], "more": more}
+
+    def _cmd_sample(self, request: dict[str, Any]) -> dict[str, Any]:
+        chunk = S.parse_chunk(request)
+        sample, data = self._need_samples().read(chunk.sample, chunk.offset, chunk.length)
+        return {"sample": sample.id, "offset": chunk.offset, "data": base64.b64encode(data).decode(),
+                "bytes": sample.bytes, "sha256": sample.sha256}
+
+    def _cmd_samples_delete(self, request: dict[str, Any]) -> dict[str, Any]:
+        ids = S.parse_delete(request)
+        deleted, missing = self._need_samples().delete(ids)
+        return {"deleted": deleted, "missing": missing}
+
+    def _need_samples(self) -> SampleStore:
+        if self.samples is None:
+            raise SampleStoreError("Sample collection is off on this device; set [samples] enabled = true in its "
+                                   "config")
+        return self.samples
 
     def _need_control(self) -> ModelControl:
         if self.control is None:

@@ -33,6 +33,7 @@ PUBLISH_MODES = ("every", "on_change", "rate")
 UNPACED_BUDGET_MS = 1000.0  # the latency budget per frame when no camera has an fps limit
 TRIGGERS = ("motion+interval", "motion", "interval", "every")
 ON_CAMERAS_ENDED = ("exit", "idle")
+SAMPLE_WHAT = ("crop", "frame")
 
 _Check = tuple[Callable[[Any], bool], str]
 
@@ -220,6 +221,26 @@ class HomeAssistantConfig:
 
 
 @dataclass(frozen=True)
+class SamplesConfig:
+    """Keeping frames or region crops worth labelling on the device (agent/samples/), for `edgecv collect`.
+
+    Off by default: storing camera images is a privacy decision. `dir` "" = `samples` next to the model store."""
+
+    enabled: bool = _opt(False)
+    dir: str = _opt("", path=True)
+    max_mb: float = _opt(200.0, check=(lambda v: 1.0 <= v <= 1_000_000.0, "a number of MB from 1 to 1000000"))
+    low_confidence: float = _opt(0.6, check=_FRACTION)  # keep a result whose top-1 score is below this; 0 = off
+    state_changes: bool = _opt(True)  # keep the result that confirmed a region's new stable state
+    pending: bool = _opt(True)  # keep the first result of a run towards another state (not yet confirmed)
+    every_s: float = _opt(0.0, check=_NON_NEGATIVE)  # keep one result per camera/region this often; 0 = off
+    # per camera/region and reason: at most one sample this often, so a flickering scene cannot fill the disk
+    min_interval_s: float = _opt(2.0, check=_NON_NEGATIVE)
+    what: str = _opt("crop", choices=SAMPLE_WHAT)  # a region's crop, or the whole frame it was cut from
+    jpeg_quality: int = _opt(90, check=(lambda v: 10 <= v <= 100, "an integer from 10 to 100"))
+    queue: int = _opt(8, check=(lambda v: 1 <= v <= 256, "an integer from 1 to 256"))  # images waiting to be written
+
+
+@dataclass(frozen=True)
 class SystemdConfig:
     watchdog_stall_s: float = _opt(0.0, check=_NON_NEGATIVE)  # 0 = derive from WATCHDOG_USEC
 
@@ -245,6 +266,7 @@ class AgentConfig:
     update: UpdateConfig = field(default_factory=UpdateConfig, metadata=_SECTION)
     homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig, metadata=_SECTION)
     systemd: SystemdConfig = field(default_factory=SystemdConfig, metadata=_SECTION)
+    samples: SamplesConfig = field(default_factory=SamplesConfig, metadata=_SECTION)
     source: str = field(default="<dict>", compare=False)  # where it was loaded from (not a TOML key)
 
     def latency_budget_ms(self) -> float:
@@ -254,6 +276,10 @@ class AgentConfig:
             return self.update.max_latency_ms
         fps = max((cam.fps for cam in self.cameras), default=0.0)
         return 1000.0 / fps if fps > 0 else UNPACED_BUDGET_MS
+
+    def samples_dir(self) -> Path:
+        """Where samples are kept: `samples.dir`, else `samples` beside the model store."""
+        return Path(self.samples.dir) if self.samples.dir else Path(self.model.store).parent / "samples"
 
     def camera(self, name: str) -> CameraConfig:
         for cam in self.cameras:

@@ -91,6 +91,14 @@ class MqttError(EdgecvError):
     """The broker refused the connection or could not be reached."""
 
 
+class SampleRequestError(EdgecvError):
+    """A sample-collection request (cmd/samples, cmd/sample, cmd/samples.delete) with a field that cannot be used."""
+
+
+class SampleStoreError(EdgecvError):
+    """The device's sample store cannot do what was asked (sample missing, collection disabled, disk problem)."""
+
+
 class StoreError(EdgecvError):
     """The on-device model store is unusable (no valid model, disk full, bad layout)."""
 

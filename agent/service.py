@@ -28,6 +28,7 @@ from edgecv.agent.errors import CropError, EdgecvError
 from edgecv.agent.link.outbox import Outbox
 from edgecv.agent.link.predictions import PredictionStream
 from edgecv.agent.link.protocol import Link
+from edgecv.agent.samples.collector import SampleCollector
 from edgecv.agent.system.health import FrameCounters, HealthMonitor
 from edgecv.agent.system.sdnotify import SystemdNotifier
 from edgecv.agent.vision.camera import STATE_ENDED, STATE_FAILED, Camera, Frame
@@ -62,12 +63,14 @@ class Agent:
     def __init__(self, config: AgentConfig, topics: T.DeviceTopics, *, link: Link, outbox: Outbox,
                  predictions: PredictionStream, boot: str | None = None,
                  classifier: Classifier | None = None,
-                 region_models: Mapping[tuple[str, str], Classifier] | None = None) -> None:
+                 region_models: Mapping[tuple[str, str], Classifier] | None = None,
+                 samples: SampleCollector | None = None) -> None:
         self.config = config
         self.topics = topics
         self.link = link
         self.outbox = outbox  # read here only for its counts (dropped, depth); the link sends what it holds
         self.predictions = predictions
+        self.samples = samples  # keeps results worth labelling (None: sample collection is off)
         self.boot = boot or uuid.uuid4().hex[:12]  # random per process start: consumers tell restarts apart
         self.monitor = HealthMonitor(config.device_id)
         self.cameras = [Camera(cam) for cam in config.cameras]
@@ -271,6 +274,9 @@ class Agent:
         if now >= self._latest_due and top:  # Home Assistant's rate-limited sensors (inf when not wanted)
             self._latest_due = now + self._latest_period
             self._publish_latest(self.topics.latest, loop.name, None, frame.ts, top, clf)
+        if self.samples is not None:
+            self.samples.offer(camera=loop.name, region=None, crop=None, frame=frame.image, top=top, clf=clf,
+                               frame_ts=frame.ts, truth=frame.truth)
         # FrameCounters.inferred_one, inlined (it runs for every frame); nothing below can raise
         counts.frames += 1
         counts.inferred += 1
@@ -336,6 +342,11 @@ class Agent:
                 published = True
             for change in changes:
                 self._publish_state(region, change, clf)
+            if self.samples is not None:
+                confirmed = any(c.reason == "confirmed" for c in changes)
+                self.samples.offer(camera=loop.name, region=region.name, crop=crop, frame=image, top=top, clf=clf,
+                                   frame_ts=frame.ts, truth=frame.truth, state_change=confirmed,
+                                   pending=not confirmed and region.stabiliser.run == 1)
             if now >= region.latest_due and top:
                 region.latest_due = now + self._latest_period
                 self._publish_latest(self.topics.latest_region(loop.name, region.name), loop.name, region.name,
@@ -419,9 +430,12 @@ class Agent:
             if self.regions[cam.name]:
                 cams[cam.name]["regions"] = {r.name: r.health() for r in self.regions[cam.name]}
         outbox = self.outbox
+        extra = {"boot": self.boot, "cameras": cams, "model": self.model_info(),
+                 "undeliverable": outbox.undeliverable, "spool": outbox.spool_state}
+        if self.samples is not None:
+            extra["samples"] = self.samples.health()
         return self.monitor.payload(dropped=outbox.dropped, queue_depth=len(outbox) + len(self.predictions),
-                                    extra={"boot": self.boot, "cameras": cams, "model": self.model_info(),
-                                           "undeliverable": outbox.undeliverable, "spool": outbox.spool_state})
+                                    extra=extra)
 
     def _health_loop(self, stop: threading.Event) -> None:
         interval = self.config.health.interval_s

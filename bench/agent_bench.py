@@ -116,13 +116,15 @@ def pin(core: int) -> None:
         os.sched_setaffinity(0, {core})
 
 
-def start_broker(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_broker(workdir: Path, nodelay: bool = True) -> tuple[subprocess.Popen[bytes], int]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
-    conf = workdir / "mosquitto.conf"
+    conf = workdir / f"mosquitto-{port}.conf"
+    # set_tcp_nodelay: the broker config edgecv recommends (systemd/mosquitto/edgecv.conf); Mosquitto's default
+    # holds every reply ~40 ms behind a delayed ACK (issue-4 figures in BENCHMARKS.md before 2026-11-29 ran without).
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                    "max_queued_messages 100000\n")
+                    f"max_queued_messages 100000\nset_tcp_nodelay {'true' if nodelay else 'false'}\n")
     mosq = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     proc = subprocess.Popen([mosq, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             preexec_fn=lambda: pin(OTHER_CORE))

@@ -134,7 +134,7 @@ class Broker(BrokerProcess):
         super().__init__(workdir, port)
         self.conf = workdir / f"mosquitto-{self.port}.conf"
         self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                             f"max_queued_messages 100000\n{extra_conf}")
+                             f"max_queued_messages 100000\nset_tcp_nodelay true\n{extra_conf}")
 
     def command(self) -> list[str]:
         return [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(self.conf)]

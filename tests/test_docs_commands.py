@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 PARSERS = {"edgecv": tools_parser, "edgecv-agent": agent_parser}
 # Subcommands another branch is adding (docs/DATASETS.md already describes them): remove once they are merged.
-PENDING = {("edgecv", "collect")}
+PENDING: set[tuple[str, str]] = set()
 
 
 def fenced_lines() -> Iterator[tuple[str, str]]:

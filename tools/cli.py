@@ -14,7 +14,7 @@ from edgecv.agent.errors import EdgecvError
 
 # Subcommand modules under tools/commands, in the order `--help` lists them.
 COMMANDS = ("train", "prune", "quantize", "optimize", "keys", "bundle", "push", "devices", "watch", "cmd",
-            "rollback", "label")
+            "rollback", "collect", "label")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -125,7 +125,8 @@ class Sidecar:
 
     `predicted` is the model's label as the model names it (map it to a folder with `folder_for_label`),
     `score` its probability in [0, 1], `ts` Unix seconds, `region` the camera region's name or None for the
-    whole frame, `reason` one of REASONS.
+    whole frame, `reason` one of REASONS. `truth`, optional, is the class index the camera source knew for the
+    frame (synthetic and scene cameras do; real cameras never), for scripted labelling in benchmarks.
     """
 
     predicted: str | None
@@ -136,6 +137,7 @@ class Sidecar:
     reason: str | None
     device: str | None
     model: ModelRef | None
+    truth: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         model: dict[str, Any] | None = None
@@ -143,8 +145,11 @@ class Sidecar:
             model = {"name": self.model.name, "version": self.model.version, "sha": self.model.sha}
             if self.model.labels is not None:
                 model["labels"] = list(self.model.labels)
-        return {"predicted": self.predicted, "score": self.score, "camera": self.camera, "region": self.region,
-                "ts": self.ts, "reason": self.reason, "device": self.device, "model": model}
+        doc = {"predicted": self.predicted, "score": self.score, "camera": self.camera, "region": self.region,
+               "ts": self.ts, "reason": self.reason, "device": self.device, "model": model}
+        if self.truth is not None:
+            doc["truth"] = self.truth
+        return doc
 
     @classmethod
     def from_json(cls, data: object) -> Sidecar:
@@ -158,9 +163,12 @@ class Sidecar:
         reason = _text(data, "reason")
         if reason is not None and reason not in REASONS:
             raise SidecarError(f"Sidecar 'reason' must be one of {', '.join(REASONS)}, got {reason!r}")
+        truth = data.get("truth")
+        if truth is not None and (isinstance(truth, bool) or not isinstance(truth, int) or not 0 <= truth < 1 << 31):
+            raise SidecarError(f"Sidecar 'truth' must be a class index (an integer >= 0) or null, got {truth!r}")
         return cls(predicted=_text(data, "predicted"), score=score, camera=_text(data, "camera"),
                    region=_text(data, "region"), ts=_number(data, "ts"), reason=reason,
-                   device=_text(data, "device"), model=_model(data.get("model")))
+                   device=_text(data, "device"), model=_model(data.get("model")), truth=truth)
 
 
 def _text(data: dict[str, Any], key: str) -> str | None:

@@ -751,7 +751,8 @@ def command_for(cfg: OptimizeConfig) -> str:
              ("calib", "--calib"), ("method", "--method"), ("max_drop", "--max-drop"), ("seed", "--seed"),
              ("limit", "--limit"), ("size", "--size"), ("color", "--color"), ("key", "--key"),
              ("latency_runs", "--latency-runs"), ("work", "--work"), ("device", "--device"),
-             ("backbone", "--backbone"), ("init_from", "--init-from"))
+             ("backbone", "--backbone"), ("init_from", "--init-from"), ("prefer", "--prefer"),
+             ("threads", "--threads"), ("description", "--description"))
     for extra in cfg.extra_data:
         args += ["--data", extra]
     for attr, flag in flags:
@@ -759,7 +760,7 @@ def command_for(cfg: OptimizeConfig) -> str:
         if value != getattr(default, attr):
             args += [flag, "-1" if attr == "max_drop" and value is None else str(value)]
     for attr, flag in (("include_fp32", "--include-fp32"), ("allow_scratch", "--allow-scratch"),
-                       ("drop_missing", "--drop-missing-classes")):
+                       ("drop_missing", "--drop-missing-classes"), ("force", "--force")):
         if getattr(cfg, attr):
             args.append(flag)
     for attr, flag in (("augment", "--no-augment"), ("flip", "--no-flip"), ("old_data", "--no-old-data")):

@@ -35,7 +35,7 @@ from edgecv.agent.contract.names import check_name
 DEFAULT_PREFIX = "edgecv"
 STATUS_ONLINE, STATUS_OFFLINE, STATUS_STOPPED = "online", "offline", "stopped"
 MODEL_STATES = ("idle", "receiving", "verifying", "active", "rejected", "rolled_back")
-COMMANDS = ("ping", "reload", "snapshot", "rollback")
+COMMANDS = ("ping", "reload", "snapshot", "rollback", "samples", "sample", "samples.delete")
 # The result topic level for a request whose command name is not a safe name (names.check_name): the request
 # still gets its one result, on `<p>/<dev>/cmd/_invalid/result` (no safe name starts with '_').
 INVALID_COMMAND = "_invalid"

@@ -56,6 +56,11 @@ class Stabiliser:
         """A run towards another label than the state is under way."""
         return self._count > 0
 
+    @property
+    def run(self) -> int:
+        """How many agreeing results the run towards another label holds so far (1: this result began one)."""
+        return self._count
+
     def start(self, ts: float) -> StateChange:
         """The initial, unknown state (published when the agent starts)."""
         self._reset_run()

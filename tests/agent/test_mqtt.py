@@ -85,6 +85,25 @@ def test_online_in_order_then_stopped_without_will(shared_broker: Broker) -> Non
     sub.close()
 
 
+
+def test_both_ends_of_a_request_send_small_packets_at_once(shared_broker: Broker) -> None:
+    """Nagle's algorithm is off on the device's link and on the workstation's client (and `set_tcp_nodelay` in
+    every broker config edgecv writes): with it on, a command's result waited ~40 ms for a delayed ACK, so every
+    request/reply exchange (a ping, each chunk of `edgecv collect`) took 45-100 ms on loopback."""
+    import socket
+
+    link = _link(shared_broker, "dev-nodelay").start()
+    client = MqttClient(ClientOptions(host=shared_broker.host, port=shared_broker.port)).connect()
+    try:
+        link.wait_connected(10)
+        for sock in (link._client.socket(), client._client.socket()):
+            assert isinstance(sock, socket.socket) and sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        client.close()
+        link.stop(encode(status_payload("dev-nodelay", "stopped", "test", None)))
+    conf = (Path(__file__).resolve().parents[2] / "systemd" / "mosquitto" / "edgecv.conf").read_text()
+    assert "\nset_tcp_nodelay true\n" in conf
+
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 def test_batched_topic_arrives_as_json_arrays_in_order(shared_broker: Broker, protocol: str) -> None:
     """With batches={predictions: 25} every predictions publish is a JSON array of at most 25 payloads, in

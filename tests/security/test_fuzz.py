@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from edgecv.agent.contract import bundle as B
 from edgecv.agent.contract import documents as D
+from edgecv.agent.contract import samples as S
 from edgecv.agent.contract.commands import MAX_ID_CHARS, RequestError, parse_request
 from edgecv.agent.contract.names import is_name
 from edgecv.agent.contract.topics import INVALID_COMMAND, DeviceTopics
@@ -34,7 +35,7 @@ from edgecv.agent.contract.transfer import (
     begin_for,
     parse_push_topic,
 )
-from edgecv.agent.errors import BundleError, DocumentError
+from edgecv.agent.errors import BundleError, DocumentError, SampleRequestError
 
 TOPICS = DeviceTopics("edgecv", "dev")
 json_values = st.recursive(
@@ -124,6 +125,27 @@ def test_command_parsing_answers_everything_on_a_valid_topic(name: str, payload:
     assert request.id is None or (isinstance(request.id, int) and not isinstance(request.id, bool)) \
         or (isinstance(request.id, str) and len(request.id) <= MAX_ID_CHARS)
     TOPICS.cmd_result(request.name)
+
+
+@given(st.dictionaries(st.sampled_from(["sample", "offset", "length", "after", "limit", "samples"]),
+                       json_values | hostile_text | st.lists(hostile_text, max_size=4), max_size=6))
+@example({"sample": "../x", "offset": True})
+@example({"samples": ["a", ".."], "limit": 2 ** 70})
+def test_sample_requests_are_bounded_and_safe_or_refused(body: dict[str, Any]) -> None:
+    """Whatever fields a peer sends, a sample request parses to safe ids and capped sizes or is refused."""
+    for parse in (S.parse_list, S.parse_chunk, S.parse_delete):
+        try:
+            parsed = parse(body)
+        except SampleRequestError:
+            continue
+        if isinstance(parsed, S.ChunkRequest):
+            assert S.is_sample_id(parsed.sample) and "/" not in parsed.sample and not parsed.sample.startswith(".")
+            assert 0 <= parsed.offset <= S.MAX_SAMPLE_BYTES and 1 <= parsed.length <= S.MAX_CHUNK
+        elif isinstance(parsed, S.ListRequest):
+            assert parsed.after is None or S.is_sample_id(parsed.after)
+            assert 1 <= parsed.limit <= S.MAX_PAGE
+        else:
+            assert 1 <= len(parsed) <= S.MAX_PAGE and all(S.is_sample_id(i) and ".." not in i for i in parsed)
 
 
 # ------------------------------------------------------------------------------------------------- documents

@@ -48,7 +48,11 @@ class Case:
 
 
 CASES: list[Case] = []
-CLASS_CONFIG: dict[str, dict[str, Any]] = {"versions": {"update": {"allow_downgrade": "never"}}}
+CLASS_CONFIG: dict[str, dict[str, Any]] = {
+    "versions": {"update": {"allow_downgrade": "never"}},
+    # sample collection on, keeping nothing (so the agent's directory stays as it was): the commands are served
+    "samples": {"samples": {"enabled": True, "low_confidence": 0.0, "state_changes": False, "pending": False}},
+}
 
 
 def case(cls: str, name: str) -> Callable[[Callable[[Target, Kit], str]], Callable[[Target, Kit], str]]:
@@ -631,6 +635,41 @@ _command_case("reload with junk fields", "reload", b'{"id": "j", "x": [1, {"y": 
 _command_case("empty ping", "ping", b"", ok=True)
 
 
+def _samples_case(name: str, cmd: str, body: dict[str, Any], *needles: str, ok: bool = False) -> None:
+    payload = json.dumps({"id": "s", **body}).encode()
+
+    @case("samples", name)
+    def run(t: Target, kit: Kit) -> str:
+        got_topic, doc = _command(t, cmd, payload)
+        assert got_topic == f"{t.base}/cmd/{cmd}/result", got_topic
+        assert doc["ok"] is ok, doc
+        if ok:
+            return f"result ok: {len(doc.get('samples', []))} sample(s)"
+        assert len(doc["error"]) <= 300
+        return "result error: " + expect(doc["error"], *needles)
+
+
+_samples_case("sample ..", "sample", {"sample": ".."}, "must be a sample id")
+_samples_case("sample ../../etc/passwd", "sample", {"sample": "../../etc/passwd"}, "must be a sample id")
+_samples_case("sample /etc/passwd", "sample", {"sample": "/etc/passwd"}, "must be a sample id")
+_samples_case("sample a/b", "sample", {"sample": "a/b"}, "must be a sample id")
+_samples_case("sample with NUL", "sample", {"sample": "a\x00.jpg"}, "must be a sample id")
+_samples_case("sample hidden", "sample", {"sample": ".agent"}, "must be a sample id")
+_samples_case("sample id 10 KB", "sample", {"sample": "s" * 10_000}, "must be a sample id")
+_samples_case("sample id an object", "sample", {"sample": {"$ne": ""}}, "must be a sample id")
+_samples_case("sample offset -1", "sample", {"sample": "a", "offset": -1}, "'offset' must be")
+_samples_case("sample offset 2**63", "sample", {"sample": "a", "offset": 1 << 63}, "'offset' must be")
+_samples_case("sample offset true", "sample", {"sample": "a", "offset": True}, "'offset' must be")
+_samples_case("sample length 0.5", "sample", {"sample": "a", "length": 0.5}, "'length' must be")
+_samples_case("sample that does not exist", "sample", {"sample": "pi-1-20260101T000000-000001"}, "No sample")
+_samples_case("samples after ../x", "samples", {"after": "../x"}, "'after' must be")
+_samples_case("samples limit -5", "samples", {"limit": -5}, "'limit' must be")
+_samples_case("samples limit 10**12 (capped)", "samples", {"limit": 10**12}, ok=True)
+_samples_case("samples.delete 1000 ids", "samples.delete", {"samples": ["a"] * 1000}, "'samples' must be a list")
+_samples_case("samples.delete ../models", "samples.delete", {"samples": ["../models"]}, "must be a sample id")
+_samples_case("samples.delete a string", "samples.delete", {"samples": "*"}, "'samples' must be a list")
+
+
 def _flood(t: Target, name: str, n: int) -> dict[Any, list[dict[str, Any]]]:
     mark = t.mark()
     assert t.client is not None
@@ -693,7 +732,7 @@ def test_hostile_input(hostile: Case, targets: Targets, kit: Kit, report: Report
 def test_the_suite_covers_enough_hostile_inputs() -> None:
     assert len(CASES) >= 60
     assert {c.cls for c in CASES} == {"transfer", "chunks", "archive", "manifest", "signature", "versions", "models",
-                                      "commands"}
+                                      "commands", "samples"}
 
 
 def test_versions_dir_of_the_seed_is_named_safely(kit: Kit) -> None:

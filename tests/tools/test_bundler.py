@@ -148,6 +148,27 @@ def test_under_confident_models_fill_up_with_the_clearest_agreeing_images() -> N
         choose_selftest_frames(images, lambda f: f.astype(np.float32), logits, {"int8": logits}, count=9)
 
 
+
+def test_probability_outputs_are_judged_as_probabilities_not_softmaxed_again(caplog: pytest.LogCaptureFixture) -> None:
+    """A model that outputs probabilities (issue 12 item 2): margins are taken on its outputs as they are. A clear
+    0.85/0.05/0.05/0.05 answer has margin 0.8; softmaxed again it becomes 0.43/0.19/0.19/0.19 (margin 0.24 < 0.3),
+    so every image would count as unconfident, with the "not very confident" warning for a confident model."""
+    images = np.zeros((8, 2, 2, 1), np.uint8)
+    images[:, 0, 0, 0] = np.arange(8)
+    truth = np.arange(8) % 4
+
+    def probs(x: np.ndarray) -> np.ndarray:
+        ids = x[:, 0, 0, 0].astype(int)
+        return np.where(np.eye(4)[truth[ids]] > 0, 0.85, 0.05)
+
+    caplog.set_level("WARNING", logger="edgecv.tools.bundler")
+    frames, expected = choose_selftest_frames(images, lambda f: f.astype(np.float32), probs, {"int8": probs},
+                                              count=4, output="probabilities")
+    assert expected == truth[frames[:, 0, 0, 0].astype(int)].tolist()
+    assert "not very confident" not in caplog.text  # 0.8 >= 0.3: all clear
+    choose_selftest_frames(images, lambda f: f.astype(np.float32), probs, {"int8": probs}, count=4)  # as logits
+    assert "not very confident" in caplog.text  # read as logits, the same outputs look unsure
+
 def test_dataset_to_frames_keeps_gray_single_channel() -> None:
     gray = np.zeros((2, 4, 4, 1), np.uint8)
     assert dataset_to_frames(gray).shape == (2, 4, 4, 1)

@@ -157,8 +157,14 @@ def test_input_spec_rules() -> None:
     from edgecv.tools.byom import OnnxInputInfo
 
     dyn = OnnxInputInfo("x", "float", (None, 3, None, None), "y", 5)
-    with pytest.raises(ExportError, match="--size"):
+    with pytest.raises(ExportError, match="--size") as refused:
         input_spec_for(dyn)
+    # One spelling of a dynamic dimension in every message: '?' (never -1, None or a symbolic name).
+    assert "(?, 3, ?, ?)" in str(refused.value)
+    mixed = OnnxInputInfo("x", "float", (-1, 7, 7, 5), "y", 5)
+    with pytest.raises(ExportError) as refused:
+        input_spec_for(mixed)
+    assert "(?, 7, 7, 5)" in str(refused.value) and "-1" not in str(refused.value)
     spec = input_spec_for(dyn, size=(64, 48), color="bgr")
     assert (spec.height, spec.width, spec.color, spec.layout) == (64, 48, "BGR", "NCHW")
     gray = OnnxInputInfo("x", "float", (1, 28, 28, 1), "y", 10)

@@ -15,13 +15,13 @@ from edgecv.agent.cli import build_parser as agent_parser
 from edgecv.tools.cli import build_parser as tools_parser
 from edgecv.tools.commands.output import table
 
-FLEET = ("push", "devices", "watch", "cmd", "rollback")
-TARGETING = ("push", "cmd", "rollback")  # act on devices: one of --device/--group, and --wait-for-device
+FLEET = ("push", "devices", "watch", "cmd", "rollback", "collect")
+TARGETING = ("push", "cmd", "rollback", "collect")  # act on devices: one of --device/--group, and --wait-for-device
 TRAINING = ("train", "prune", "optimize")
-WITH_JSON = {"edgecv": ["push", "devices", "watch", "cmd", "rollback", "bundle inspect", "bundle verify",
+WITH_JSON = {"edgecv": ["push", "devices", "watch", "cmd", "rollback", "collect", "bundle inspect", "bundle verify",
                         "bundle sign", "keys generate", "keys id", "train", "prune", "optimize", "quantize"],
              "edgecv-agent": ["check-config", "bench", "rollback"]}
-WITH_PROGRESS = ("train", "prune", "quantize", "optimize", "push")
+WITH_PROGRESS = ("train", "prune", "quantize", "optimize", "push", "collect")
 
 
 def subcommands(parser: argparse.ArgumentParser, prefix: str = "") -> Iterator[tuple[str, argparse.ArgumentParser]]:

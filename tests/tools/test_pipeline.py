@@ -22,7 +22,7 @@ from edgecv.agent.vision.runtimes import open_engine
 from edgecv.tools.bundler import read_selftest
 from edgecv.tools.cli import main
 from edgecv.tools.errors import ExportError, ToolsError
-from edgecv.tools.pipeline import OptimizeConfig, default_name
+from edgecv.tools.pipeline import OptimizeConfig, command_for, default_name
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +162,22 @@ def test_single_runtime_bundle_carries_only_that_artifact(tmp_path: Path) -> Non
     assert "--bundle-formats tflite" in report["command"]  # the report's reproduce line keeps the choice
 
 
+def test_optimize_prefer_size_ships_int8_onnx_only(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`optimize --prefer size` reaches the artifact chain: only int8 ONNX ships, fp32 never rides along (with
+    `auto` it does when int8 is not clearly faster here), the choice is recorded and the report reproduces it."""
+    _colour_folder(tmp_path / "colors")
+    assert main(["optimize", "--data", str(tmp_path / "colors"), "--epochs", "2", "--finetune-epochs", "1",
+                 "--calib", "40", "--latency-runs", "5", "--bundle-formats", "onnx", "--prefer", "size",
+                 "--out", str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    bundle = load_bundle(tmp_path / "out" / "colors")
+    assert [(a.format, a.precision) for a in bundle.manifest.artifacts] == [("onnx", "int8")]
+    report = json.loads((tmp_path / "out" / "colors-report" / "report.json").read_text())
+    selection = report["model"]["onnx_artifacts"]
+    assert selection["prefer"] == "size" and len(selection["shipped"]) == 1
+    assert "--prefer size ships int8 only" in selection["verdict"]
+    assert "--prefer size" in report["command"]  # the reproduce line keeps it (it used to drop it)
+
+
 def test_intermediates_stay_in_the_work_folder(run: dict[str, Any]) -> None:
     work = run["out"] / "work"
     assert {p.name for p in work.iterdir()} >= {"trained.pt", "pruned.pt", "model.fp32.onnx", "model.int8.onnx",
@@ -198,13 +214,35 @@ def test_default_name_follows_the_data(tmp_path: Path) -> None:
 
 
 def test_report_command_reproduces_the_settings() -> None:
-    from edgecv.tools.pipeline import command_for
-
     cfg = OptimizeConfig(data="fashion-mnist", out=Path("models"), epochs=12, key=Path("models/demo-signing.key"),
                          max_drop=None)
     assert command_for(cfg) == ("edgecv optimize --data fashion-mnist --epochs 12 --max-drop -1 "
                                 "--key models/demo-signing.key --out models")
 
+
+
+def test_report_command_round_trips_every_setting(tmp_path: Path) -> None:
+    """Every setting of optimize that has an option survives command_for → the parser → the config: a report's
+    reproduce line used to drop --prefer, --force, --threads and --description."""
+    import dataclasses
+    import shlex
+
+    from edgecv.tools.cli import build_parser
+    from edgecv.tools.commands.optimize import config_from_args
+
+    cfg = OptimizeConfig(
+        data="photos", extra_data=("more",), out=tmp_path / "o", work=tmp_path / "w", name="n", version="2.0.0",
+        description="a door", epochs=7, finetune_epochs=3, sparsity=0.3, structured=0.25, calib=50,
+        method="entropy", prefer="size", force=True, max_drop=None, seed=4, limit=99, size="64x64", color="rgb",
+        key=tmp_path / "k", include_fp32=True, latency_runs=9, bundle_formats=("tflite",), threads=2,
+        progress=False, device="cpu", augment=False, flip=False, backbone="efficientnet-lite0",
+        init_from=tmp_path / "b.edgecv", allow_scratch=True, old_data=False, drop_missing=True)
+    args = build_parser().parse_args([*shlex.split(command_for(cfg))[1:], "--no-progress"])
+    back = config_from_args(args)
+    ignored = {"progress", "command", "selftest_count"}
+    differ = {f.name: (getattr(cfg, f.name), getattr(back, f.name)) for f in dataclasses.fields(cfg)
+              if f.name not in ignored and getattr(cfg, f.name) != getattr(back, f.name)}
+    assert differ == {}
 
 # --- bench/pipeline_bench.py ---------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""`edgecv cmd ping|reload|snapshot|rollback --device ID|--group G`: send one command to devices and print their
+"""`edgecv cmd ping|reload|snapshot|rollback|samples --device ID|--group G`: send one command to devices and print their
 results."""
 
 from __future__ import annotations
@@ -21,16 +21,18 @@ HEADERS = ["DEVICE", "RESULT", "MODEL", "SECONDS", "DETAIL"]
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "cmd", help="send a command to devices (ping, reload, snapshot, rollback)",
-        usage="edgecv cmd {ping,reload,snapshot,rollback} (--device ID | --group G) [options]",
+        "cmd", help="send a command to devices (ping, reload, snapshot, rollback, samples)",
+        usage="edgecv cmd {ping,reload,snapshot,rollback,samples} (--device ID | --group G) [options]",
         description="Publish a command with a request id to <prefix>/<device>/cmd/<name> of each target and print "
                     "every device's result: a table (DEVICE, RESULT, MODEL, SECONDS, DETAIL) or a JSON array with "
                     "--json. ping: agent version, model and uptime; reload: the active model reloaded in a fresh "
                     "runtime; snapshot: the latest frame saved as JPEG (--out) with its predictions; rollback: back "
-                    "to the previous (or --to) installed model. Exit status 0 when every device answered ok, 1 when "
+                    "to the previous (or --to) installed model; samples: how many "
+                    "samples the device keeps for labelling (its first page; 'edgecv collect' fetches them). Exit "
+                    "status 0 when every device answered ok, 1 when "
                     "any failed or did not answer within --timeout (or was never seen), 2 on a usage error. The old "
                     "order 'edgecv cmd DEVICE NAME' still works, with a deprecation warning.")
-    parser.add_argument("name", metavar="{ping,reload,snapshot,rollback}", help="the command to send")
+    parser.add_argument("name", metavar="{ping,reload,snapshot,rollback,samples}", help="the command to send")
     parser.add_argument("legacy", nargs="?", help=argparse.SUPPRESS)  # `cmd DEVICE NAME`, the old order
     add_target_arguments(parser, required=False)
     parser.add_argument("--to", metavar="VERSION", help="rollback: version to go back to (default: the previous one)")
@@ -135,6 +137,10 @@ def _detail(name: str, r: CommandResult) -> str:
         best = f"; top {top.get('label')} {top.get('score', 0):.3f}" if top.get("label") else ""
         return (f"saved {r.extra.get('saved')} ({doc.get('width')}x{doc.get('height')}, "
                 f"{r.extra.get('jpeg_bytes')} bytes){best}")
+    if name == "samples":
+        listed = doc.get("samples")
+        count = len(listed) if isinstance(listed, list) else 0
+        return f"{count}{'+' if doc.get('more') else ''} sample(s) stored"
     sha = ((doc.get("model") or {}).get("sha256") or "")[:12]
     return f"sha {sha}" if sha else ""
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgecv.tools.commands.output import EXIT_CODES, add_json_option, add_progress_option
 from edgecv.tools.commands.train import add_compute_device_option
+
+if TYPE_CHECKING:
+    from edgecv.tools.pipeline import OptimizeConfig
 
 
 def register(subparsers: Any) -> None:
@@ -90,14 +93,12 @@ def register(subparsers: Any) -> None:
     p.set_defaults(handler=handle)
 
 
-def handle(args: argparse.Namespace) -> int:
-    import contextlib
-    import io
+def config_from_args(args: argparse.Namespace) -> OptimizeConfig:
+    """The pipeline's settings from parsed arguments (the inverse of `pipeline.command_for`)."""
+    from edgecv.tools.commands.output import progress_enabled
+    from edgecv.tools.pipeline import OptimizeConfig
 
-    from edgecv.tools.commands.output import note, print_json, progress_enabled
-    from edgecv.tools.pipeline import OptimizeConfig, run_pipeline
-
-    cfg = OptimizeConfig(
+    return OptimizeConfig(
         data=args.data[0], extra_data=tuple(args.data[1:]), out=args.out, work=args.work, name=args.name,
         version=args.version,
         description=args.description, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
@@ -109,6 +110,16 @@ def handle(args: argparse.Namespace) -> int:
         threads=args.threads, progress=progress_enabled(args), device=args.device, backbone=args.backbone,
         augment=not args.no_augment, flip=not args.no_flip, init_from=args.init_from,
         allow_scratch=args.allow_scratch, old_data=not args.no_old_data, drop_missing=args.drop_missing_classes)
+
+
+def handle(args: argparse.Namespace) -> int:
+    import contextlib
+    import io
+
+    from edgecv.tools.commands.output import note, print_json, progress_enabled
+    from edgecv.tools.pipeline import run_pipeline
+
+    cfg = config_from_args(args)
     # stdout is for the result: what libraries print there goes to stderr with the stages (or nowhere, with no
     # progress shown)
     with contextlib.redirect_stdout(sys.stderr if progress_enabled(args) else io.StringIO()):

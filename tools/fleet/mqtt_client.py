@@ -24,6 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edgecv.agent.link.mqtt import send_without_delay
 from edgecv.tools.errors import FleetError
 
 log = logging.getLogger(__name__)
@@ -294,6 +295,7 @@ class MqttClient:
             self._refusal = int(reason.value)
             self._done.set()
             return
+        send_without_delay(client)  # a request's reply must not wait ~40 ms behind our own PUBACK
         self._connected.set()
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 from edgecv.agent.contract import topics as T
 from edgecv.tools.fleet.mqtt_client import ClientOptions, MqttClient
 
-COMMANDS = ("ping", "reload", "snapshot", "rollback")
+COMMANDS = ("ping", "reload", "snapshot", "rollback", "samples")
 
 
 @dataclass
