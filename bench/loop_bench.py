@@ -3,7 +3,7 @@ samples it kept collected, labelled, a model fine-tuned from the deployed one an
 after, with the wall time of every step; all with the shipped tools as real processes.
 
     python bench/loop_bench.py                  # full form (~40 min on 2 busy cores: 10-minute night runs)
-    python bench/loop_bench.py --quick          # short form (~8 min; tests/e2e/test_loop_bench.py, slow)
+    python bench/loop_bench.py --quick          # short form (~7 min; tests/e2e/test_loop_bench.py, slow)
     python bench/loop_bench.py --json out.json --seed 7
 
 The scene is `synthetic:scene` (agent/vision/scene.py, as in bench/scene_bench.py, whose data, model, agent runs

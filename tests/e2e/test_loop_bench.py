@@ -1,6 +1,6 @@
 """bench/loop_bench.py --quick: the whole loop of issue 15 (day model → agent on an infrared night with its sample
 store → `edgecv collect` → labelled by script → `edgecv optimize --init-from` → `edgecv push` → the agent on an
-unseen night and by day), all real processes; slow (~8 min on 2 busy cores), run with EDGECV_SLOW=1."""
+unseen night and by day), all real processes; slow (~7 min on 2 busy cores), run with EDGECV_SLOW=1."""
 
 from __future__ import annotations
 
