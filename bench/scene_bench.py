@@ -48,6 +48,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,7 @@ class Recorder:
         self.status: list[dict[str, Any]] = []
         self.health: list[dict[str, Any]] = []
         self._lock = threading.Lock()
+        self._frozen = False  # predictions and states after freeze() are not recorded (status and health are)
         ready = threading.Event()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"rec-{device}")
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(f"edgecv/{device}/#", qos=1)
@@ -168,11 +170,13 @@ class Recorder:
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         t = time.time()
-        if not msg.payload:
-            return
-        doc = json.loads(msg.payload)
         kind = msg.topic.split("/", 2)[2]
+        if not msg.payload or not (kind in ("predictions", "status", "health") or kind.startswith("state/")):
+            return  # not scored (and a pushed bundle's chunks are binary)
+        doc = json.loads(msg.payload)
         with self._lock:
+            if self._frozen and (kind == "predictions" or kind.startswith("state/")):
+                return
             if kind == "predictions":
                 self.predictions.extend((t, d) for d in (doc if isinstance(doc, list) else [doc]))
             elif kind.startswith("state/"):
@@ -191,6 +195,11 @@ class Recorder:
             time.sleep(0.05)
         return False
 
+    def freeze(self) -> None:
+        """Keep the predictions and states recorded so far as the run's (what comes later is not scored)."""
+        with self._lock:
+            self._frozen = True
+
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
@@ -205,6 +214,7 @@ def region_table(name: str, trigger: str = "every", consecutive: int = 3, **extr
 
 
 _runs = iter(range(10**6))
+ALLOW_UNSIGNED = ("[security]", "allow_unsigned = true")
 
 
 @dataclass
@@ -217,16 +227,21 @@ class Run:
 
 
 def run_agent(work: Path, port: int, bundle: Path, runtime: str, source: str, regions: list[str], seconds: float,
-              warmup_s: float = 5.0) -> Run:
-    """Run the agent for `seconds` after its first prediction; CPU share measured after `warmup_s`."""
+              warmup_s: float = 5.0, *, security: Sequence[str] = ALLOW_UNSIGNED, extra: Sequence[str] = (),
+              store: Path | None = None, then: Callable[[str], None] | None = None) -> Run:
+    """Run the agent for `seconds` after its first prediction; CPU share measured after `warmup_s`.
+
+    `security` and `extra` are config lines (the [security] section, further sections); `store` is the model store
+    (default a fresh one: a store a previous run left keeps its active model). `then(device)` runs after the
+    measured period while the agent still runs; what the agent publishes meanwhile is not part of the run."""
     device = f"scene-{os.getpid()}-{next(_runs)}"
     d = work / device
     d.mkdir(parents=True)
     (d / "agent.toml").write_text("\n".join([
         f'device_id = "{device}"', 'log_level = "warning"', "[broker]", 'host = "127.0.0.1"', f"port = {port}",
         "[[camera]]", 'name = "garage"', f'source = "{source}"', f"fps = {FPS}", *regions,
-        "[model]", f'store = "{d / "models"}"', f'bundle = "{bundle}"', f'runtime = "{runtime}"',
-        "[publish]", "top_k = 2", "[health]", "interval_s = 5.0", "[security]", "allow_unsigned = true",
+        "[model]", f'store = "{store or d / "models"}"', f'bundle = "{bundle}"', f'runtime = "{runtime}"',
+        "[publish]", "top_k = 2", "[health]", "interval_s = 5.0", *security, *extra,
         "[homeassistant]", "enabled = false", ""]))
     recorder = Recorder(port, device)
     proc = subprocess.Popen([*agent_exe(), "run", "--config", str(d / "agent.toml")], stdout=subprocess.DEVNULL,
@@ -239,6 +254,9 @@ def run_agent(work: Path, port: int, bundle: Path, runtime: str, source: str, re
         cpu0, t0 = cpu_seconds(proc.pid), time.monotonic()
         time.sleep(max(0.0, seconds - (t0 - start)))
         cpu1, t1 = cpu_seconds(proc.pid), time.monotonic()
+        if then is not None:
+            recorder.freeze()
+            then(device)
     finally:
         proc.terminate()
         try:
@@ -253,14 +271,14 @@ def run_agent(work: Path, port: int, bundle: Path, runtime: str, source: str, re
 
 
 # ------------------------------------------------------------------------------------------ scoring
-def frame_times(run: Run, scene: Scene) -> np.ndarray:
-    """Capture time of every frame 0..N-1: the n1 region is classified on every frame, in order, so its k-th
-    prediction is frame k (checked against the scene's truth)."""
-    preds = [d for _, d in sorted(run.recorder.predictions, key=lambda td: td[1]["seq"]) if d.get("region") == "n1"]
+def frame_times(run: Run, scene: Scene, region: str = "n1") -> np.ndarray:
+    """Capture time of every frame 0..N-1: the `region` (consecutive 1, trigger "every") is classified on every
+    frame, in order, so its k-th prediction is frame k (checked against the scene's truth)."""
+    preds = [d for _, d in sorted(run.recorder.predictions, key=lambda td: td[1]["seq"]) if d.get("region") == region]
     truths = [d.get("truth") for d in preds]
     expected = [scene.truth_at(k) for k in range(len(preds))]
     if truths != expected:
-        raise RuntimeError("the n1 predictions do not line up with the scene's frames (a frame failed?)")
+        raise RuntimeError(f"the {region} predictions do not line up with the scene's frames (a frame failed?)")
     return np.array([d["frame_ts"] for d in preds])
 
 
@@ -307,8 +325,8 @@ def score_changing(run: Run, scene: Scene, region: str, times: np.ndarray) -> di
             "delay_frames_median": statistics.median(frames_late) if frames_late else None}
 
 
-def per_frame(run: Run) -> dict[str, Any]:
-    preds = [d for _, d in sorted(run.recorder.predictions, key=lambda td: td[1]["seq"]) if d.get("region") == "n1"]
+def per_frame(run: Run, region: str = "n1") -> dict[str, Any]:
+    preds = [d for _, d in sorted(run.recorder.predictions, key=lambda td: td[1]["seq"]) if d.get("region") == region]
     labels = [d["top"][0]["label"] for d in preds]
     correct = sum(SCENE_LABELS[d["truth"]] == lab for d, lab in zip(preds, labels, strict=True))
     flips = sum(a != b for a, b in itertools.pairwise(labels))
@@ -331,12 +349,18 @@ def score_static(run: Run) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ main
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def scene_arguments(doc: str | None) -> argparse.ArgumentParser:
+    """The options every scene benchmark takes: --quick, --seed, --runtime, --json."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the short form (CI)")
     parser.add_argument("--seed", type=int, default=7, help="the scene (default 7)")
     parser.add_argument("--runtime", default="auto", help="the agent's model.runtime (default auto)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    return parser
+
+
+def main() -> int:
+    parser = scene_arguments(__doc__)
     parser.add_argument("--parts", default=",".join(PARTS),
                         help=f"what to run, comma-separated (default all: {','.join(PARTS)})")
     parser.add_argument("--static", default=",".join(STATIC_RUNS), metavar="NAMES",

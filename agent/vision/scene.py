@@ -23,6 +23,9 @@ rendering. Query keys (all optional):
     shake=1         camera shake amplitude in pixels (0 = none)
     drift=30        lighting drift amplitude, percent of the mean brightness (0 = none)
     objects=200     mean frames between passing objects (0 = none)
+    ir=0            1: night vision, the camera in its infrared mode: grey, low contrast and dark, brighter in the
+                    middle where the camera's illuminator reaches (after lighting and passers-by, before noise
+                    and JPEG); a condition a model trained on day frames has not seen
     live=0|1        as for every synthetic source
 """
 
@@ -39,11 +42,14 @@ SCENE_LABELS = ("closed", "open")
 DOOR = (0.625, 0.3125, 0.25, 0.5)  # x, y, w, h of the door in fractions of the frame
 DOOR_CROP = (0.6, 0.275, 0.3, 0.6)  # a region crop that holds the door with a margin for the camera shake
 SCENE_KEYS = frozenset({"seed", "width", "height", "start", "frames", "hold", "static", "state", "transition",
-                        "noise", "jpeg", "shake", "drift", "objects"})
+                        "noise", "jpeg", "shake", "drift", "objects", "ir"})
 _NOISE_FIELDS = 4
 _NOISE_PAD = 16
 _DAY = 2400  # frames per lighting "day" (4 minutes at 10 fps)
 _OBJECT_KINDS = ("person", "car", "moth")
+# Infrared mode: grey levels g become IR_LEVEL + IR_CONTRAST * (g - 128), times a gain that falls from IR_HOTSPOT
+# in the middle of the frame to IR_HOTSPOT - IR_FALLOFF in its corners (the illuminator's cone).
+IR_CONTRAST, IR_LEVEL, IR_HOTSPOT, IR_FALLOFF = 0.35, 60.0, 1.3, 0.5
 
 
 class SceneSpec:
@@ -79,6 +85,7 @@ class SceneSpec:
         self.shake = num("shake", 1.0, 0, 32, integer=False)
         self.drift = num("drift", 30.0, 0, 90, integer=False)
         self.objects = num("objects", 200, 0)
+        self.ir = bool(num("ir", 0, 0, 1))
 
 
 class Scene:
@@ -106,6 +113,7 @@ class Scene:
                 self._noise.append((np.clip(n, 0, 255).astype(np.uint8), np.clip(-n, 0, 255).astype(np.uint8)))
         phases = np.random.default_rng([spec.seed, 4]).uniform(0, 2 * math.pi, 6)
         self._phases = phases
+        self._ir_gain = _ir_gain(w, h) if spec.ir else None
 
     # -- the truth ------------------------------------------------------------------------------------------
     def _frame(self, i: int) -> int:
@@ -172,6 +180,8 @@ class Scene:
             if visible > 0:
                 frame[fy:fy + visible, fx:fx + bw] = cv2.LUT(self._panel[bh - visible:], light)
         self._draw_objects(frame, n)
+        if self._ir_gain is not None:
+            frame = self._infrared(frame, self._ir_gain)
         if self._noise:
             pos, neg = self._noise[int(rng.integers(len(self._noise)))]
             ox, oy = (int(v) for v in rng.integers(0, _NOISE_PAD, 2))
@@ -183,6 +193,13 @@ class Scene:
             if decoded is not None:
                 frame = decoded
         return frame, truth
+
+    @staticmethod
+    def _infrared(frame: np.ndarray, gain: np.ndarray) -> np.ndarray:
+        """The frame as an infrared camera sees it (see IR_CONTRAST): grey, flat, dark, lit in the middle."""
+        grey = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY).astype(np.float32)
+        lit = (IR_LEVEL + IR_CONTRAST * (grey - 128.0)) * gain
+        return cv2.cvtColor(np.clip(lit, 0, 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
 
     def _shake(self, n: int, rng: np.random.Generator) -> tuple[int, int]:
         a = self.spec.shake
@@ -259,6 +276,13 @@ class Scene:
                 roi = frame[y0:y1, x0:x1]
                 alpha = (mask.astype(np.float32) * (0.85 / 255.0))[:, :, None]
                 roi[:] = (roi * (1.0 - alpha) + 25.0 * alpha).astype(np.uint8)
+
+
+def _ir_gain(w: int, h: int) -> np.ndarray:
+    """The illuminator's cone: IR_HOTSPOT in the middle of the frame, IR_HOTSPOT - IR_FALLOFF in the corners."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    r2 = ((xx - (w - 1) / 2) / (w / 2)) ** 2 + ((yy - (h - 1) / 2) / (h / 2)) ** 2  # 0 in the middle, ~2 in a corner
+    return (IR_HOTSPOT - IR_FALLOFF * r2 / 2).astype(np.float32)
 
 
 def _box(frac: tuple[float, float, float, float], w: int, h: int) -> tuple[int, int, int, int]:

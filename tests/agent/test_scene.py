@@ -62,6 +62,27 @@ def test_a_static_scene_never_changes_and_the_parameters_shape_it() -> None:
     assert day.truth_at(0) == scene(seed=2).truth_at(1_000_000)  # another "day" of the same scene
 
 
+def test_infrared_mode_is_grey_flat_and_lit_in_the_middle_with_the_same_truth() -> None:
+    clean = {"static": 1, "noise": 0, "jpeg": 0, "shake": 0, "drift": 0, "objects": 0}
+    day_closed, day_open = scene(**clean).render(0)[0], scene(**clean, state="open").render(0)[0]
+    ir_closed, truth = scene(**clean, ir=1).render(0)
+    ir_open = scene(**clean, ir=1, state="open").render(0)[0]
+    assert truth == SCENE_LABELS.index("closed")
+    assert np.array_equal(ir_closed[:, :, 0], ir_closed[:, :, 1]) and np.array_equal(ir_closed[:, :, 1],
+                                                                                        ir_closed[:, :, 2])
+    assert not np.array_equal(day_closed[:, :, 0], day_closed[:, :, 2])  # the day frame has colour
+    # darker and flatter: the closed door stands out from the open one by far less than by day, but still does
+    assert ir_closed.mean() < 0.7 * day_closed.mean()
+    assert 10 < door_mean(ir_closed) - door_mean(ir_open) < 0.5 * (door_mean(day_closed) - door_mean(day_open))
+    # the illuminator: the same wall is brighter in the middle of the frame than near a corner
+    wall = scene(**clean).render(0)[0]
+    ratio_ir = ir_closed[230:250, 300:340].mean() / ir_closed[20:40, 20:60].mean()
+    assert ratio_ir > 1.2 * wall[230:250, 300:340].mean() / wall[20:40, 20:60].mean()
+    # the rest of the timeline is the day's
+    night, day = scene(seed=2, ir=1), scene(seed=2)
+    assert [night.truth_at(i) for i in range(0, 3000, 7)] == [day.truth_at(i) for i in range(0, 3000, 7)]
+
+
 def test_passing_objects_occlude_the_door_now_and_then() -> None:
     s = scene(seed=5, objects=20, static=1, noise=0, jpeg=0, shake=0, drift=0)
     clean = scene(seed=5, objects=0, static=1, noise=0, jpeg=0, shake=0, drift=0).render(0)[0]
@@ -85,6 +106,7 @@ def test_as_a_camera_source() -> None:
     ("hold=x", "hold must be an integer"),
     ("state=ajar", "state must be one of closed, open"),
     ("noise=-1", "noise must be between 0 and 64"),
+    ("ir=2", "ir must be between 0 and 1"),
     ("door=1", "unknown parameter(s) door"),
 ])
 def test_bad_parameters_are_refused_for_good(query: str, message: str) -> None:

@@ -14,6 +14,7 @@ accuracy recorded in its manifest metrics), so the agent tests do not wait for t
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -373,3 +374,13 @@ def collect(client: MqttClient, until: Callable[[list[Received]], bool], timeout
 def docs_of(msgs: list[Received], topic: str, retained: bool | None = None) -> list[dict[str, Any]]:
     return [decode(m.payload) for m in msgs if m.topic == topic and m.payload
             and (retained is None or m.retain == retained)]
+
+
+def run_bench_quick(script: str, tmp_path: Path, timeout: float = 3600) -> tuple[subprocess.CompletedProcess[str],
+                                                                                 dict[str, Any]]:
+    """Run `bench/<script> --quick --json ...` to its end (it must succeed); its stdout and its JSON results."""
+    out = tmp_path / f"{Path(script).stem}.json"
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[2] / "bench" / script), "--quick",
+                           "--json", str(out)], capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, json.loads(out.read_text())

@@ -4,24 +4,17 @@ tests/e2e/test_regions_e2e.py."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.e2e.conftest import run_bench_quick
 
 
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_scene_bench_quick(tmp_path: Path) -> None:
-    out = tmp_path / "scene.json"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "scene_bench.py"), "--quick", "--json", str(out)],
-                          capture_output=True, text=True, timeout=3600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(out.read_text())
+    proc, r = run_bench_quick("scene_bench.py", tmp_path)
     assert "| region | consecutive |" in proc.stdout
     regions = {row["region"]: row for row in r["changing"]["regions"]}
     for name in ("n3", "default"):  # the shipped stabiliser: every true change seen, none invented
