@@ -58,7 +58,7 @@ class App:
         self.samples: SampleCollector | None = None
         if config.samples.enabled:
             store = SampleStore(config.samples_dir(), max_bytes=int(config.samples.max_mb * 1024 * 1024),
-                                device_id=config.device_id).open()
+                                device_id=config.device_id, max_age_s=config.samples.max_age_h * 3600.0).open()
             self.samples = SampleCollector(config.samples, store, config.device_id)
         # Regions with a bundle of their own: verified and self-tested now (a bad one is a startup error); pushes
         # never replace them (they replace the camera-default model, which the other regions use).

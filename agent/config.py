@@ -229,6 +229,9 @@ class SamplesConfig:
     enabled: bool = _opt(False)
     dir: str = _opt("", path=True)
     max_mb: float = _opt(200.0, check=(lambda v: 1.0 <= v <= 1_000_000.0, "a number of MB from 1 to 1000000"))
+    # retention: samples whose frame is older than this many hours are deleted (checked at start, on every write and
+    # at least every minute); 0 = kept until the size cap or `edgecv collect --delete-after` removes them
+    max_age_h: float = _opt(0.0, check=_NON_NEGATIVE)
     low_confidence: float = _opt(0.6, check=_FRACTION)  # keep a result whose top-1 score is below this; 0 = off
     state_changes: bool = _opt(True)  # keep the result that confirmed a region's new stable state
     pending: bool = _opt(True)  # keep the first result of a run towards another state (not yet confirmed)

@@ -30,6 +30,7 @@ from edgecv.agent.vision.classifier import Classifier
 log = logging.getLogger(__name__)
 
 WARN_EVERY_S = 30.0
+EXPIRE_EVERY_S = 60.0  # the idle writer applies samples.max_age_h at least this often
 
 
 @dataclass(frozen=True)
@@ -136,10 +137,21 @@ class SampleCollector:
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=EXPIRE_EVERY_S)
+            except queue.Empty:  # idle: still apply the age limit
+                self._expire()
+                continue
             if item is None:
                 return
             self.write(item)
+
+    def _expire(self) -> None:
+        try:
+            self.store.expire()
+        except Exception as exc:  # a failing disk must not end the writer
+            self.errors += 1
+            log.warning("Expiring old samples failed: %s", exc)
 
     def write(self, item: PendingSample) -> None:
         """Encode and store one sample; a failure is counted and logged (rate-limited), never raised."""

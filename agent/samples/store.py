@@ -54,6 +54,12 @@ class StoredSample:
         return {**self.meta, "id": self.id, "bytes": self.bytes, "sha256": self.sha256}
 
 
+def _sample_time(sample: StoredSample) -> float | None:
+    """When a sample's frame was taken (its `ts`), or None (then the age limit leaves it to the size cap)."""
+    ts = sample.meta.get("ts")
+    return float(ts) if isinstance(ts, int | float) and not isinstance(ts, bool) else None
+
+
 def _id_prefix(device: str) -> str:
     """The device id made a valid sample-id start (a device id may legally hold '..' or start with '_')."""
     text = re.sub(r"\.{2,}", ".", re.sub(r"[^A-Za-z0-9._-]", "-", device)).lstrip("._-")[:64]
@@ -61,9 +67,10 @@ def _id_prefix(device: str) -> str:
 
 
 class SampleStore:
-    def __init__(self, directory: Path | str, *, max_bytes: int, device_id: str) -> None:
+    def __init__(self, directory: Path | str, *, max_bytes: int, device_id: str, max_age_s: float = 0.0) -> None:
         self.dir = Path(directory)
         self.max_bytes = max_bytes
+        self.max_age_s = max_age_s  # 0 = no age limit
         self.prefix = _id_prefix(device_id)
         self._lock = threading.Lock()
         self._index: dict[str, StoredSample] = {}  # insertion order = seq order = age
@@ -71,6 +78,7 @@ class SampleStore:
         self._seq = 0
         self.added = 0
         self.evicted = 0
+        self.expired = 0
         self.removed_at_start = 0
 
     # ------------------------------------------------------------------------------------- start-up scan
@@ -119,6 +127,7 @@ class SampleStore:
                 self._index[sample.id] = sample
                 self._bytes += sample.disk_bytes
                 self._seq = max(self._seq, sample.seq)
+            self._expire(time.time())
             self._evict(0)
         if self.removed_at_start:
             log.info("Sample store %s: removed %d incomplete file(s) left by an interrupted write",
@@ -161,6 +170,7 @@ class SampleStore:
             raise SampleStoreError(f"Sample metadata of {len(meta_raw)} bytes is larger than {MAX_META_BYTES}")
         sample = StoredSample(sample_id, seq, len(image), sha, dict(meta), len(meta_raw))
         with self._lock:
+            self._expire(time.time())
             self._evict(sample.disk_bytes)
         image_path = self.dir / f"{sample_id}{IMAGE_SUFFIX}"
         try:
@@ -192,6 +202,28 @@ class SampleStore:
             oldest = next(iter(self._index.values()))
             self._drop(oldest)
             self.evicted += 1
+
+    def expire(self, now: float | None = None) -> int:
+        """Delete the samples whose frame is older than the age limit; returns how many. The writer calls it at least
+        every minute, so an idle device still forgets old frames."""
+        with self._lock:
+            return self._expire(time.time() if now is None else now)
+
+    def _expire(self, now: float) -> int:
+        """Age limit (lock held). Samples are in storage order, which is frame order for one device, so the scan
+        stops at the first one young enough."""
+        if self.max_age_s <= 0:
+            return 0
+        n = 0
+        while self._index:
+            oldest = next(iter(self._index.values()))
+            taken = _sample_time(oldest)
+            if taken is None or now - taken <= self.max_age_s:
+                break
+            self._drop(oldest)
+            n += 1
+        self.expired += n
+        return n
 
     def _drop(self, sample: StoredSample) -> None:
         del self._index[sample.id]
@@ -267,4 +299,5 @@ class SampleStore:
         with self._lock:
             by_reason = Counter(str(s.meta.get("reason")) for s in self._index.values())
             return {"stored": len(self._index), "bytes": self._bytes, "added": self.added, "evicted": self.evicted,
+                    "expired": self.expired,
                     "by_reason": {r: by_reason.get(r, 0) for r in REASONS}}

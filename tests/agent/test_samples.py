@@ -318,3 +318,42 @@ def test_the_commands_say_when_collection_is_off(tmp_path: Path) -> None:
     doc = run(h, link, "samples", {})
     assert doc["ok"] is False and "Sample collection is off" in doc["error"]
     assert {"samples", "sample", "samples.delete"} <= set(T.COMMANDS)
+
+
+# --------------------------------------------------------------------------------------------- retention
+def test_samples_older_than_the_age_limit_are_deleted_at_start_on_write_and_when_idle(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`samples.max_age_h`: a device forgets camera frames after a while, also when nothing new is written."""
+    import time as _time
+
+    from edgecv.agent.samples import collector as collector_module
+    from tests.waiting import wait_until
+
+    now = _time.time()
+    store = SampleStore(tmp_path / "s", max_bytes=1 << 20, device_id="pi-1", max_age_s=3600.0).open()
+    old = store.add(b"\xff\xd8old", {**META, "ts": now - 7200.0}, ts=now - 7200.0)
+    kept = store.add(b"\xff\xd8new", {**META, "ts": now - 60.0}, ts=now - 60.0)  # this write expired `old`
+    assert [s.id for s in store.page(None, 10, 1 << 20)[0]] == [kept.id]
+    assert store.stats()["expired"] == 1 and not (tmp_path / "s" / f"{old.id}.jpg").exists()
+    # a restart with a shorter limit expires at the scan
+    again = SampleStore(tmp_path / "s", max_bytes=1 << 20, device_id="pi-1", max_age_s=30.0).open()
+    assert again.stats()["stored"] == 0 and again.stats()["expired"] == 1
+    # an idle writer applies the limit on its own
+    monkeypatch.setattr(collector_module, "EXPIRE_EVERY_S", 0.05)
+    idle_store = SampleStore(tmp_path / "idle", max_bytes=1 << 20, device_id="pi-1", max_age_s=3600.0).open()
+    idle_store.add(b"\xff\xd8x", {**META, "ts": now - 60.0}, ts=now - 60.0)
+    config = parse_config({"device_id": "pi-1", "samples": {"enabled": True, "max_age_h": 1.0}})
+    assert config.samples.max_age_h == 1.0
+    writer = SampleCollector(config.samples, idle_store, "pi-1").start()
+    try:
+        idle_store.max_age_s = 30.0  # the frame is now too old: nothing is written, the writer still expires it
+        assert wait_until(lambda: idle_store.stats()["stored"] == 0, 10)
+        assert writer.health()["expired"] == 1
+    finally:
+        writer.stop()
+
+
+def test_the_age_limit_is_a_non_negative_number_of_hours() -> None:
+    with pytest.raises(ConfigError, match=r"samples\.max_age_h"):
+        parse_config({"device_id": "pi-1", "samples": {"max_age_h": -1}})
+    assert parse_config({"device_id": "pi-1"}).samples.max_age_h == 0.0  # off by default: the size cap rules
