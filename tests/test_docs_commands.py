@@ -33,8 +33,6 @@ from edgecv.tools.fleet.remote import COMMANDS
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 PARSERS = {"edgecv": tools_parser, "edgecv-agent": agent_parser}
-# Subcommands another branch is adding (docs/DATASETS.md already describes them): remove once they are merged.
-PENDING: set[tuple[str, str]] = set()
 
 
 def fenced_lines() -> Iterator[tuple[str, str]]:
@@ -87,8 +85,6 @@ def test_the_docs_have_command_examples_to_check() -> None:
 
 @pytest.mark.parametrize(("where", "prog", "argv"), EXAMPLES, ids=[f"{w}" for w, _, _ in EXAMPLES])
 def test_every_command_example_parses(where: str, prog: str, argv: list[str]) -> None:
-    if argv and (prog, argv[0]) in PENDING:
-        pytest.skip(f"{prog} {argv[0]} is being added on another branch")
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         try:
@@ -139,8 +135,6 @@ def test_every_inline_mention_names_real_subcommands_and_options(where: str, pro
     top = PARSERS[prog]()
     parser, used = subcommand_parser(top, words)
     if words and re.fullmatch(r"[a-z][a-z0-9-]*", words[0]) and not used:  # (COMMAND, DEVICE: placeholders)
-        if (prog, words[0]) in PENDING:
-            pytest.skip(f"{prog} {words[0]} is being added on another branch")
         pytest.fail(f"{where}: '{prog} {words[0]}' is not a subcommand")
     known = {s for a in parser._actions for s in a.option_strings} | {s for a in top._actions for s in a.option_strings}
     options = [w.split("=")[0] for w in words if re.fullmatch(r"--?[A-Za-z][\w-]*(=.*)?", w)]

@@ -25,6 +25,7 @@ from edgecv.agent.vision.classifier import Classifier
 from edgecv.agent.vision.runtimes.litert import LiteRtEngine
 from tests.agent.test_updater import BRIGHT, FakeAgent, push, wait_state
 from tests.bundle_factory import make_archive, make_bundle
+from tests.waiting import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -118,10 +119,8 @@ def test_a_model_that_survives_probation_is_announced(tmp_path: Path, key: Any, 
     passed = wait_state(agent, tid, ("active",), timeout=10)
     for _ in range(3):  # a few frames on probation (fewer than the latency rules judge: load cannot fail it)
         agent.classifier.classify(BRIGHT)
-    deadline = time.monotonic() + 10
-    while passed.get("probation") != "passed" and time.monotonic() < deadline:
-        passed = _states(agent, tid)[-1]
-        time.sleep(0.02)
+    assert wait_until(lambda: _states(agent, tid)[-1].get("probation") == "passed", 10)
+    passed = _states(agent, tid)[-1]
     assert [(s["state"], s.get("probation")) for s in _states(agent, tid)][-2:] == [("active", "running"),
                                                                                     ("active", "passed")]
     assert passed["version"] == "2.0" and agent.classifier.version == "2.0"

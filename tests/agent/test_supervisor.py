@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -42,13 +41,12 @@ def test_a_thread_that_raises_is_named_with_its_exception_and_reported_once(capl
         sup.watch([_thread(lambda: keep.wait(10), "healthy"), _thread(crash, "mqtt-sender")])
         assert sup.healthy()
         release.set()
-        deadline = time.monotonic() + 10
-        while not failures and time.monotonic() < deadline:
-            time.sleep(0.01)
+        assert wait_until(lambda: bool(failures), 10)
         assert failures == ["Thread mqtt-sender died unexpectedly (RuntimeError: boom in the sender)"]
         assert not sup.healthy()
         assert any(r.levelno == logging.CRITICAL and "mqtt-sender" in r.getMessage() for r in caplog.records)
-        time.sleep(0.1)
+        for _ in range(3):  # more rounds over the same dead thread report nothing new
+            assert sup.check() == failures[0]
         assert len(failures) == 1
     finally:
         keep.set()
@@ -59,10 +57,12 @@ def test_threads_ending_during_an_orderly_shutdown_are_not_failures() -> None:
     stop = threading.Event()
     failures: list[str] = []
     sup = Supervisor(failures.append, check_s=0.02).start()
-    sup.watch([_thread(lambda: stop.wait(10), "loop-cam0")])
+    loop = _thread(lambda: stop.wait(10), "loop-cam0")
+    sup.watch([loop])
     sup.stop()
     stop.set()
-    time.sleep(0.1)
+    loop.join(10)
+    assert not loop.is_alive()  # it has ended, and that is not a failure during a shutdown
     assert failures == [] and sup.check() is None and sup.healthy()
     sup.close()
 
@@ -132,9 +132,7 @@ def test_app_exits_1_when_a_supervised_thread_dies(tmp_path: Path, shared_broker
     def on_failure(reason: str) -> None:
         # Before the agent stops: let frames flow on for a while (20 more, several ping periods) and count pings.
         seen["pings"], frames = app.agent.notifier.watchdog_pings, app.agent.monitor.inferred
-        deadline = time.monotonic() + 20
-        while app.agent.monitor.inferred < frames + 20 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: app.agent.monitor.inferred >= frames + 20, 20, interval=0.01)
         seen["frames_after"] = app.agent.monitor.inferred - frames
         seen["pings_after"] = app.agent.notifier.watchdog_pings - seen["pings"]
         part_failed(reason)
