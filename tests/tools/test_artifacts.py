@@ -33,6 +33,7 @@ from edgecv.tools.cli import main
 from edgecv.tools.errors import BoundError
 from edgecv.tools.evaluate import run_logits
 from edgecv.tools.quantize_onnx import QuantRecipe
+from tests.bench_modules import load_bench
 
 
 def _inputs(model: zoo.ZooModel, count: int, seed: int = 0, text: bool = False) -> np.ndarray:
@@ -297,21 +298,9 @@ def test_devices_table_shows_the_short_model_sha() -> None:
     assert row[HEADERS.index("SHA")] == "f07c2a9be81d" and row[HEADERS.index("MODEL")] == "1.0.0.post20261129000001"
 
 
-def _byom_bench() -> object:
-    import importlib.util
-    import sys
-
-    path = Path(__file__).resolve().parents[2] / "bench" / "byom_bench.py"
-    spec = importlib.util.spec_from_file_location("byom_bench", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_byom_bench_targets_pass_and_miss_with_margins() -> None:
-    bench = _byom_bench()
+    bench = load_bench("byom_bench")
     Row, ModelRun = bench.Row, bench.ModelRun  # type: ignore[attr-defined]
     run = ModelRun("efficientnet-lite0", rows=[
         Row("efficientnet-lite0", "fp32", "onnxruntime", "", False, 5.0, 1.0, 1.0, 1.0, 40, 18_700_000, 17_000_000),

@@ -23,6 +23,7 @@ from edgecv.tools.bundler import read_selftest
 from edgecv.tools.cli import main
 from edgecv.tools.errors import ExportError, ToolsError
 from edgecv.tools.pipeline import OptimizeConfig, command_for, default_name
+from tests.bench_modules import load_bench
 
 
 @pytest.fixture(scope="module")
@@ -247,21 +248,9 @@ def test_report_command_round_trips_every_setting(tmp_path: Path) -> None:
 # --- bench/pipeline_bench.py ---------------------------------------------------------------------------
 
 
-def _bench_module() -> Any:
-    import importlib.util
-    import sys
-
-    path = Path(__file__).resolve().parents[2] / "bench" / "pipeline_bench.py"
-    spec = importlib.util.spec_from_file_location("pipeline_bench", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_bench_targets_pass_and_miss_with_margins() -> None:
-    bench = _bench_module()
+    bench = load_bench("pipeline_bench")
     Row = bench.Row
     rows = {
         "fp32 same epochs/onnx": Row("fp32 same epochs", "onnx", "fp32", "", 0.925, 990_000, 900_000, 70.0,
