@@ -60,6 +60,8 @@ dir = "{work / 'samples'}"
 low_confidence = 1.0
 min_interval_s = 0.0
 queue = 256
+[health]
+interval_s = 1.0
 [homeassistant]
 enabled = false
 """
@@ -90,9 +92,6 @@ def run_one(nodelay: bool, frames: int, bundle: Path, work: Path) -> dict[str, f
     broker, port = start_broker(work, nodelay=nodelay)
     device = f"collect-{'nodelay' if nodelay else 'nagle'}"
     (work / "agent.toml").write_text(agent_config(device, port, frames, bundle, work))
-    health = "\n[health]\ninterval_s = 1.0\n"
-    with (work / "agent.toml").open("a") as f:
-        f.write(health)
     agent = subprocess.Popen([*agent_exe(), "run", "--config", str(work / "agent.toml")],
                              stdout=subprocess.DEVNULL, stderr=(work / "agent.log").open("wb"))
     try:
