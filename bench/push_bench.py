@@ -88,10 +88,10 @@ class Listener:
         raise SystemExit(f"agents did not come online within {timeout:g} s")
 
 
-def timed_push(port: int, archive: bytes, version: str, devices: list[str], group: str | None) -> float:
+def timed_push(port: int, archive: bytes, version: str, devices: list[str], group: str | None, key: Any) -> float:
     t0 = time.perf_counter()
-    results = Pusher(ClientOptions(port=port), archive, "bench", version, timeout=120,
-                     allow_downgrade=True).push(devices, group=group)  # the bench alternates 2.0 and 3.0
+    results = Pusher(ClientOptions(port=port), archive, "bench", version, timeout=120, allow_downgrade=True,
+                     grant_key=key).push(devices, group=group)  # the bench alternates 2.0 and 3.0 (signed request)
     elapsed = time.perf_counter() - t0
     bad = [r for r in results if not r.ok]
     if bad:
@@ -123,7 +123,7 @@ def main() -> int:
             procs.append(start_agent(work, solo, broker.port, seed, ring, 20.0, []))
             listener.wait_online([solo], 60)
             time.sleep(2)
-            one = [timed_push(broker.port, big["2.0" if i % 2 == 0 else "3.0"], "x", [solo], None)
+            one = [timed_push(broker.port, big["2.0" if i % 2 == 0 else "3.0"], "x", [solo], None, key)
                    for i in range(args.repeat)]
             # swaps: RSS and frame continuity on the fps-20 agent
             rss_before = rss_mb(procs[0].pid)
@@ -131,7 +131,7 @@ def main() -> int:
                 start_n = len(listener.preds[solo])
             swap_times = []
             for i in range(args.swaps):
-                swap_times.append(timed_push(broker.port, big["2.0" if i % 2 else "3.0"], "x", [solo], None))
+                swap_times.append(timed_push(broker.port, big["2.0" if i % 2 else "3.0"], "x", [solo], None, key))
                 time.sleep(0.3)
                 if os.environ.get("BENCH_VERBOSE"):
                     print(f"swap {i + 1}: RSS {rss_mb(procs[0].pid):.1f} MB", file=sys.stderr)
@@ -148,7 +148,7 @@ def main() -> int:
                 procs.append(start_agent(work, d, broker.port, seed, ring, 2.0, ["bench"]))
             listener.wait_online(fleet, 180)
             time.sleep(3)
-            many = [timed_push(broker.port, big["2.0" if i % 2 == 0 else "3.0"], "x", fleet, "bench")
+            many = [timed_push(broker.port, big["2.0" if i % 2 == 0 else "3.0"], "x", fleet, "bench", key)
                     for i in range(args.repeat)]
         finally:
             for p in procs:

@@ -144,6 +144,10 @@ class Keyring:
     def key_ids(self) -> list[str]:
         return sorted(self._keys)
 
+    def public_key(self, kid: str) -> Ed25519PublicKey:
+        """The trusted key with this id (KeyError if there is none)."""
+        return self._keys[kid]
+
     def verify(self, manifest_bytes: bytes, signature: Signature) -> str:
         """Return the key id that verified; raise SignatureError otherwise."""
         key = self._keys.get(signature.key_id)

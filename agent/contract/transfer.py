@@ -45,6 +45,7 @@ from pathlib import Path
 
 from edgecv.agent.contract import documents as D
 from edgecv.agent.contract.bundle import DEFAULT_MAX_BUNDLE_BYTES
+from edgecv.agent.contract.grants import DowngradeGrant
 from edgecv.agent.contract.names import check_name, inside, is_name, shown
 from edgecv.agent.contract.topics import bounded
 from edgecv.agent.errors import BundleError, DocumentError, UnsafeNameError
@@ -97,8 +98,10 @@ class Begin:
     sent_at: float = 0.0
     protocol: int = PROTOCOL
     # Asked by the pusher (`edgecv push --allow-downgrade`): install even if the version is lower than the active
-    # one. Unsigned metadata: the device honours it only when update.allow_downgrade = "when-asked".
+    # one. The device honours it only when update.allow_downgrade = "when-asked" and, when it requires signed
+    # bundles, only with `downgrade_grant` signed by a key of its keyring (grants.py).
     allow_downgrade: bool = False
+    downgrade_grant: DowngradeGrant | None = None
 
     def validate(self, max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES) -> None:
         """Check the announced transfer against this device's limits, before anything is allocated."""
@@ -154,10 +157,14 @@ class Begin:
                        chunks=D.need_int(D.field(doc, "chunks"), "chunks", 1, MAX_SIZE),
                        sent_at=D.need_number(D.field(doc, "sent_at", 0.0), "sent_at", 0.0, 1e11),
                        protocol=D.need_int(D.field(doc, "protocol", PROTOCOL), "protocol", 0, 1 << 16),
-                       allow_downgrade=D.need_bool(D.field(doc, "allow_downgrade", False), "allow_downgrade"))
+                       allow_downgrade=D.need_bool(D.field(doc, "allow_downgrade", False), "allow_downgrade"),
+                       downgrade_grant=_grant(D.field(doc, "downgrade_grant", None)))
         except (DocumentError, UnsafeNameError) as exc:
             raise TransferError(f"Push begin message is malformed: {exc}", tid) from None
 
+
+def _grant(doc: object) -> DowngradeGrant | None:
+    return None if doc is None else DowngradeGrant.from_doc(doc)
 
 
 @dataclass(frozen=True)
@@ -213,12 +220,13 @@ def decode_chunk(payload: bytes) -> bytes:
 
 
 def begin_for(archive: bytes, name: str, version: str, chunk_size: int = DEFAULT_CHUNK_SIZE,
-              transfer_id: str | None = None, allow_downgrade: bool = False) -> Begin:
+              transfer_id: str | None = None, allow_downgrade: bool = False,
+              downgrade_grant: DowngradeGrant | None = None) -> Begin:
     """The Begin message for pushing `archive` (transfer id: first 16 hex digits of its sha256)."""
     digest = hashlib.sha256(archive).hexdigest()
     return Begin(transfer_id=transfer_id or digest[:16], name=name, version=version, sha256=digest,
                  size=len(archive), chunk_size=chunk_size, chunks=math.ceil(len(archive) / chunk_size),
-                 sent_at=round(time.time(), 3), allow_downgrade=allow_downgrade)
+                 sent_at=round(time.time(), 3), allow_downgrade=allow_downgrade, downgrade_grant=downgrade_grant)
 
 
 def chunk_data(archive: bytes, begin: Begin, index: int) -> bytes:

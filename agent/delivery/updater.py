@@ -41,6 +41,7 @@ from edgecv.agent import __version__ as AGENT_VERSION
 from edgecv.agent.config import AgentConfig
 from edgecv.agent.contract import topics as T
 from edgecv.agent.contract.bundle import Bundle, load_bundle, verify_bundle
+from edgecv.agent.contract.grants import GrantError, check_grant
 from edgecv.agent.contract.names import is_name, shown
 from edgecv.agent.contract.signing import Keyring
 from edgecv.agent.contract.transfer import (
@@ -539,7 +540,8 @@ class Updater:
 
     def _check_downgrade(self, bundle: Bundle, active: Bundle | None, begin: Begin) -> None:
         """Anti-rollback (docs/DELIVERY.md): refuse a bundle older than the active one, or the same version with
-        other content, unless the push asked for it and update.allow_downgrade is "when-asked"."""
+        other content, unless the push asked for it and update.allow_downgrade is "when-asked"; a device that
+        requires signed bundles also requires the request to be signed (a grant for this archive, grants.py)."""
         if active is None:
             return
         new, cur = bundle.manifest, active.manifest
@@ -556,8 +558,16 @@ class Updater:
             problem = f"version {new.version} is older than the active {cur.version}"
         policy = self.cfg.update.allow_downgrade
         if begin.allow_downgrade and policy == "when-asked":
-            log.warning("Installing %s %s although %s: the push asked for it (--allow-downgrade)", new.name,
-                        new.version, problem)
+            if self.cfg.security.allow_unsigned:
+                signer = "unsigned: this device accepts unsigned bundles"
+            else:  # a device that requires signed bundles requires a signed request too (grants.py)
+                try:
+                    signer = "signed by key " + check_grant(begin.downgrade_grant, begin.sha256,
+                                                            [self.cfg.device_id, *self.cfg.groups], self.keyring)
+                except GrantError as exc:
+                    raise DowngradeError(f"Refused: {problem}; the push asked for a downgrade but {exc}") from None
+            log.warning("Installing %s %s although %s: the push asked for it (--allow-downgrade, %s)", new.name,
+                        new.version, problem, signer)
             return
         if begin.allow_downgrade:
             raise DowngradeError(f"Refused: {problem}; this device forbids downgrades (update.allow_downgrade = "

@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import pytest
 from edgecv.agent.commands import CommandHandler
 from edgecv.agent.config import parse_config
 from edgecv.agent.contract import topics as T
+from edgecv.agent.contract.grants import grant_downgrade
 from edgecv.agent.contract.signing import Keyring, generate_private_key, load_keyring, public_key_pem
 from edgecv.agent.contract.transfer import begin_for, chunk_data, encode_chunk
 from edgecv.agent.delivery.store import ModelStore
@@ -44,11 +46,13 @@ class StateLink(MemoryLink):
 class FakeAgent:
     """A device for the updater and the command handler: config, topics, store, link, and the model host."""
 
-    def __init__(self, tmp: Path, keyring_dir: Path | None, **update: Any) -> None:
+    def __init__(self, tmp: Path, keyring_dir: Path | None, *, allow_unsigned: bool = False, **update: Any) -> None:
         doc: dict[str, Any] = {"device_id": "dev1", "groups": ["lab"], "model": {"store": str(tmp / "store")},
                                "update": {"probation_s": 2.0, **update}}
         if keyring_dir is not None:
             doc["security"] = {"keyring": str(keyring_dir)}
+        if allow_unsigned:
+            doc["security"] = {**doc.get("security", {}), "allow_unsigned": True}
         self.config = parse_config(doc)
         self.topics = T.DeviceTopics(self.config.prefix, self.config.device_id)
         self.store = ModelStore(tmp / "store", keep=3)
@@ -84,8 +88,11 @@ def device(tmp_path: Path, key):  # type: ignore[no-untyped-def]
 
 
 def push(agent: FakeAgent, archive: bytes, version: str, *, group: str | None = None, chunk_size: int = 4096,
-         skip: set[int] | None = None, allow_downgrade: bool = False) -> str:
+         skip: set[int] | None = None, allow_downgrade: bool = False, grant: Any = None) -> str:
+    """Push `archive` over the fake link; `grant(sha256)` gives the downgrade grant its begin carries."""
     b = begin_for(archive, "tiny", version, chunk_size=chunk_size, allow_downgrade=allow_downgrade)
+    if grant is not None:
+        b = replace(b, downgrade_grant=grant(b.sha256))
     base = f"edgecv/groups/{group}" if group else "edgecv/dev1"
     agent.link.deliver(f"{base}/model/push/{b.transfer_id}/begin", b.to_payload())
     for i in range(b.chunks):
@@ -447,22 +454,41 @@ def _device_at(tmp_path: Path, key, version: str, **update: Any):  # type: ignor
     return agent, Updater(agent.config, agent.topics, agent.link, agent.store, load_keyring(ring), host=agent).start()
 
 
-@pytest.mark.parametrize(("policy", "asked", "outcome"), [
-    ("when-asked", False, "rejected"), ("when-asked", True, "active"), ("never", True, "rejected")])
-def test_downgrade_needs_the_push_to_ask_and_the_device_to_allow(tmp_path: Path, key, policy: str, asked: bool,  # type: ignore[no-untyped-def]
-                                                                 outcome: str) -> None:
+@pytest.mark.parametrize(("policy", "asked", "signed_for", "outcome", "reason"), [
+    ("when-asked", False, None, "rejected", "push with --allow-downgrade"),
+    ("when-asked", True, None, "rejected", "is not signed"),
+    ("when-asked", True, "dev1", "active", None),
+    ("when-asked", True, "lab", "active", None),  # a grant for the device's group
+    ("when-asked", True, "other", "rejected", "not this device"),
+    ("never", True, "dev1", "rejected", "forbids downgrades")])
+def test_downgrade_needs_a_signed_request_and_the_device_to_allow(tmp_path: Path, key, policy: str, asked: bool,  # type: ignore[no-untyped-def]
+                                                                  signed_for: str | None, outcome: str,
+                                                                  reason: str | None) -> None:
     agent, updater = _device_at(tmp_path, key, "2.0.0", allow_downgrade=policy)
     try:
         old = make_archive(tmp_path / "old", "1.5.0", top1=4, key=key).read_bytes()
-        state = wait_state(agent, push(agent, old, "1.5.0", allow_downgrade=asked), ("active", "rejected"))
+        grant = None if signed_for is None else (lambda sha: grant_downgrade(key, sha, signed_for))
+        state = wait_state(agent, push(agent, old, "1.5.0", allow_downgrade=asked, grant=grant), ("active", "rejected"))
         assert state["state"] == outcome, state
         if outcome == "rejected":
-            assert "older than the active 2.0.0" in state["error"]
-            assert ("never" in state["error"]) == (policy == "never")
+            assert "older than the active 2.0.0" in state["error"] and reason in state["error"], state
             assert agent.classifier.version == "2.0.0" and agent.store.current().manifest.version == "2.0.0"
             assert [v.version for v in agent.store.history()] == ["2.0.0"]
         else:
             assert agent.classifier.version == "1.5.0"
+    finally:
+        updater.stop()
+
+
+def test_a_device_that_accepts_unsigned_bundles_takes_an_unsigned_downgrade_request(tmp_path: Path) -> None:
+    agent = FakeAgent(tmp_path, None, allow_unsigned=True)
+    agent.classifier = Classifier.load(agent.store.ensure_model(make_archive(tmp_path / "seed", "2.0.0", top1=2),
+                                                                None, allow_unsigned=True))
+    updater = Updater(agent.config, agent.topics, agent.link, agent.store, None, host=agent).start()
+    try:
+        old = make_archive(tmp_path / "old", "1.5.0", top1=4).read_bytes()
+        state = wait_state(agent, push(agent, old, "1.5.0", allow_downgrade=True), ("active", "rejected"))
+        assert state["state"] == "active", state
     finally:
         updater.stop()
 

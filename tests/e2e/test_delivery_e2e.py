@@ -187,7 +187,9 @@ def test_push_one_device_hot_swap_without_lost_frames_and_commands(start_agent: 
 
 def test_group_push_to_ten_agents_and_staged_rollout(start_agent: StartAgent, shared_broker: Broker, signing,  # type: ignore[no-untyped-def]
                                                      bundles, watch_factory, tmp_path: Path) -> None:
-    _, ring = signing
+    from edgecv.agent.contract.signing import write_keypair
+
+    key, ring = signing
     agents = [secure_agent(start_agent, shared_broker, ring, bundles["1.0"], groups=["lab"],
                            camera=[{"name": "cam0", "source": "synthetic:fashion-mnist", "fps": 2.0}])
               for _ in range(10)]
@@ -219,9 +221,11 @@ def test_group_push_to_ten_agents_and_staged_rollout(start_agent: StartAgent, sh
     lines = res.stdout.splitlines()
     assert sum(" rejected " in line for line in lines) == 2 and sum(" skipped " in line for line in lines) == 8
     # staged rollout that succeeds: canary 1, then batches of 4; given a bundle directory (packed on the fly); 1.0
-    # is older than the active 2.0, so the push asks for the downgrade explicitly
+    # is older than the active 2.0, so the push asks for the downgrade explicitly, signed with the key (--key)
+    write_keypair(key, tmp_path / "ws.key")
     res = cli("push", str(bundles["1.0"].parent / "src-1.0"), "--group", "lab", "--canary", "1", "--batch-size",
-              "4", "--timeout", "60", "--no-progress", "--allow-downgrade", broker=shared_broker)
+              "4", "--timeout", "60", "--no-progress", "--allow-downgrade", "--key", str(tmp_path / "ws.key"),
+              broker=shared_broker)
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stderr.count("stage ") == 4 and sum(" active " in line for line in res.stdout.splitlines()) == 10
 
@@ -320,7 +324,7 @@ def test_model_failing_after_activation_is_rolled_back(start_agent: StartAgent, 
 @pytest.mark.parametrize("rounds", [pytest.param(3, id="short"), pytest.param(20, id="long", marks=pytest.mark.slow)])
 def test_agent_killed_during_receive_verify_swap_restarts_valid(start_agent: StartAgent, shared_broker: Broker,  # type: ignore[no-untyped-def]
                                                                 signing, bundles, watch_factory, rounds: int) -> None:
-    _, ring = signing
+    key, ring = signing
     agent = secure_agent(start_agent, shared_broker, ring, bundles["1.0"])
     watch = watch_factory(shared_broker, [agent.device])
     watch.wait_predictions(agent.device, 1)
@@ -331,7 +335,7 @@ def test_agent_killed_during_receive_verify_swap_restarts_valid(start_agent: Sta
         data = archive.read_bytes()
         pusher = Pusher(ClientOptions(host=shared_broker.host, port=shared_broker.port), data, "tiny",
                         archive.stem.split("-")[1], chunk_size=32 * 1024, timeout=15,
-                        allow_downgrade=True)  # 2.0 and 1.0 alternate
+                        allow_downgrade=True, grant_key=key)  # 2.0 and 1.0 alternate: a signed downgrade
         results: list[Any] = []
         t0 = time.monotonic()
         t = threading.Thread(target=lambda p=pusher, r=results: r.extend(p.push([agent.device])), daemon=True)

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, settings
 
+from edgecv.agent.contract.grants import DowngradeGrant
 from edgecv.agent.contract.signing import generate_private_key, public_key_pem
 from edgecv.tools.fleet.mqtt_client import ClientOptions, MqttClient, Received
 from edgecv.tools.fleet.push import DeviceResult, Pusher
@@ -139,10 +140,15 @@ class Target:
         self.client.publish(topic, payload, qos=1)
 
     def push(self, archive: bytes, version: str = "9.9.9", *, allow_downgrade: bool = False,
+             grant: Callable[[str], DowngradeGrant] | None = None,
              timeout: float = 60.0) -> tuple[Pusher, DeviceResult]:
-        """A well-formed push (the real protocol) of `archive` bytes, whatever they hold."""
+        """A well-formed push (the real protocol) of `archive` bytes, whatever they hold; `grant(sha256)` is the
+        downgrade grant its begin carries (forged or not)."""
         pusher = Pusher(ClientOptions(host=self.broker.host, port=self.broker.port), archive, "hostile", version,
-                        timeout=timeout, allow_downgrade=allow_downgrade)
+                        timeout=timeout, allow_downgrade=allow_downgrade or grant is not None)
+        if grant is not None:
+            pusher.grant_key = generate_private_key()  # never used: the grant below is what is sent
+            pusher._grants[self.device] = grant(pusher.begin.sha256)
         [result] = pusher.push([self.device])
         return pusher, result
 

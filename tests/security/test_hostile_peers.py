@@ -9,6 +9,7 @@ measurements for docs/SECURITY.md.
 
 from __future__ import annotations
 
+import base64
 import bz2
 import gzip
 import hashlib
@@ -20,7 +21,7 @@ import tarfile
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ import numpy as np
 import pytest
 
 from edgecv.agent.contract import bundle as B
+from edgecv.agent.contract.grants import DowngradeGrant, grant_downgrade
 from edgecv.agent.contract.names import is_name
 from edgecv.agent.contract.signing import generate_private_key, sign
 from edgecv.agent.contract.transfer import begin_for, chunk_data, encode_chunk
@@ -50,6 +52,7 @@ class Case:
 CASES: list[Case] = []
 CLASS_CONFIG: dict[str, dict[str, Any]] = {
     "versions": {"update": {"allow_downgrade": "never"}},
+    "grants": {"update": {"allow_downgrade": "when-asked"}},
     # One runtime: with "auto" a signed model is also compiled in OpenVINO to be measured, which costs 13-60 MB of
     # RSS by itself (docs/SECURITY.md); the budget here is about what the hostile model does, not that choice.
     "models": {"model": {"runtime": "onnxruntime"}},
@@ -527,6 +530,67 @@ _version_case("PEP 440 pre-release 6.0.0rc2", "6.0.0rc2", "older than")
 _version_case("unorderable 'latest'", "latest", "cannot be ordered")
 
 
+# --------------------------------------------------------------------------------------------------- grants
+# A device that requires signed bundles and allows downgrades when asked ("when-asked", the default): the request
+# counts only with a grant signed by a keyring key for this archive, this device, not expired (grants.py).
+def _grant_case(name: str, forge: Callable[[Kit, str, str], DowngradeGrant | None], *needles: str) -> None:
+    @case("grants", name)
+    def run(t: Target, kit: Kit) -> str:
+        data = kit.archive(f"4.{next(_n)}.0")
+        _pusher, result = t.push(data, allow_downgrade=True,
+                                 grant=None if forge is _unsigned else (lambda sha: forge(kit, sha, t.device)))
+        assert result.state == "rejected", result
+        return "rejected: " + expect(result.error, *needles)
+
+
+def _unsigned(kit: Kit, sha: str, device: str) -> DowngradeGrant | None:
+    return None
+
+
+def _flip(grant: DowngradeGrant) -> DowngradeGrant:
+    raw = bytearray(base64.b64decode(grant.sig))
+    raw[5] ^= 0x01
+    return replace(grant, sig=base64.b64encode(bytes(raw)).decode())
+
+
+_grant_case("downgrade asked, unsigned", _unsigned, "not signed")
+_grant_case("grant by a key not in the keyring",
+            lambda k, sha, dev: grant_downgrade(generate_private_key(), sha, dev), "not in the device keyring")
+_grant_case("grant for another archive", lambda k, sha, dev: grant_downgrade(k.key, "0" * 64, dev), "does not match")
+_grant_case("grant for another device", lambda k, sha, dev: grant_downgrade(k.key, sha, "other-device"),
+            "not this device")
+_grant_case("grant target edited after signing",
+            lambda k, sha, dev: replace(grant_downgrade(k.key, sha, "other-device"), target=dev), "does not match")
+_grant_case("expiry extended after signing",
+            lambda k, sha, dev: replace(grant_downgrade(k.key, sha, dev, valid_s=60), expires=int(time.time()) + 600),
+            "does not match")
+_grant_case("expired grant", lambda k, sha, dev: grant_downgrade(k.key, sha, dev, now=time.time() - 7200), "expired")
+_grant_case("grant valid for 30 days", lambda k, sha, dev: grant_downgrade(k.key, sha, dev, valid_s=30 * 86400),
+            "more than the 24 h")
+_grant_case("signature bit flipped", lambda k, sha, dev: _flip(grant_downgrade(k.key, sha, dev)), "does not match")
+_grant_case("signature not base64",
+            lambda k, sha, dev: replace(grant_downgrade(k.key, sha, dev), sig="!" * 88), "not base64")
+_grant_docs: tuple[tuple[str, object, str], ...] = (
+        ("grant a string", "yes", "must be a JSON object"), ("grant target '../x'", {"target": "../x"}, "safe name"),
+        ("grant expires 'soon'", {"expires": "soon"}, "expires must be an integer"),
+        ("grant key id 'XYZ'", {"key_id": "XYZ"}, "lowercase hex"),
+        ("grant signature 200 chars", {"sig": "A" * 200}, "sig must be a string of at most"),
+        ("grant fields missing", {}, "is missing"))
+for _label, _grant_doc, _needle in _grant_docs:
+    _full = {"target": "d", "expires": 1, "key_id": "ab", "sig": "AA=="}
+    _begin_case(_label, _needle, allow_downgrade=True,
+                downgrade_grant={**_full, **_grant_doc} if isinstance(_grant_doc, dict) and _grant_doc else _grant_doc)
+
+
+@case("grants", "signed downgrade to 4.0.0 (legitimate)")
+def _(t: Target, kit: Kit) -> str:
+    _pusher, result = t.push(kit.archive("4.0.0", top1=4), allow_downgrade=True,
+                             grant=lambda sha: grant_downgrade(kit.key, sha, t.device))
+    assert result.state == "active", result
+    t.expected_version = "4.0.0"
+    return "active: 4.0.0"
+
+
 # --------------------------------------------------------------------------------------------------- models
 def _model_case(name: str, *needles: str, files: dict[str, bytes] | None = None,
                 edit: Callable[[bytes], bytes] | None = None) -> None:
@@ -734,8 +798,8 @@ def test_hostile_input(hostile: Case, targets: Targets, kit: Kit, report: Report
 
 def test_the_suite_covers_enough_hostile_inputs() -> None:
     assert len(CASES) >= 60
-    assert {c.cls for c in CASES} == {"transfer", "chunks", "archive", "manifest", "signature", "versions", "models",
-                                      "commands", "samples"}
+    assert {c.cls for c in CASES} == {"transfer", "chunks", "archive", "manifest", "signature", "versions", "grants",
+                                      "models", "commands", "samples"}
 
 
 def test_versions_dir_of_the_seed_is_named_safely(kit: Kit) -> None:

@@ -5,10 +5,15 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from edgecv.tools.commands.keys import DEFAULT_KEY
 from edgecv.tools.commands.output import add_json_option, add_progress_option
+from edgecv.tools.errors import UsageError
 from edgecv.tools.fleet.broker_options import add_broker_arguments, add_target_arguments, client_options, target_names
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 
 def register(subparsers: Any) -> None:
@@ -38,7 +43,11 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--allow-downgrade", action="store_true",
                         help="ask devices to install the bundle even if it is older than their active model (or the "
                              "same version with other content); devices with update.allow_downgrade = \"never\" "
-                             "still refuse. Going back to an installed version is 'edgecv rollback'")
+                             "still refuse, and devices that require signed bundles only accept the request "
+                             "signed (--key). Going back to an installed version is 'edgecv rollback'")
+    parser.add_argument("--key", type=Path, metavar="PRIVATE_KEY",
+                        help="with --allow-downgrade: sign the request for each device (or the group) with this "
+                             f"key from the device keyring, valid for an hour (default {DEFAULT_KEY} when it exists)")
     parser.add_argument("--transfer-id", help="reuse a transfer id to resume an interrupted push")
     parser.add_argument("--wait-probation", action="store_true",
                         help="after activation, wait out each device's probation and report whether the model "
@@ -58,6 +67,7 @@ def push_cmd(args: argparse.Namespace) -> int:
     from edgecv.tools.fleet.rollout import RolloutPlan, rollout
     from edgecv.tools.fleet.targets import resolve_targets
 
+    grant_key = downgrade_key(args)
     options = client_options(args)
     archive, name, version = read_archive(args.bundle)
     staged = bool(args.canary or args.batch_size)
@@ -78,11 +88,13 @@ def push_cmd(args: argparse.Namespace) -> int:
             results = rollout(options, archive, name, version, devices, plan, prefix=args.prefix,
                               chunk_size=args.chunk_size, timeout=args.timeout, progress=bar.update,
                               on_stage=lambda n, s: note(f"stage {n + 1}: {', '.join(s)}"),
-                              allow_downgrade=args.allow_downgrade, wait_probation=args.wait_probation)
+                              allow_downgrade=args.allow_downgrade, grant_key=grant_key,
+                              wait_probation=args.wait_probation)
         else:
             pusher = Pusher(options, archive, name, version, prefix=args.prefix, chunk_size=args.chunk_size,
                             timeout=args.timeout, transfer_id=args.transfer_id, progress=bar.update,
-                            allow_downgrade=args.allow_downgrade, wait_probation=args.wait_probation)
+                            allow_downgrade=args.allow_downgrade, grant_key=grant_key,
+                            wait_probation=args.wait_probation)
             results = pusher.push(devices, group=args.group if args.group else None)
     finally:
         bar.close()
@@ -97,3 +109,22 @@ def push_cmd(args: argparse.Namespace) -> int:
         note(f"{len(failed)} of {len(results)} device(s) did not activate {name} {version}")
         return 1
     return 0
+
+
+def downgrade_key(args: argparse.Namespace) -> Ed25519PrivateKey | None:
+    """The key that signs the downgrade request: --key, else the default signing key when it exists; None (and a
+    note) when there is none, because devices that accept unsigned bundles take an unsigned request."""
+    from edgecv.agent.contract.signing import load_private_key
+    from edgecv.tools.commands.output import note
+
+    if args.key is not None and not args.allow_downgrade:
+        raise UsageError("--key signs a downgrade request: use it with --allow-downgrade (bundles are signed by "
+                         "'edgecv optimize --key' or 'edgecv bundle sign')")
+    if not args.allow_downgrade:
+        return None
+    path = args.key if args.key is not None else DEFAULT_KEY.expanduser()
+    if args.key is None and not path.exists():
+        note(f"The downgrade request is not signed (no --key, no {DEFAULT_KEY}): devices that require signed bundles "
+             "refuse it")
+        return None
+    return load_private_key(path.expanduser())

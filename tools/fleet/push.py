@@ -7,6 +7,8 @@ every target reported `complete`, after which it waits for each device's final `
 the pusher waits (the probation time the device announces, plus a margin) for `probation: passed` or a `rolled_back`,
 so the person who pushed learns whether the model survived. If the connection drops, it reconnects, asks every
 unfinished device where it is (by re-sending `begin`: same transfer id = resume) and resends only the missing chunks.
+With `allow_downgrade` and a `grant_key`, each device's (or the group's) `begin` carries a downgrade grant signed
+for that target (agent/contract/grants.py); devices that require signed bundles honour the request only then.
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ import queue
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from edgecv.agent.contract import topics as T
+from edgecv.agent.contract.grants import DEFAULT_GRANT_S, DowngradeGrant, grant_downgrade
 from edgecv.agent.contract.names import check_name
 from edgecv.agent.contract.transfer import (
     COMPLETE,
@@ -105,8 +110,10 @@ class Pusher:
     def __init__(self, options: ClientOptions, archive: bytes, name: str, version: str, *,
                  prefix: str = T.DEFAULT_PREFIX, chunk_size: int = DEFAULT_CHUNK_SIZE, timeout: float = 120.0,
                  transfer_id: str | None = None, progress: Callable[[int], None] | None = None,
-                 allow_downgrade: bool = False, wait_probation: bool = False) -> None:
+                 allow_downgrade: bool = False, grant_key: Ed25519PrivateKey | None = None,
+                 wait_probation: bool = False) -> None:
         self.options = options
+        self.grant_key = grant_key if allow_downgrade else None
         self.wait_probation = wait_probation
         self.archive = archive
         self.prefix = prefix
@@ -125,6 +132,7 @@ class Pusher:
         self._events: queue.Queue[Received] = queue.Queue()
         self._client: MqttClient | None = None
         self._tracks: dict[str, _Track] = {}
+        self._grants: dict[str, DowngradeGrant] = {}  # per device or group, signed once per push
         self._t0 = time.monotonic()
 
     @property
@@ -195,13 +203,28 @@ class Pusher:
         assert device is not None
         return T.DeviceTopics(self.prefix, device).push(self.transfer_id, part)
 
+    def _begin_payload(self, target: str) -> bytes:
+        """The begin message for one device or group: with a downgrade grant signed for that target when asked."""
+        if self.grant_key is None:
+            return self.begin.to_payload()
+        if target not in self._grants:
+            self._grants[target] = grant_downgrade(self.grant_key, self.begin.sha256, target,
+                                                   valid_s=max(DEFAULT_GRANT_S, self.timeout + 600))
+        return replace(self.begin, downgrade_grant=self._grants[target]).to_payload()
+
+    def _publish_begin(self, open_: list[_Track], group: str | None) -> None:
+        if group is not None:
+            self._publish([self._topic(None, group, "begin")], self._begin_payload(group))
+            return
+        for t in open_:
+            self._publish([self._topic(t.result.device, None, "begin")], self._begin_payload(t.result.device))
+
     def _publish(self, topics: Sequence[str], payload: bytes) -> list[Any]:
         assert self._client is not None
         return [self._client.paho.publish(t, payload, qos=1) for t in topics]
 
     # ------------------------------------------------------------------ protocol
     def _run(self, group: str | None, deadline: float) -> None:
-        begin_payload = self.begin.to_payload()
         need_begin = True
         send: set[int] = set()
         while time.monotonic() < max(deadline, *(t.probation_until for t in self._tracks.values())):
@@ -222,7 +245,7 @@ class Pusher:
                 continue
             try:
                 if need_begin:
-                    self._round(open_, group, "begin", begin_payload, deadline, wait=1.0)
+                    self._round(open_, group, "begin", deadline, wait=1.0)
                     if not any(t.acked for t in open_):
                         continue  # nobody answered yet: ask again
                     need_begin = False
@@ -233,7 +256,7 @@ class Pusher:
                 send = set()
                 if not open_:
                     continue
-                self._round(open_, group, "end", b"{}", deadline, wait=RESEND_AFTER_S)
+                self._round(open_, group, "end", deadline, wait=RESEND_AFTER_S)
                 for t in open_:
                     if t.complete or t.final:
                         continue
@@ -250,12 +273,14 @@ class Pusher:
             return [self._topic(None, group, part)]
         return [self._topic(t.result.device, None, part) for t in open_]
 
-    def _round(self, open_: list[_Track], group: str | None, part: str, payload: bytes, deadline: float,
-               wait: float) -> None:
-        """Publish begin/end and collect the acks it triggers."""
+    def _round(self, open_: list[_Track], group: str | None, part: str, deadline: float, wait: float) -> None:
+        """Publish begin or end and collect the acks it triggers."""
         for t in open_:
             t.acked = False
-        self._publish(self._targets(open_, group, part), payload)
+        if part == "begin":
+            self._publish_begin(open_, group)
+        else:
+            self._publish(self._targets(open_, group, part), b"{}")
         until = min(deadline, time.monotonic() + wait)
         while time.monotonic() < until and not all(t.acked or t.final for t in open_):
             self._drain(timeout=min(0.1, max(0.0, until - time.monotonic())))
@@ -342,8 +367,10 @@ class Pusher:
 def push_to(options: ClientOptions, archive: bytes, name: str, version: str, devices: Sequence[str], *,
             group: str | None = None, prefix: str = T.DEFAULT_PREFIX, chunk_size: int = DEFAULT_CHUNK_SIZE,
             timeout: float = 120.0, progress: Callable[[int], None] | None = None,
-            allow_downgrade: bool = False, wait_probation: bool = False) -> list[DeviceResult]:
+            allow_downgrade: bool = False, grant_key: Ed25519PrivateKey | None = None,
+            wait_probation: bool = False) -> list[DeviceResult]:
     """Convenience wrapper: one transfer to `devices` (or `group`)."""
     pusher = Pusher(options, archive, name, version, prefix=prefix, chunk_size=chunk_size, timeout=timeout,
-                    progress=progress, allow_downgrade=allow_downgrade, wait_probation=wait_probation)
+                    progress=progress, allow_downgrade=allow_downgrade, grant_key=grant_key,
+                    wait_probation=wait_probation)
     return pusher.push(devices, group=group)

@@ -10,6 +10,8 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from edgecv.agent.contract import topics as T
 from edgecv.agent.contract.transfer import DEFAULT_CHUNK_SIZE
 from edgecv.tools.errors import FleetError
@@ -40,7 +42,8 @@ def rollout(options: ClientOptions, archive: bytes, name: str, version: str, dev
             plan: RolloutPlan, *, prefix: str = T.DEFAULT_PREFIX, chunk_size: int = DEFAULT_CHUNK_SIZE,
             timeout: float = 120.0, progress: Callable[[int], None] | None = None,
             on_stage: Callable[[int, list[str]], None] | None = None,
-            allow_downgrade: bool = False, wait_probation: bool = False) -> list[DeviceResult]:
+            allow_downgrade: bool = False, grant_key: Ed25519PrivateKey | None = None,
+            wait_probation: bool = False) -> list[DeviceResult]:
     """Push stage by stage; `timeout` applies to each stage. Returns one result per device, in order."""
     results: dict[str, DeviceResult] = {}
     failures = 0
@@ -56,7 +59,8 @@ def rollout(options: ClientOptions, archive: bytes, name: str, version: str, dev
             on_stage(n, stage)
         log.debug("Rollout stage %d/%d: %s", n + 1, len(stages), ", ".join(stage))
         pusher = Pusher(options, archive, name, version, prefix=prefix, chunk_size=chunk_size, timeout=timeout,
-                        progress=progress, allow_downgrade=allow_downgrade, wait_probation=wait_probation)
+                        progress=progress, allow_downgrade=allow_downgrade, grant_key=grant_key,
+                        wait_probation=wait_probation)
         for res in pusher.push(stage):
             results[res.device] = res
             failures += 0 if res.ok else 1
