@@ -107,4 +107,4 @@ def test_a_model_swap_gives_the_next_predictions_the_new_model(tmp_path: Path) -
     bundle = dataclasses.replace(loaded.bundle, manifest=dataclasses.replace(loaded.bundle.manifest, version="9.9.9"))
     agent.swap_classifier(Classifier(bundle, loaded.engine))
     agent.process(loop, b)
-    assert [d["model"]["version"] for d in _published(agent)] == ["1.0.0", "9.9.9"]
+    assert [d["model"]["version"] for d in _published(agent)] == [loaded.bundle.manifest.version, "9.9.9"]
