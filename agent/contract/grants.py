@@ -47,9 +47,6 @@ class DowngradeGrant:
     def statement(self, sha256: str) -> bytes:
         return statement(sha256, self.target, self.expires)
 
-    def to_doc(self) -> dict[str, object]:
-        return {"target": self.target, "expires": self.expires, "key_id": self.key_id, "sig": self.sig}
-
     @classmethod
     def from_doc(cls, doc: object) -> DowngradeGrant:
         """Parse strictly (typed and bounded); raises DocumentError naming the field."""
